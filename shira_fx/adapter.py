@@ -1,0 +1,269 @@
+"""`prepare` and `SparseAdapter`: per-layer indices, saved base values and trainable values.
+
+The fused weight is the single source of truth (DESIGN.md invariant 2): after every optimizer
+step `sync` writes `base + values` at the indices, so the forward is the plain dense linear.
+`prepare` also points each targeted module's eager forward at the `sparse_linear` op, so an
+uncompiled model trains through the same op; under torch.compile that forward falls back to
+the module's own code and the backend's fx pass does the rewrite instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import types
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import ops
+from .config import ShiraConfig
+from .errors import ShiraAdapterError, ShiraConfigError
+from .masks import build_masks
+from .targets import find_targets
+
+FORMAT_NAME = "shira_fx"
+FORMAT_VERSION = 1
+
+
+@dataclass(eq=False)
+class ShiraLayer:
+    """One adapted weight: flat sorted int32 `indices` into the weight as stored, the base
+    values found there before training (`base`, the weight's dtype) and the trainable
+    `values` (the delta, fp32 by default)."""
+
+    name: str
+    module: nn.Module
+    indices: Tensor
+    base: Tensor
+    values: nn.Parameter
+    transposed: bool
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def fingerprint(self) -> str:
+        """sha256 over the base values at the indices: identifies the base model an adapter
+        was trained on without storing any of its weights."""
+        h = hashlib.sha256()
+        h.update(self.indices.detach().cpu().numpy().tobytes())
+        h.update(self.base.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+
+# id(weight) -> (weakref to the weight, its layer): how the backend recognises prepared weights
+# among a Dynamo graph's parameter placeholders without guarding on any Python state.
+_REGISTRY: dict[int, tuple[weakref.ref, ShiraLayer]] = {}
+
+
+def layer_for_weight(weight: object) -> ShiraLayer | None:
+    """The prepared layer whose module weight is this very tensor object, else None."""
+    entry = _REGISTRY.get(id(weight))
+    if entry is None or entry[0]() is not weight:
+        return None
+    return entry[1]
+
+
+def _sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Eager forward of a prepared module: the same `sparse_linear` op the backend inserts."""
+    layer: ShiraLayer = self._shira_layer
+    if torch.compiler.is_compiling() or not (
+        torch.is_grad_enabled() and layer.values.requires_grad
+    ):
+        return type(self).forward(self, x)
+    return ops.sparse_linear(
+        x, self.weight, self.bias, layer.values, layer.indices, layer.transposed
+    )
+
+
+class SparseAdapter(nn.Module):
+    """The SHiRA adapter of one model: `parameters()` are exactly the per-layer values."""
+
+    def __init__(self, cfg: ShiraConfig, layers: dict[str, ShiraLayer]):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = layers
+        self._values = nn.ParameterList([layer.values for layer in layers.values()])
+        self._attached: weakref.WeakSet = weakref.WeakSet()
+        self._hooks: list = []
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("SparseAdapter holds values; call the model it was prepared on")
+
+    def num_trainable(self) -> int:
+        return sum(layer.values.numel() for layer in self.layers.values())
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Write `base + values` into every fused weight at its indices (O(nnz), assign)."""
+        layers = list(self.layers.values())
+        ops.scatter_(
+            [layer.weight for layer in layers],
+            [layer.indices for layer in layers],
+            [layer.base for layer in layers],
+            [layer.values for layer in layers],
+            1.0,
+        )
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keep the fused weights equal to `base + values` after every `optimizer.step()`,
+        whoever calls it (a hand-written loop, HF Trainer, Lightning, `train_step`)."""
+        if optimizer in self._attached:
+            return
+        mine = {id(p) for p in self.parameters()}
+        theirs = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not mine & theirs:
+            raise ShiraConfigError(
+                "SparseAdapter.attach: the optimizer holds none of this adapter's values; "
+                "build it from adapter.parameters()"
+            )
+        self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.sync()))
+        self._attached.add(optimizer)
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Undo `prepare`: restore the base weights bit-exactly and the modules' own forward."""
+        layers = list(self.layers.values())
+        ops.scatter_(
+            [la.weight for la in layers], [la.indices for la in layers],
+            [la.base for la in layers], [], 1.0,
+        )
+        for layer in layers:
+            _REGISTRY.pop(id(layer.weight), None)
+            layer.module.__dict__.pop("forward", None)
+            layer.module.__dict__.pop("_shira_layer", None)
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:  # noqa: D102
+        """`{"<layer>.indices": int32, "<layer>.values": values}` keyed by qualified names."""
+        out: dict[str, Tensor] = {}
+        for name, layer in self.layers.items():
+            out[f"{name}.indices"] = layer.indices.detach()
+            out[f"{name}.values"] = layer.values.detach()
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign=False):
+        """Copy values saved by `state_dict` (same layers and indices) and sync the weights."""
+        expected = set(self.state_dict())
+        if set(state_dict) != expected:
+            missing, extra = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+            raise ShiraAdapterError(
+                f"SparseAdapter.load_state_dict: missing keys {missing[:5]}, unexpected {extra[:5]}"
+            )
+        for name, layer in self.layers.items():
+            idx, vals = state_dict[f"{name}.indices"], state_dict[f"{name}.values"]
+            if idx.shape != layer.indices.shape or not torch.equal(
+                idx.to(layer.indices), layer.indices
+            ):
+                raise ShiraAdapterError(f"layer {name!r}: indices differ from this adapter's mask")
+            if vals.shape != layer.values.shape:
+                raise ShiraAdapterError(
+                    f"layer {name!r}: values shape {tuple(vals.shape)}, "
+                    f"expected {tuple(layer.values.shape)}"
+                )
+            if not torch.isfinite(vals).all():
+                raise ShiraAdapterError(f"layer {name!r}: values contain NaN or Inf")
+        for name, layer in self.layers.items():
+            layer.values.copy_(state_dict[f"{name}.values"])
+        self.sync()
+
+    def metadata(self) -> dict[str, str]:
+        """safetensors header metadata: format, config, per-layer shape/dtype and fingerprint."""
+        layers = {
+            name: {
+                "shape": list(layer.shape),
+                "dtype": str(layer.weight.dtype).removeprefix("torch."),
+                "transposed": layer.transposed,
+                "nnz": int(layer.indices.numel()),
+                "fingerprint": layer.fingerprint(),
+            }
+            for name, layer in self.layers.items()
+        }
+        return {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "config": self.cfg.to_json(),
+            "layers": json.dumps(layers, sort_keys=True),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write indices and values as safetensors with JSON metadata, atomically (temp file
+        in the same folder + rename), so a crash never leaves a half-written adapter."""
+        path = os.fspath(path)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".shira-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=self.metadata())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self.layers)}, trainable={self.num_trainable()}, mask={self.cfg.mask}"
+
+
+def prepare(
+    model: nn.Module,
+    cfg: ShiraConfig | None = None,
+    calib: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    progress: bool = True,
+) -> SparseAdapter:
+    """Freeze `model`, choose each targeted weight's mask and attach zero-initialised values.
+
+    Everything that can fail (target matching, mask building, layout checks) runs before the
+    model is touched, so a failed `prepare` leaves the model as it was.
+    """
+    cfg = cfg or ShiraConfig()
+    if not isinstance(cfg, ShiraConfig):
+        raise ShiraConfigError(f"prepare: expected a ShiraConfig, found {type(cfg).__name__}")
+    targets = find_targets(model, cfg)
+    for t in targets:
+        if layer_for_weight(t.weight) is not None or "_shira_layer" in t.module.__dict__:
+            raise ShiraConfigError(
+                f"prepare: {t.name!r} already carries a SHiRA adapter; call adapter.remove() first"
+            )
+        if not t.weight.is_contiguous():
+            raise ShiraConfigError(f"prepare: the weight of {t.name!r} is not contiguous")
+        if not t.weight.is_floating_point():
+            raise ShiraConfigError(
+                f"prepare: the weight of {t.name!r} is {t.weight.dtype}; expected a float dtype"
+            )
+    masks = build_masks(model, targets, cfg, calib=calib, loss_fn=loss_fn, progress=progress)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers: dict[str, ShiraLayer] = {}
+    for t in targets:
+        w = t.weight
+        idx = masks[t.name].to(device=w.device, dtype=torch.int32)
+        with torch.no_grad():
+            base = w.detach().view(-1)[idx.long()].clone()
+        values = nn.Parameter(torch.zeros(idx.numel(), dtype=cfg.torch_values_dtype, device=w.device))
+        layer = ShiraLayer(t.name, t.module, idx, base, values, t.transposed)
+        layers[t.name] = layer
+        _REGISTRY[id(w)] = (weakref.ref(w), layer)
+        t.module._shira_layer = layer
+        t.module.forward = types.MethodType(_sparse_forward, t.module)
+    return SparseAdapter(cfg, layers)

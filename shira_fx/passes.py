@@ -1,0 +1,109 @@
+"""torch.fx pass: rewrite linear calls on prepared weights to `shira_fx::sparse_linear`.
+
+Dynamo graphs take parameters as placeholders whose example inputs are the real
+nn.Parameter objects (RESEARCH.md §3.1), so a prepared weight is recognised by identity.
+The values and indices are not Dynamo inputs; the pass attaches them to the GraphModule and
+reads them with get_attr nodes, so AOTAutograd lifts the values as trainable inputs and no
+Dynamo guard ever looks at them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from . import ops  # noqa: F401  (registers torch.ops.shira_fx)
+from .adapter import ShiraLayer, layer_for_weight
+
+LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
+ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
+
+
+@dataclass
+class RewriteReport:
+    """What one pass run did: layer name -> reason for every prepared weight it saw."""
+
+    rewritten: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"rewrote {len(self.rewritten)} linear(s) to shira_fx::sparse_linear"]
+        lines += [f"  + {name}" for name in self.rewritten]
+        lines += [f"  - {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _match(node: fx.Node, weight: fx.Node, layer: ShiraLayer):
+    """(x, bias) when `node` is the layer's linear with `weight` in the weight slot, else a
+    reason string for the report."""
+    if node.op != "call_function":
+        return f"weight used by {node.op} {node.target}"
+    args, kwargs = node.args, node.kwargs
+    if node.target in LINEAR_TARGETS and not layer.transposed:
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+        if w is weight:
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return args[0] if args else kwargs["input"], bias
+    if node.target in ADDMM_TARGETS and layer.transposed:
+        if len(args) == 3 and args[2] is weight and not kwargs:
+            return args[1], args[0]
+    return f"weight used by {getattr(node.target, '__name__', node.target)} (not a plain linear)"
+
+
+def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteReport:
+    """Rewrite, in place, every linear of `gm` whose weight is a prepared layer's weight.
+
+    Only when autograd is on: a no-grad (inference) graph keeps the plain dense linear.
+    """
+    report = RewriteReport()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = [
+        (node, layer)
+        for node, ex in zip(placeholders, example_inputs, strict=False)
+        if (layer := layer_for_weight(ex)) is not None
+    ]
+    if not found:
+        return report
+    if not torch.is_grad_enabled():
+        for _, layer in found:
+            report.skipped[layer.name] = "graph runs without grad (inference): dense linear kept"
+        return report
+    graph = gm.graph
+    for weight_node, layer in found:
+        if not layer.values.requires_grad:
+            report.skipped[layer.name] = "values do not require grad: dense linear kept"
+            continue
+        matches = [(user, _match(user, weight_node, layer)) for user in list(weight_node.users)]
+        bad = [m for _, m in matches if isinstance(m, str)]
+        if bad:
+            report.skipped[layer.name] = bad[0]
+            continue
+        slot = len(report.rewritten)
+        values_attr, indices_attr = f"_shira_values_{slot}", f"_shira_indices_{slot}"
+        gm.register_parameter(values_attr, layer.values)
+        gm.register_buffer(indices_attr, layer.indices)
+        param_sources = getattr(gm, "_param_name_to_source", None)
+        if param_sources is not None:
+            # AOTAutograd looks every GraphModule parameter up by name (RESEARCH.md §3.2)
+            from torch._dynamo.source import ConstantSource
+
+            param_sources[values_attr] = ConstantSource(values_attr)
+            param_sources[indices_attr] = ConstantSource(indices_attr)
+        for user, (x, bias) in matches:
+            with graph.inserting_before(user):
+                values_node = graph.get_attr(values_attr)
+                indices_node = graph.get_attr(indices_attr)
+                new = graph.call_function(
+                    torch.ops.shira_fx.sparse_linear.default,
+                    (x, weight_node, bias, values_node, indices_node, layer.transposed),
+                )
+            new.meta.update(user.meta)
+            user.replace_all_uses_with(new)
+            graph.erase_node(user)
+        report.rewritten.append(layer.name)
+    graph.lint()
+    gm.recompile()
+    return report

@@ -1,0 +1,90 @@
+"""`train_step`: a drop-in decorator that turns "compute the loss" into a full SHiRA step."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+
+from .adapter import SparseAdapter
+from .errors import ShiraTrainingError
+
+
+def _grad_state(params: list[torch.Tensor]) -> list[tuple[int, int] | None]:
+    return [None if p.grad is None else (id(p.grad), p.grad._version) for p in params]
+
+
+def train_step(
+    adapter: SparseAdapter,
+    optimizer: torch.optim.Optimizer,
+    *,
+    accumulate: int = 1,
+    max_grad_norm: float | None = None,
+    scheduler=None,
+) -> Callable[[Callable], Callable[..., float]]:
+    """Decorate a function that returns the loss; each call then runs backward (scaled by
+    1/accumulate), and every `accumulate` calls clips, steps the optimizer (whose post-hook
+    writes `base + values` into the fused weights), steps the scheduler and zeroes grads.
+
+    A step that calls `backward()` itself is detected (its values' grads changed during the
+    call) and not back-propagated twice. A non-finite loss or gradient raises
+    ShiraTrainingError before anything is applied: the values and weights stay as they were.
+    """
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"train_step: accumulate must be an int >= 1, found {accumulate!r}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"train_step: max_grad_norm must be > 0, found {max_grad_norm!r}")
+    adapter.attach(optimizer)
+    params = list(adapter.parameters())
+
+    def decorate(fn: Callable) -> Callable[..., float]:
+        calls = 0
+
+        @functools.wraps(fn)
+        def step(*args, **kwargs) -> float:
+            nonlocal calls
+            before = _grad_state(params)
+            loss = fn(*args, **kwargs)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ShiraTrainingError(
+                    f"{fn.__name__} must return the scalar loss tensor, found {type(loss).__name__}"
+                    + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+                )
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ShiraTrainingError(
+                    f"{fn.__name__} returned a non-finite loss ({value}) at call {calls + 1}; "
+                    "no backward or optimizer step was run"
+                )
+            if _grad_state(params) == before:
+                if not loss.requires_grad:
+                    raise ShiraTrainingError(
+                        f"{fn.__name__}: the loss does not depend on the adapter's values "
+                        "(was the model prepared, and is grad enabled?)"
+                    )
+                (loss / accumulate if accumulate > 1 else loss).backward()
+            calls += 1
+            if calls % accumulate:
+                return value
+            grads = [p.grad for p in params if p.grad is not None]
+            if max_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                finite = bool(torch.isfinite(norm))
+            else:
+                finite = all(bool(torch.isfinite(g).all()) for g in grads)
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                raise ShiraTrainingError(
+                    f"non-finite gradient at call {calls}; the step was skipped and grads cleared"
+                )
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            return value
+
+        return step
+
+    return decorate
