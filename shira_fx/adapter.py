@@ -90,9 +90,12 @@ def _sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
 class SparseAdapter(nn.Module):
     """The SHiRA adapter of one model: `parameters()` are exactly the per-layer values."""
 
-    def __init__(self, cfg: ShiraConfig, layers: dict[str, ShiraLayer]):
+    def __init__(
+        self, cfg: ShiraConfig, layers: dict[str, ShiraLayer], frozen: list[nn.Parameter] = ()
+    ):
         super().__init__()
         self.cfg = cfg
+        self._frozen = list(frozen)  # what prepare froze, so remove can unfreeze exactly that
         self.layers = layers
         self._values = nn.ParameterList([layer.values for layer in layers.values()])
         self._attached: weakref.WeakSet = weakref.WeakSet()
@@ -133,7 +136,8 @@ class SparseAdapter(nn.Module):
 
     @torch.no_grad()
     def remove(self) -> None:
-        """Undo `prepare`: restore the base weights bit-exactly and the modules' own forward."""
+        """Undo `prepare`: restore the base weights bit-exactly, the modules' own forward and
+        the requires_grad flags that prepare turned off."""
         layers = list(self.layers.values())
         ops.scatter_(
             [la.weight for la in layers], [la.indices for la in layers],
@@ -146,6 +150,9 @@ class SparseAdapter(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen.clear()
 
     def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:  # noqa: D102
         """`{"<layer>.indices": int32, "<layer>.values": values}` keyed by qualified names."""
@@ -252,7 +259,8 @@ def prepare(
             )
     masks = build_masks(model, targets, cfg, calib=calib, loss_fn=loss_fn, progress=progress)
 
-    for p in model.parameters():
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
         p.requires_grad_(False)
     layers: dict[str, ShiraLayer] = {}
     for t in targets:
@@ -266,4 +274,4 @@ def prepare(
         _REGISTRY[id(w)] = (weakref.ref(w), layer)
         t.module._shira_layer = layer
         t.module.forward = types.MethodType(_sparse_forward, t.module)
-    return SparseAdapter(cfg, layers)
+    return SparseAdapter(cfg, layers, frozen)
