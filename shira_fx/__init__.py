@@ -1,7 +1,9 @@
 """shira_fx: Sparse High Rank Adapters as a torch.compile feature."""
 
 from .adapter import ShiraLayer, SparseAdapter, prepare
+from .adapter_files import StoredAdapter, load_adapter
 from .backend import ShiraBackend, backend, explain
+from .bank import AdapterBank
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError, ShiraError, ShiraTrainingError
 from .train import train_step
@@ -12,6 +14,9 @@ __all__ = [
     "SparseAdapter",
     "ShiraBackend",
     "prepare",
+    "AdapterBank",
+    "StoredAdapter",
+    "load_adapter",
     "backend",
     "explain",
     "train_step",

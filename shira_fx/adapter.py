@@ -23,13 +23,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import ops
+from .adapter_files import FORMAT_NAME, FORMAT_VERSION, write_peft
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError
 from .masks import build_masks
 from .targets import find_targets
-
-FORMAT_NAME = "shira_fx"
-FORMAT_VERSION = 1
 
 
 @dataclass(eq=False)
@@ -222,6 +220,10 @@ class SparseAdapter(nn.Module):
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+    def to_peft(self, directory: str | os.PathLike) -> None:
+        """Write a PEFT SHiRA directory (adapter_config.json + adapter_model.safetensors)."""
+        write_peft(self, directory)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.layers)

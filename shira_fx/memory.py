@@ -82,3 +82,22 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def largest(self) -> Allocation | None:
         return max(self.allocations, key=lambda a: a.numel, default=None)
+
+
+def saved_tensor_bytes(run, exclude=()) -> tuple[int, object]:
+    """Bytes of the unique storages autograd saves for backward while `run()` executes (the
+    activations a training step holds), excluding the storages of `exclude` (parameters and
+    buffers). Works through compiled graphs too, since AOTAutograd saves through autograd."""
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        for part in _dense_parts(t):
+            s = part.untyped_storage()
+            if s._cdata not in skip:
+                seen[s._cdata] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(seen.values()), out

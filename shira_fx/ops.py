@@ -7,7 +7,6 @@ switching go through the mutating `scatter_`, always outside autograd. Each op r
 kernel on CUDA and a torch implementation on CPU.
 """
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,7 @@ def _(a: Tensor, b: Tensor, indices: Tensor, ncols: int) -> Tensor:
 
 @torch.library.custom_op("shira_fx::sparse_linear", mutates_args=())
 def sparse_linear(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], values: Tensor, indices: Tensor, transposed: bool
+    x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, indices: Tensor, transposed: bool
 ) -> Tensor:
     """The dense linear on the fused weight; `values` is an input only so it receives a gradient.
 

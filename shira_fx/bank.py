@@ -1,0 +1,252 @@
+"""AdapterBank: many SHiRA adapters beside one base model, switched and fused in place.
+
+Switching is O(nnz) (DESIGN.md invariant 3): `activate` restores the positions the previous
+activation touched from saved base values, then writes `base + Σ wᵢ·deltaᵢ` at the new
+positions — two fused scatter launches over all layers, no weight-sized tensor, no
+recompilation (weights change in place; compiled inference graphs read them as inputs).
+Because restoring writes saved base values, the base is bit-exact after any sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .adapter import SparseAdapter
+from .adapter_files import StoredAdapter, from_adapter, load_adapter
+from .errors import ShiraAdapterError
+from .targets import is_linear_like
+
+
+@dataclass
+class _Slot:
+    """One adapter's data for one layer: int64 indices, true base values (weight dtype) and
+    the fp32 delta."""
+
+    indices: Tensor
+    base: Tensor
+    delta: Tensor
+
+
+@dataclass
+class _Plan:
+    """What one activation writes: per layer, the union of positions, the base values there
+    (for the later restore) and the fused values to write."""
+
+    weights: list[Tensor]
+    indices: list[Tensor]
+    base: list[Tensor]
+    fused: list[Tensor]
+
+
+def _fingerprint(indices: Tensor, base: Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(indices.to(torch.int32).cpu().numpy().tobytes())
+    h.update(base.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class AdapterBank:
+    """Adapters held beside `model`, activated (alone or fused) directly in its weights.
+
+    `keep_on_device=False` keeps each adapter's tensors in host memory (pinned on CUDA) and
+    copies them to the device only when an activation plan is built.
+    """
+
+    def __init__(self, model: nn.Module, keep_on_device: bool = True, max_plans: int = 8):
+        self.model = model
+        self.keep_on_device = keep_on_device
+        self.max_plans = max_plans
+        self._modules = dict(model.named_modules())
+        self._adapters: dict[str, dict[str, _Slot]] = {}
+        self._active: dict[str, float] | None = None
+        self._current: _Plan | None = None
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self, name: str, source: str | os.PathLike | SparseAdapter | StoredAdapter,
+             check_base: bool = True) -> None:
+        """Validate an adapter against this model and keep it; the weights are not touched.
+
+        `source`: a shira_fx file, a PEFT SHiRA directory, a SparseAdapter (its current
+        values are snapshotted) or a StoredAdapter. `check_base=False` skips the base
+        fingerprint (e.g. serving an fp32-trained adapter on a bf16 copy of the model).
+        """
+        if not isinstance(name, str) or not name:
+            raise ShiraAdapterError(f"AdapterBank.load: name must be a non-empty str, found {name!r}")
+        if name in self._adapters:
+            raise ShiraAdapterError(f"AdapterBank.load: {name!r} is already loaded; unload it first")
+        if isinstance(source, SparseAdapter):
+            stored = from_adapter(source, f"<SparseAdapter {name}>")
+        elif isinstance(source, StoredAdapter):
+            stored = source
+        else:
+            stored = load_adapter(source)
+        slots = {}
+        for layer_name, spec in stored.layers.items():
+            module = self._modules.get(layer_name)
+            if module is None or not layer_name or not is_linear_like(module):
+                raise stored.error("no linear layer of this name in the model (an adapter for "
+                                   "another model?)", layer_name)
+            w = module.weight
+            transposed = not isinstance(module, nn.Linear)
+            if spec.shape is not None and tuple(w.shape) != spec.shape:
+                raise stored.error(f"weight shape {spec.shape} in the adapter, "
+                                   f"{tuple(w.shape)} in the model", layer_name)
+            if spec.shape is not None and spec.transposed != transposed:
+                raise stored.error("weight layout (Linear vs Conv1D) differs from the model's",
+                                   layer_name)
+            idx, delta = stored.tensors(layer_name, tuple(w.shape))
+            idx = idx.to(w.device)
+            base = self._true_base(layer_name, w, idx)
+            if check_base and spec.fingerprint is not None:
+                wdtype = str(w.dtype).removeprefix("torch.")
+                if spec.dtype != wdtype:
+                    raise stored.error(f"trained on {spec.dtype} weights, the model has {wdtype} "
+                                       "(pass check_base=False to serve it anyway)", layer_name)
+                if _fingerprint(idx, base) != spec.fingerprint:
+                    raise stored.error("base fingerprint differs: the adapter was trained on "
+                                       "another base model", layer_name)
+            slots[layer_name] = self._keep(_Slot(idx, base, delta.to(w.device)))
+        self._adapters[name] = slots
+
+    def _keep(self, slot: _Slot) -> _Slot:
+        if self.keep_on_device or slot.indices.device.type == "cpu":
+            return slot
+        pin = torch.cuda.is_available()
+        host = [t.cpu().pin_memory() if pin else t.cpu() for t in (slot.indices, slot.base, slot.delta)]
+        return _Slot(*host)
+
+    @torch.no_grad()
+    def _true_base(self, layer_name: str, w: Tensor, idx: Tensor) -> Tensor:
+        """Base values at idx: read from the weight, except where the current activation
+        wrote, where the saved base is taken instead."""
+        base = w.view(-1)[idx].clone()
+        cur = self._current
+        if cur is not None:
+            for cw, cidx, cbase in zip(cur.weights, cur.indices, cur.base, strict=True):
+                if cw is w and cidx.numel():
+                    pos = torch.searchsorted(cidx, idx).clamp_max(cidx.numel() - 1)
+                    hit = cidx[pos] == idx
+                    base[hit] = cbase[pos[hit]]
+        return base
+
+    # -- switching -------------------------------------------------------------------------
+    @property
+    def active(self) -> dict[str, float] | None:
+        """The active adapters and their weights, or None when the model is at its base."""
+        return None if self._active is None else dict(self._active)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._adapters
+
+    def _normalise(self, spec: str | Mapping[str, float]) -> dict[str, float]:
+        if isinstance(spec, str):
+            spec = {spec: 1.0}
+        if not isinstance(spec, Mapping):
+            raise ShiraAdapterError(f"activate: expected a name or {{name: weight}}, found {spec!r}")
+        out = {}
+        for name, weight in spec.items():
+            if name not in self._adapters:
+                raise ShiraAdapterError(f"activate: adapter {name!r} is not loaded "
+                                        f"(loaded: {self.names})")
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+                raise ShiraAdapterError(f"activate: weight of {name!r} must be a finite number, "
+                                        f"found {weight!r}")
+            out[name] = float(weight)
+        return out
+
+    def _plan(self, spec: dict[str, float]) -> _Plan:
+        key = tuple(sorted(spec.items()))
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        names = sorted(spec)
+        layer_names = sorted({ln for n in names for ln in self._adapters[n]})
+        plan = _Plan([], [], [], [])
+        for ln in layer_names:
+            w = self._modules[ln].weight
+            parts = [(self._adapters[n][ln], spec[n]) for n in names if ln in self._adapters[n]]
+            if len(parts) == 1:
+                slot, weight = parts[0]
+                idx, base = slot.indices.to(w.device), slot.base.to(w.device)
+                delta = slot.delta.to(w.device) * weight
+            else:
+                cat_idx = torch.cat([s.indices.to(w.device) for s, _ in parts])
+                idx, inverse = torch.unique(cat_idx, return_inverse=True)
+                # fp32 sum in adapter-name order: the same order a dense reference adds them
+                delta = torch.zeros(idx.numel(), dtype=torch.float32, device=w.device)
+                delta.index_add_(0, inverse, torch.cat([s.delta.to(w.device) * wt for s, wt in parts]))
+                base = torch.empty(idx.numel(), dtype=w.dtype, device=w.device)
+                base.scatter_(0, inverse, torch.cat([s.base.to(w.device) for s, _ in parts]))
+            plan.weights.append(w)
+            plan.indices.append(idx)
+            plan.base.append(base)
+            plan.fused.append((base.float() + delta).to(w.dtype))
+        self._plans[key] = plan
+        while len(self._plans) > self.max_plans:
+            self._plans.popitem(last=False)
+        return plan
+
+    @torch.no_grad()
+    def activate(self, spec: str | Mapping[str, float]) -> None:
+        """Make the model compute with one adapter (`"name"`) or a weighted fusion
+        (`{"a": 1.0, "b": 0.7}`: base + Σ wᵢ·deltaᵢ over the union of positions)."""
+        spec = self._normalise(spec)
+        if not spec:
+            self.deactivate()
+            return
+        plan = self._plan(spec)  # built (and validated) before any weight changes
+        self._restore()
+        ops.scatter_(plan.weights, plan.indices, plan.fused, [], 1.0)
+        self._current, self._active = plan, spec
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        cur = self._current
+        if cur is not None:
+            ops.scatter_(cur.weights, cur.indices, cur.base, [], 1.0)
+        self._current, self._active = None, None
+
+    def deactivate(self) -> None:
+        """Restore the base weights bit-exactly (only the positions the activation wrote)."""
+        self._restore()
+
+    def unload(self, name: str) -> None:
+        """Forget an adapter (deactivating first if it is part of the active set)."""
+        if name not in self._adapters:
+            raise ShiraAdapterError(f"unload: adapter {name!r} is not loaded")
+        if self._active is not None and name in self._active:
+            self.deactivate()
+        del self._adapters[name]
+        for key in [k for k in self._plans if any(n == name for n, _ in k)]:
+            del self._plans[key]
+
+    def overlap(self, a: str, b: str) -> int:
+        """How many weight positions adapters `a` and `b` both touch (summed over layers):
+        sparse masks barely overlap, which is why SHiRA adapters fuse with little loss."""
+        for n in (a, b):
+            if n not in self._adapters:
+                raise ShiraAdapterError(f"overlap: adapter {n!r} is not loaded")
+        shared = 0
+        for ln, slot in self._adapters[a].items():
+            other = self._adapters[b].get(ln)
+            if other is not None:
+                shared += int(torch.isin(slot.indices, other.indices.to(slot.indices.device)).sum())
+        return shared
+
+    def __repr__(self) -> str:
+        return f"AdapterBank(adapters={self.names}, active={self._active})"

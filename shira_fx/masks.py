@@ -1,0 +1,347 @@
+"""Masks: which elements of each targeted weight a SHiRA adapter trains.
+
+`build_masks` returns, per target, the sorted unique int32 flat offsets into the weight *as
+stored* (row-major over `weight.shape`; GPT-2's Conv1D stores (in, out)), exactly
+`cfg.budget(out, in)` of them. The kinds follow the SHiRA paper (RESEARCH.md §1):
+
+- rand: a uniformly random subset. Positions are drawn with replacement from a generator seeded
+  by crc32(seed, layer name), deduplicated and topped up; the set of distinct draws is uniform
+  given its size (the draws are exchangeable), and a random k-subset of it stays uniform. This
+  costs O(k) memory where `randperm` costs an int64 per weight element, so `randperm` is used
+  only when k is over a quarter of the weight (then the output is O(numel) anyway).
+- struct: on the logical (out, in) matrix, n whole rows (output neurons) at stride
+  f = out // n starting at row `seed % f`, plus the diagonal; n is the most rows that fit the
+  budget. Seeds that differ modulo f pick disjoint rows (the paper's non-overlapping adapters).
+  A shortfall is topped up column by column from the next row at stride (then the following
+  unselected rows); a budget below the diagonal's length takes the first k diagonal elements.
+- wm: top-k |W|.
+- grad: top-k of sum_b |dL_b/dW| over the calibration batches b.
+- snip: top-k of sum_b |W * dL_b/dW|, which equals |W| * (the grad statistic).
+
+Top-k ties go to the lower flat index. Scores are computed in fp32 (fp64 for fp64 weights).
+
+grad/snip memory: a forward hook on each targeted module records its input x (detached) and
+output y; only the targeted weights require grad during calibration, and
+`torch.autograd.grad(loss, ys)` returns dL/dy without running any AccumulateGrad, so no dense
+`.grad` is ever formed or touched. Each layer keeps (x, dL/dy) per batch, flattened to
+(tokens, in) and (tokens, out): the calibration activations, never weight-sized. Then, one
+layer at a time, sum_b |dW_b| is accumulated into a single fp32 weight-sized tensor, with
+dW_b = dy^T x (Linear) or x^T dy (Conv1D) formed a block of rows at a time in a scratch buffer
+of at most a quarter of the weight; the layer's top-k is taken and its tensors freed before
+the next layer. The model runs in its current train/eval mode; every requires_grad flag is
+restored and every hook removed on the way out, even on error.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import ShiraConfig
+from .errors import ShiraConfigError
+from .targets import TargetLayer
+
+# A gradient block (rows x in) holds at most this many elements (16 MiB in fp32) ...
+_SCRATCH_ELEMS = 1 << 22
+# ... and at most 1/_SCRATCH_FRACTION of the weight, so a layer peaks at 1.25 weights.
+_SCRATCH_FRACTION = 4
+# rand uses randperm when k * _RANDPERM_FRACTION > numel.
+_RANDPERM_FRACTION = 4
+_INT32_MAX = 2**31 - 1
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+Pairs = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_masks(
+    model: nn.Module,
+    targets: list[TargetLayer],
+    cfg: ShiraConfig,
+    calib: Iterable | None = None,
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """The trainable positions of each target: name -> sorted unique int32 flat offsets (CPU).
+
+    grad/snip run `loss_fn(model, batch)` (default: `default_loss`) over `calib` first.
+    """
+    for t in targets:
+        if t.weight.numel() > _INT32_MAX:
+            raise ShiraConfigError(
+                f"build_masks: the weight of {t.name!r} has {t.weight.numel()} elements; "
+                f"int32 flat offsets reach at most {_INT32_MAX}"
+            )
+    kind = cfg.mask
+    pairs: dict[str, Pairs] = {}
+    if kind in ("grad", "snip"):
+        if calib is None:
+            raise ShiraConfigError(
+                f"build_masks: mask={kind!r} needs calibration data; pass calib=<an iterable of "
+                "batches> (and loss_fn=<(model, batch) -> scalar loss> unless model(**batch).loss "
+                "is the loss), found calib=None"
+            )
+        pairs = _calibrate(model, targets, calib, loss_fn or default_loss, kind, progress)
+    masks = {}
+    for t in tqdm(targets, desc=f"shira {kind} masks", unit="layer", disable=not progress):
+        k = cfg.budget(t.out_features, t.in_features)
+        if kind == "rand":
+            masks[t.name] = _rand_mask(t.weight.numel(), k, cfg.seed, t.name)
+        elif kind == "struct":
+            masks[t.name] = _struct_mask(t.out_features, t.in_features, k, cfg.seed, t.transposed)
+        elif kind == "wm":
+            masks[t.name] = _top_k(_magnitude(t), k)
+        else:
+            masks[t.name] = _top_k(_gradient_score(t, pairs.pop(t.name), kind), k)
+    return masks
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """`model(**batch).loss` for a mapping batch, `model(batch).loss` otherwise (HF style).
+
+    Tensors in the batch are moved to the device of the model's first parameter.
+    """
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None:
+        batch = _to_device(batch, device)
+    out = model(**batch) if isinstance(batch, Mapping) else model(batch)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None:
+        raise ShiraConfigError(
+            f"build_masks: {type(model).__name__} returned a {type(out).__name__} with no loss "
+            "(no .loss or ['loss']); pass loss_fn=<(model, batch) -> scalar loss>, or batches "
+            "with labels"
+        )
+    return loss
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _rand_mask(numel: int, k: int, seed: int, name: str) -> torch.Tensor:
+    """k uniformly random distinct offsets in [0, numel), from a per-layer stable seed."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    if k * _RANDPERM_FRACTION > numel:
+        return torch.randperm(numel, generator=g)[:k].sort().values.to(torch.int32)
+    picked = torch.empty(0, dtype=torch.int64)
+    while picked.numel() < k:
+        need = k - picked.numel()
+        draws = torch.randint(0, numel, (need + need // 8 + 16,), generator=g)
+        picked = torch.cat([picked, draws]).unique()
+    if picked.numel() > k:
+        picked = picked[torch.randperm(picked.numel(), generator=g)[:k]].sort().values
+    return picked.to(torch.int32)
+
+
+def _struct_rows(rows: int, cols: int, k: int, seed: int) -> tuple[int, int, int, int]:
+    """(n, f, o, cost): the most rows n at stride f = rows // n from row o = seed % f whose
+    union with the diagonal (cost elements) fits k. Needs k >= min(rows, cols)."""
+    diag = min(rows, cols)
+
+    def plan(n: int) -> tuple[int, int, int, int]:
+        f = rows // n if n else rows
+        o = seed % f
+        on_diag = min(n, math.ceil((diag - o) / f)) if o < diag else 0
+        return n, f, o, n * cols + diag - on_diag
+
+    # cost(n) >= n * cols + diag - min(n, diag); start from the largest n within that bound
+    # and walk down (a few steps: the bound is loose by at most diag <= cols elements).
+    if k // cols > diag:
+        n = k // cols
+    else:
+        n = min(diag, (k - diag) // (cols - 1)) if cols > 1 else diag
+    n = min(rows, n)
+    while plan(n)[3] > k:
+        n -= 1
+    return plan(n)
+
+
+def _struct_mask(rows: int, cols: int, k: int, seed: int, transposed: bool) -> torch.Tensor:
+    """Rows at stride plus the diagonal on the logical (out=rows, in=cols) matrix, exactly k
+    elements, mapped to flat offsets in the stored layout ((in, out) when transposed)."""
+    diag = min(rows, cols)
+    if k <= diag:
+        r = c = torch.arange(k)
+    else:
+        n, f, o, cost = _struct_rows(rows, cols, k, seed)
+        chosen = o + f * torch.arange(n)
+        d = torch.arange(diag)
+        d = d[~((d >= o) & ((d - o) % f == 0) & ((d - o) // f < n))]
+        rs = [chosen.repeat_interleave(cols), d]
+        cs = [torch.arange(cols).repeat(n), d]
+        remaining = k - cost
+        taken = torch.zeros(rows, dtype=torch.bool)
+        taken[chosen] = True
+        order = (o + n * f + torch.arange(rows)) % rows
+        for row in order[~taken[order]].tolist():
+            if remaining == 0:
+                break
+            col = torch.arange(cols)
+            col = col[col != row][:remaining]
+            rs.append(torch.full_like(col, row))
+            cs.append(col)
+            remaining -= col.numel()
+        r, c = torch.cat(rs), torch.cat(cs)
+    flat = c * rows + r if transposed else r * cols + c
+    return flat.sort().values.to(torch.int32)
+
+
+def _score_dtype(w: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(w.dtype, torch.float32)
+
+
+def _magnitude(t: TargetLayer) -> torch.Tensor:
+    """|W| in fp32 (one weight-sized tensor, also for bf16/fp16 weights)."""
+    w = t.weight.detach()
+    score = w.to(_score_dtype(w), copy=True).abs_()
+    if not torch.isfinite(score.max()):  # a NaN or inf shows in the max of |W|
+        raise ShiraConfigError(f"build_masks: mask='wm': the weight of {t.name!r} is not finite")
+    return score
+
+
+def _top_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat offsets of the k largest scores, ties to the lower offset, sorted, int32 on CPU."""
+    flat = score.reshape(-1)
+    if k >= flat.numel():
+        return torch.arange(flat.numel(), dtype=torch.int32)
+    kth = torch.topk(flat, k, sorted=False).values.min()
+    above = (flat > kth).nonzero().view(-1)
+    tied = (flat == kth).nonzero().view(-1)[: k - above.numel()]
+    return torch.cat([above, tied]).sort().values.to(device="cpu", dtype=torch.int32)
+
+
+def _calibrate(
+    model: nn.Module,
+    targets: list[TargetLayer],
+    calib: Iterable,
+    loss_fn: LossFn,
+    kind: str,
+    progress: bool,
+) -> dict[str, Pairs]:
+    """Per target, one (x, dL/dy) pair per calibration batch that reached it: the module's
+    input (tokens, in) and the loss gradient at its output (tokens, out)."""
+    flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    flags.update({id(t.weight): (t.weight, t.weight.requires_grad) for t in targets})
+    calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (target, x, y) in this batch
+
+    def recorder(i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            calls.append((i, x.detach(), out))
+
+        return hook
+
+    pairs: dict[str, Pairs] = {t.name: [] for t in targets}
+    handles = []
+    batches = 0
+    try:
+        for p, _ in flags.values():
+            p.requires_grad_(False)
+        for t in targets:
+            t.weight.requires_grad_(True)
+        handles = [
+            t.module.register_forward_hook(recorder(i), with_kwargs=True)
+            for i, t in enumerate(targets)
+        ]
+        with torch.enable_grad():
+            bar = tqdm(calib, desc=f"shira {kind} calibration", unit="batch", disable=not progress)
+            for b, batch in enumerate(bar):
+                calls.clear()
+                loss = _checked_loss(loss_fn(model, batch), kind, b)
+                used = [(i, x, y) for i, x, y in calls if y.requires_grad]
+                if not used or not loss.requires_grad:
+                    raise ShiraConfigError(
+                        f"build_masks: mask={kind!r}: the loss of calibration batch {b} does not "
+                        "depend on any targeted layer"
+                    )
+                grads = torch.autograd.grad(loss, [y for _, _, y in used], allow_unused=True)
+                per_target: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+                for (i, x, _), gy in zip(used, grads, strict=True):
+                    if gy is None:
+                        continue
+                    t = targets[i]
+                    if not torch.isfinite(gy).all():
+                        raise ShiraConfigError(
+                            f"build_masks: mask={kind!r}: the loss gradient at the output of "
+                            f"{t.name!r} is not finite in calibration batch {b}"
+                        )
+                    xy = (x.reshape(-1, t.in_features), gy.reshape(-1, t.out_features))
+                    per_target.setdefault(i, []).append(xy)
+                for i, xys in per_target.items():
+                    xs, gys = zip(*xys, strict=True)
+                    pairs[targets[i].name].append((torch.cat(xs), torch.cat(gys)))
+                batches += 1
+    finally:
+        calls.clear()
+        for h in handles:
+            h.remove()
+        for p, flag in flags.values():
+            p.requires_grad_(flag)
+    if batches == 0:
+        raise ShiraConfigError(
+            f"build_masks: mask={kind!r} needs calibration data; calib yielded no batch "
+            "(pass a non-empty iterable of batches)"
+        )
+    return pairs
+
+
+def _checked_loss(loss: Any, kind: str, b: int) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ShiraConfigError(
+            f"build_masks: mask={kind!r}: loss_fn must return a scalar tensor, found {found} "
+            f"for calibration batch {b}"
+        )
+    if not torch.isfinite(loss).all():
+        raise ShiraConfigError(
+            f"build_masks: mask={kind!r}: the loss of calibration batch {b} is {loss.item()}"
+        )
+    return loss.reshape(())
+
+
+def _gradient_score(t: TargetLayer, pairs: Pairs, kind: str) -> torch.Tensor:
+    """sum_b |dW_b| in the stored layout (times |W| for snip), built a block of rows at a time."""
+    if not pairs:
+        raise ShiraConfigError(
+            f"build_masks: mask={kind!r}: {t.name!r} did not reach the loss in any calibration "
+            "batch, so it has no gradient statistic"
+        )
+    w = t.weight.detach()
+    dtype = _score_dtype(w)
+    rows, cols = w.shape
+    step = max(1, min(-(-rows // _SCRATCH_FRACTION), _SCRATCH_ELEMS // cols))
+    score = torch.zeros(rows, cols, dtype=dtype, device=w.device)
+    scratch = torch.empty(step * cols, dtype=dtype, device=w.device)
+    while pairs:
+        x, gy = pairs.pop()
+        # dW = a^T b: (out, in) = gy^T x for Linear, (in, out) = x^T gy for Conv1D.
+        a, b = (x, gy) if t.transposed else (gy, x)
+        a, b = a.to(dtype), b.to(dtype)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            block = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
+            torch.mm(a[:, r0:r1].T, b, out=block)
+            score[r0:r1].add_(block.abs_())
+    del scratch
+    if kind == "snip":
+        for r0 in range(0, rows, step):
+            score[r0 : r0 + step].mul_(w[r0 : r0 + step].to(dtype).abs())
+    if not torch.isfinite(score.max()):  # a NaN or inf shows in the max of a sum of |.|
+        raise ShiraConfigError(
+            f"build_masks: mask={kind!r}: the gradient statistic of {t.name!r} is not finite"
+        )
+    return score
