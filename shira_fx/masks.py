@@ -18,13 +18,15 @@ stored* (row-major over `weight.shape`; GPT-2's Conv1D stores (in, out)), exactl
 - grad: top-k of sum_b |dL_b/dW| over the calibration batches b.
 - snip: top-k of sum_b |W * dL_b/dW|, which equals |W| * (the grad statistic).
 
-Top-k ties go to the lower flat index. Scores are computed in fp32 (fp64 for fp64 weights).
+Top-k ties go to the lower flat index. Scores are computed in fp32 (fp64 for fp64 weights);
+the k-th largest is found by a radix select in blocks, not `torch.topk` (see `_kth_largest`).
 
 grad/snip memory: a forward hook on each targeted module records its input x (detached) and
 output y; only the targeted weights require grad during calibration, and
 `torch.autograd.grad(loss, ys)` returns dL/dy without running any AccumulateGrad, so no dense
 `.grad` is ever formed or touched. Each layer keeps (x, dL/dy) per batch, flattened to
-(tokens, in) and (tokens, out): the calibration activations, never weight-sized. Then, one
+(tokens, in) and (tokens, out): never weight-sized, but they add up over batches (per batch,
+about what a frozen backward saves, plus dL/dy), so keep the calibration set small. Then, one
 layer at a time, sum_b |dW_b| is accumulated into a single fp32 weight-sized tensor, with
 dW_b = dy^T x (Linear) or x^T dy (Conv1D) formed a block of rows at a time in a scratch buffer
 of at most a quarter of the weight; the layer's top-k is taken and its tensors freed before
@@ -47,9 +49,10 @@ from .config import ShiraConfig
 from .errors import ShiraConfigError
 from .targets import TargetLayer
 
-# A gradient block (rows x in) holds at most this many elements (16 MiB in fp32) ...
+# A block of work (gradient rows, a radix-select pass) holds at most this many elements
+# (16 MiB in fp32) and at most 1/_SCRATCH_FRACTION of the weight, so that beside a layer's
+# weight-sized score its temporaries stay small.
 _SCRATCH_ELEMS = 1 << 22
-# ... and at most 1/_SCRATCH_FRACTION of the weight, so a layer peaks at 1.25 weights.
 _SCRATCH_FRACTION = 4
 # rand uses randperm when k * _RANDPERM_FRACTION > numel.
 _RANDPERM_FRACTION = 4
@@ -127,7 +130,7 @@ def _to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device)
     if isinstance(batch, Mapping):
         return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
+    if type(batch) in (list, tuple):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
 
@@ -205,7 +208,7 @@ def _score_dtype(w: torch.Tensor) -> torch.dtype:
 
 
 def _magnitude(t: TargetLayer) -> torch.Tensor:
-    """|W| in fp32 (one weight-sized tensor, also for bf16/fp16 weights)."""
+    """|W| in fp32 (fp64 for fp64 weights): one weight-sized tensor, whatever the weight dtype."""
     w = t.weight.detach()
     score = w.to(_score_dtype(w), copy=True).abs_()
     if not torch.isfinite(score.max()):  # a NaN or inf shows in the max of |W|
@@ -214,14 +217,42 @@ def _magnitude(t: TargetLayer) -> torch.Tensor:
 
 
 def _top_k(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat offsets of the k largest scores, ties to the lower offset, sorted, int32 on CPU."""
+    """Flat offsets of the k largest scores (finite, >= 0), ties to the lower offset, sorted,
+    int32 on CPU."""
     flat = score.reshape(-1)
     if k >= flat.numel():
         return torch.arange(flat.numel(), dtype=torch.int32)
-    kth = torch.topk(flat, k, sorted=False).values.min()
+    kth = _kth_largest(flat, k)
     above = (flat > kth).nonzero().view(-1)
     tied = (flat == kth).nonzero().view(-1)[: k - above.numel()]
     return torch.cat([above, tied]).sort().values.to(device="cpu", dtype=torch.int32)
+
+
+def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of a finite non-negative fp32/fp64 vector, by radix select on its bits
+    (their integer order is the float order), 8 bits a pass, a quarter of the vector a block.
+
+    CPU `torch.topk` keeps a hidden (value, int64 index) pair per element (four fp32 weights)
+    and `kthvalue` a hidden copy; this needs only block-sized temporaries and is faster.
+    """
+    bits = flat.view(torch.int32 if flat.element_size() == 4 else torch.int64)
+    width = 8 * flat.element_size() - 1  # the sign bit is 0
+    step = min(_SCRATCH_ELEMS, -(-bits.numel() // _SCRATCH_FRACTION))
+    prefix, need, done = 0, k, 0  # bits found so far; rank of the k-th among those with them
+    while done < width:
+        d = min(8, width - done)
+        shift = width - done - d
+        hist = torch.zeros(1 << d, dtype=torch.int64, device=flat.device)
+        for i in range(0, bits.numel(), step):
+            block = bits[i : i + step]
+            if done:
+                block = block[(block >> (shift + d)) == prefix]
+            hist += torch.bincount((block >> shift) & ((1 << d) - 1), minlength=1 << d)
+        at_or_above = hist.flip(0).cumsum(0).flip(0)
+        digit = int((at_or_above >= need).nonzero().max())
+        need -= int(at_or_above[digit] - hist[digit])
+        prefix, done = (prefix << d) | digit, done + d
+    return torch.tensor(prefix, dtype=bits.dtype, device=flat.device).view(flat.dtype)
 
 
 def _calibrate(
