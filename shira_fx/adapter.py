@@ -109,12 +109,11 @@ class SparseAdapter(nn.Module):
     def sync(self) -> None:
         """Write `base + values` into every fused weight at its indices (O(nnz), assign)."""
         layers = list(self.layers.values())
-        ops.scatter_(
+        ops.scatter_weights_(
             [layer.weight for layer in layers],
             [layer.indices for layer in layers],
             [layer.base for layer in layers],
             [layer.values for layer in layers],
-            1.0,
         )
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -137,9 +136,9 @@ class SparseAdapter(nn.Module):
         """Undo `prepare`: restore the base weights bit-exactly, the modules' own forward and
         the requires_grad flags that prepare turned off."""
         layers = list(self.layers.values())
-        ops.scatter_(
+        ops.scatter_weights_(
             [la.weight for la in layers], [la.indices for la in layers],
-            [la.base for la in layers], [], 1.0,
+            [la.base for la in layers], None,
         )
         for layer in layers:
             _REGISTRY.pop(id(layer.weight), None)

@@ -211,14 +211,14 @@ class AdapterBank:
             return
         plan = self._plan(spec)  # built (and validated) before any weight changes
         self._restore()
-        ops.scatter_(plan.weights, plan.indices, plan.fused, [], 1.0)
+        ops.scatter_weights_(plan.weights, plan.indices, plan.fused, None)
         self._current, self._active = plan, spec
 
     @torch.no_grad()
     def _restore(self) -> None:
         cur = self._current
         if cur is not None:
-            ops.scatter_(cur.weights, cur.indices, cur.base, [], 1.0)
+            ops.scatter_weights_(cur.weights, cur.indices, cur.base, None)
         self._current, self._active = None, None
 
     def deactivate(self) -> None:

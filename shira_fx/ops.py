@@ -8,6 +8,8 @@ kernel on CUDA and a torch implementation on CPU.
 """
 
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -89,6 +91,68 @@ def _backward(ctx, grad_y: Tensor):
 sparse_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _balanced_groups(sizes: list[int], n: int) -> list[list[int]]:
+    """Split layer positions into n groups of about equal element counts (largest first)."""
+    groups: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        g = load.index(min(load))
+        groups[g].append(i)
+        load[g] += sizes[i]
+    return [sorted(g) for g in groups if g]
+
+
+def _scatter_cpu(weights, indices, base, delta, scale) -> None:
+    """The CPU scatter: layers split across threads. Scattered writes are bound by memory
+    latency, not bandwidth, so two threads keep twice the misses in flight (measured on 2
+    cores: 3.2 vs 4.4-6 ms for 321k elements over 28 layers); the GIL is released inside
+    index_copy_, and each layer belongs to one thread."""
+    global _POOL
+    threads = min(torch.get_num_threads(), len(weights))
+    if threads < 2 or sum(i.numel() for i in indices) < 65536:
+        scatter_fused_reference_(weights, indices, base, delta, scale)
+        return
+    if _POOL is None or _POOL._max_workers < threads:
+        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="shira_fx-scatter")
+
+    @torch.no_grad()
+    def run(group: list[int]) -> None:
+        pick = lambda xs: [xs[i] for i in group]  # noqa: E731
+        scatter_fused_reference_(pick(weights), pick(indices), pick(base),
+                                 None if delta is None else pick(delta), scale)
+
+    groups = _balanced_groups([i.numel() for i in indices], threads)
+    futures = [_POOL.submit(run, g) for g in groups[1:]]
+    run(groups[0])
+    for f in futures:
+        f.result()
+
+
+def scatter_weights_(
+    weights: list[Tensor], indices: list[Tensor], base: list[Tensor], delta: list[Tensor] | None,
+    scale: float = 1.0,
+) -> None:
+    """`W.flat[idx] = base + scale * delta` (or `base`) for every layer, in place. Eagerly this
+    calls the implementation directly (the dispatcher costs ~1 ms over 28 layers' 84 tensors);
+    under torch.compile it is the registered mutating op, so Inductor sees the mutation."""
+    if torch.compiler.is_compiling():
+        torch.ops.shira_fx.scatter_(weights, indices, base, delta or [], scale)
+    else:
+        _scatter_impl(weights, indices, base, delta or None, scale)
+
+
+def _scatter_impl(weights, indices, base, delta, scale) -> None:
+    if not weights:
+        return
+    if weights[0].is_cuda:
+        scatter_fused_(weights, indices, base, delta, scale)
+    else:
+        _scatter_cpu(weights, indices, base, delta, scale)
+
+
 @torch.library.custom_op("shira_fx::scatter_", mutates_args=("weights",))
 def scatter_(
     weights: list[Tensor], indices: list[Tensor], base: list[Tensor], delta: list[Tensor], scale: float
@@ -98,13 +162,7 @@ def scatter_(
     Assigns rather than accumulates, so the fused weights never drift from `base + values`,
     and restoring the saved base values is bit-exact. Touches only the indexed elements.
     """
-    if not weights:
-        return
-    deltas = delta if delta else None
-    if weights[0].is_cuda:
-        scatter_fused_(weights, indices, base, deltas, scale)
-    else:
-        scatter_fused_reference_(weights, indices, base, deltas, scale)
+    _scatter_impl(weights, indices, base, delta or None, scale)
 
 
 @scatter_.register_fake

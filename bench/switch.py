@@ -1,0 +1,163 @@
+"""Adapter switching side by side in one run: shira_fx AdapterBank vs PEFT SHiRA and PEFT
+LoRA (unmerge + set_adapter + merge) vs the memory-bandwidth floor, and inference latency
+of the fused model vs the base model. Prints a markdown table and writes JSON.
+
+    python bench/switch.py           # Llama hidden 512, 4 layers, all linears, 2.5 % density
+    python bench/switch.py --smoke   # tiny shapes, for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import peft
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import shira_fx
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LINE = 64  # bytes per cache line
+
+
+def build(args) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64))).eval()
+
+
+def median_ms(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Bytes moved per second (read + write) by a large tensor copy: the machine's practical
+    memory bandwidth."""
+    src = torch.empty(64 * 2**20 // 4).normal_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), 15)
+    return 2 * src.numel() * 4 / (ms / 1e3)
+
+
+def lines_touched(adapter: shira_fx.SparseAdapter) -> int:
+    total = 0
+    for layer in adapter.layers.values():
+        byte = layer.indices.long() * layer.weight.element_size()
+        total += int(torch.unique(byte // LINE).numel())
+    return total
+
+
+def random_adapter(args, seed: int) -> shira_fx.SparseAdapter:
+    model = build(args)
+    cfg = shira_fx.ShiraConfig(target_modules=TARGETS, density=args.density, seed=seed)
+    adapter = shira_fx.prepare(model, cfg, progress=False)
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.values.normal_(0, 0.01)
+    return adapter
+
+
+def peft_switch_ms(args, kind: str, r: int) -> float:
+    model = build(args)
+    if kind == "shira":
+        make = lambda: peft.ShiraConfig(r=r, target_modules=TARGETS, init_weights=False)  # noqa: E731
+    else:
+        make = lambda: peft.LoraConfig(r=r, target_modules=TARGETS, init_lora_weights=False)  # noqa: E731
+    pm = peft.get_peft_model(model, make(), adapter_name="a")
+    pm.add_adapter("b", make())
+    pm.set_adapter("a")
+    pm.merge_adapter()
+    names = ["b", "a"]
+    state = {"i": 0}
+
+    def switch():
+        pm.unmerge_adapter()
+        pm.set_adapter(names[state["i"] % 2])
+        pm.merge_adapter()
+        state["i"] += 1
+
+    with torch.no_grad():
+        return median_ms(switch, args.repeat)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--density", type=float, default=0.025)
+    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--tokens", type=int, default=128, help="sequence length for inference latency")
+    p.add_argument("--json", default="bench/switch.json")
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args()
+    if args.smoke:
+        args.hidden, args.layers, args.vocab, args.repeat, args.tokens, args.json = 64, 1, 64, 3, 8, None
+
+    a, b = random_adapter(args, 1), random_adapter(args, 2)
+    model = build(args)
+    bank = shira_fx.AdapterBank(model)
+    bank.load("a", a)
+    bank.load("b", b)
+    nnz = a.num_trainable()
+    bank.activate("a")
+    bank.activate("b")  # plans built once, as a server would after loading
+    order = ["a", "b"]
+    state = {"i": 0}
+
+    def switch():
+        bank.activate(order[state["i"] % 2])
+        state["i"] += 1
+
+    shira_ms = median_ms(switch, args.repeat)
+    floor_ms = 2 * LINE * (lines_touched(a) + lines_touched(b)) / copy_bandwidth() * 1e3
+    # PEFT sizes adapters by r: pick the r whose r*(out+in) count is closest to the same nnz
+    dims = [(m.out_features, m.in_features) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS]
+    r = max(1, round(nnz / sum(o + i for o, i in dims)))
+    peft_shira_ms = peft_switch_ms(args, "shira", r)
+    peft_lora_ms = peft_switch_ms(args, "lora", r)
+
+    ids = torch.randint(0, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bank.deactivate()
+        model(ids)
+        base_ms = median_ms(lambda: model(ids), args.repeat)
+        bank.activate({"a": 1.0, "b": 0.7})
+        model(ids)
+        fused_ms = median_ms(lambda: model(ids), args.repeat)
+        bank.deactivate()
+
+    rows = {"shira_fx switch (AdapterBank.activate)": shira_ms,
+            "PEFT SHiRA switch (unmerge + set_adapter + merge)": peft_shira_ms,
+            "PEFT LoRA switch (unmerge + set_adapter + merge)": peft_lora_ms,
+            "cache-line floor (old + new adapter)": floor_ms}
+    print(f"\nLlama hidden {args.hidden}, {args.layers} layers, all 7 linears, density {args.density} "
+          f"({nnz:,} values/adapter; PEFT r={r}), fp32; {platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print("| switch | ms | vs shira_fx |")
+    print("|---|---:|---:|")
+    for name, ms in rows.items():
+        print(f"| {name} | {ms:.2f} | {ms / shira_ms:.2f}x |")
+    print(f"\nshira_fx switch = {shira_ms / peft_shira_ms:.3f}x PEFT SHiRA, "
+          f"{shira_ms / floor_ms:.2f}x the floor")
+    print(f"inference ({args.tokens} tokens): base {base_ms:.2f} ms, fused a+b {fused_ms:.2f} ms "
+          f"({fused_ms / base_ms:.3f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "switch_ms": rows, "peft_r": r, "nnz": nnz,
+                       "inference_ms": {"base": base_ms, "fused": fused_ms}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
