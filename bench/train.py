@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import shira_fx
-from shira_fx.memory import LiveTensorTracker, saved_tensor_bytes
+from shira_fx.memory import saved_tensor_bytes, step_peak_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -64,15 +64,11 @@ def measure(name, model, params, backend, inputs, args) -> dict:
     adapter = None
     if isinstance(model, tuple):
         model, adapter = model
+    peak = step_peak_bytes(model, params, inputs(), None if adapter is None else adapter.attach)
     opt = torch.optim.AdamW(params or [torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
     if adapter is not None:
         adapter.attach(opt)
     state = list(model.parameters()) + list(model.buffers())
-    # eager: peak live tensors of a whole step (forward, backward, optimizer) at dispatch level
-    with LiveTensorTracker() as tracker:
-        model(**inputs()).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
     run = model if backend is None else torch.compile(model, backend=backend)
     times, held = [], 0
     for i in range(args.warmup + args.steps):
@@ -84,7 +80,7 @@ def measure(name, model, params, backend, inputs, args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return {"variant": name, "trainable": sum(p.numel() for p in params),
-            "peak_live_MiB_eager": tracker.peak_bytes / 2**20,
+            "peak_live_MiB_eager": peak / 2**20,
             "held_for_backward_MiB": held / 2**20, "step_ms": statistics.median(times) * 1e3}
 
 

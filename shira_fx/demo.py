@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 import shira_fx
-from shira_fx.memory import LiveTensorTracker
+from shira_fx.memory import step_peak_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -34,16 +34,6 @@ def copy_task(batch: int, seq: int, vocab: int, seed: int) -> dict:
     labels = ids.clone()
     labels[:, : seq // 2] = -100
     return {"input_ids": ids, "labels": labels}
-
-
-def _peak_bytes(model, params, batch) -> int:
-    """Peak live tensor bytes of one eager training step (forward, backward, AdamW step)."""
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    with LiveTensorTracker() as tracker:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return tracker.peak_bytes
 
 
 def _train(name, compiled, params, steps, batches, lr, after_step=None):
@@ -73,7 +63,7 @@ def run(steps: int = 40, hidden: int = 256, layers: int = 4, vocab: int = 512, b
     cfg = shira_fx.ShiraConfig(target_modules=TARGETS, r=r)
     adapter = shira_fx.prepare(model, cfg, progress=False)
     params = list(adapter.parameters())
-    peak = _peak_bytes(model, params, batches[0])
+    peak = step_peak_bytes(model, params, batches[0], adapter.attach)
     backend = shira_fx.backend(cfg, inner=inner)
     losses, step_s = _train("shira_fx", torch.compile(model, backend=backend), params, steps,
                             batches, 5e-3, adapter.attach)
@@ -82,7 +72,7 @@ def run(steps: int = 40, hidden: int = 256, layers: int = 4, vocab: int = 512, b
     lora = peft.get_peft_model(build_model(hidden, layers, vocab),
                                peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
     params = [p for p in lora.parameters() if p.requires_grad]
-    peak = _peak_bytes(lora, params, batches[0])
+    peak = step_peak_bytes(lora, params, batches[0])
     compiled = torch.compile(lora, backend=inner)
     losses, step_s = _train("PEFT LoRA", compiled, params, steps, batches, 2e-3)
     rows["PEFT LoRA"] = (sum(p.numel() for p in params), losses[0], losses[-1], peak, step_s)

@@ -101,3 +101,16 @@ def saved_tensor_bytes(run, exclude=()) -> tuple[int, object]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()
     return sum(seen.values()), out
+
+
+def step_peak_bytes(model, params, batch: dict, on_optimizer=None) -> int:
+    """Peak live tensor bytes of one eager training step: `model(**batch).loss`, backward and
+    an AdamW step over `params` (`on_optimizer(opt)` runs first, e.g. `adapter.attach`)."""
+    opt = torch.optim.AdamW(params or [torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    if on_optimizer is not None:
+        on_optimizer(opt)
+    with LiveTensorTracker() as tracker:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return tracker.peak_bytes

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import shira_fx
-from shira_fx.memory import LiveTensorTracker
+from shira_fx.memory import LiveTensorTracker, step_peak_bytes
 
 
 def wide_mlp():
@@ -49,15 +49,6 @@ def _llama():
     return LlamaForCausalLM(cfg)
 
 
-def _step_peak(model, params, batch) -> int:
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    with LiveTensorTracker() as tracker:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return tracker.peak_bytes
-
-
 def test_training_step_peak_is_below_peft_lora_at_equal_trainable_parameters():
     peft = pytest.importorskip("peft")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -68,17 +59,11 @@ def test_training_step_peak_is_below_peft_lora_at_equal_trainable_parameters():
         _llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
     )
     lora_params = [p for p in lora.parameters() if p.requires_grad]
-    lora_peak = _step_peak(lora, lora_params, batch)
+    lora_peak = step_peak_bytes(lora, lora_params, batch)
 
     model = _llama()
     adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(target_modules=targets, r=4),
                                progress=False)
     assert adapter.num_trainable() == sum(p.numel() for p in lora_params)
-    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-3)
-    adapter.attach(opt)
-    with LiveTensorTracker() as tracker:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    shira_peak = tracker.peak_bytes
+    shira_peak = step_peak_bytes(model, list(adapter.parameters()), batch, adapter.attach)
     assert shira_peak < lora_peak, (shira_peak, lora_peak)
