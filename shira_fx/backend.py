@@ -2,43 +2,96 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
 import torch
 from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from . import passes
 from .config import ShiraConfig
-from .passes import RewriteReport, rewrite_sparse_linears
+from .passes import RewriteReport, rewrite_sparse_linears, tag_sparse_linear_inputs
 
 log = logging.getLogger("shira_fx")
+
+
+class _TagInputsPass(CustomGraphPass):
+    """Inductor joint-graph hook running `tag_sparse_linear_inputs`; counts what it tagged."""
+
+    def __init__(self, report: RewriteReport):
+        self.report = report
+
+    def __call__(self, graph: fx.Graph) -> None:
+        self.report.recomputed += tag_sparse_linear_inputs(graph)
+
+    def uuid(self):
+        return get_hash_for_files((passes.__file__,))
+
+
+def _aot_eager_with_recompute(report: RewriteReport) -> Callable:
+    """aot_eager, but with the min-cut partitioner after tagging (aot_eager's default
+    partitioner saves every forward value backward uses and would ignore the tags)."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    def partition(joint, inputs, **kwargs):
+        report.recomputed += tag_sparse_linear_inputs(joint.graph)
+        return min_cut_rematerialization_partition(joint, inputs, **kwargs)
+
+    def boxed(gm, _inputs):
+        return make_boxed_func(gm)
+
+    return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition)
 
 
 class ShiraBackend:
     """A torch.compile backend: rewrite prepared linears, then hand the graph to `inner`
     ("inductor", "aot_eager", "eager", any registered backend name, or a backend callable).
+    With `recompute="auto"` (inductor, aot_eager) the input x of each rewritten linear is
+    rebuilt in backward instead of saved; `memory_budget` passes through to
+    `torch._functorch.config.activation_memory_budget` for this backend's compiles only.
     `reports` keeps one RewriteReport per compiled graph, in compile order."""
 
-    def __init__(self, cfg: ShiraConfig | None = None, inner: str | Callable = "inductor"):
+    def __init__(self, cfg: ShiraConfig | None = None, inner: str | Callable = "inductor",
+                 recompute: str = "auto", memory_budget: float | None = None):
+        if recompute not in ("auto", "off"):
+            raise ValueError(f"backend: recompute must be 'auto' or 'off', found {recompute!r}")
+        if memory_budget is not None and not 0.0 <= memory_budget <= 1.0:
+            raise ValueError(f"backend: memory_budget must be in [0, 1], found {memory_budget!r}")
         self.cfg = cfg
         self.inner = inner
+        self.recompute = recompute
+        self.memory_budget = memory_budget
         self.reports: list[RewriteReport] = []
 
-    def _inner_backend(self) -> Callable:
+    def _compile(self, gm: fx.GraphModule, example_inputs: list, report: RewriteReport) -> Callable:
+        tag = self.recompute == "auto" and bool(report.rewritten)
         if callable(self.inner):
-            return self.inner
+            return self.inner(gm, example_inputs)
         if self.inner == "inductor":
+            from torch._inductor import config as inductor_config
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx
-        return torch._dynamo.lookup_backend(self.inner)
+            hook = _TagInputsPass(report) if tag else None
+            with inductor_config.patch(joint_custom_pre_pass=hook):
+                return compile_fx(gm, example_inputs)
+        if self.inner == "aot_eager" and tag:
+            return _aot_eager_with_recompute(report)(gm, example_inputs)
+        return torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         report = rewrite_sparse_linears(gm, example_inputs)
         self.reports.append(report)
+        budget = contextlib.nullcontext()
+        if self.memory_budget is not None:
+            budget = torch._functorch.config.patch(activation_memory_budget=self.memory_budget)
+        with budget:
+            compiled = self._compile(gm, example_inputs, report)
         if report.rewritten or report.skipped:
             log.info("shira_fx graph %d: %s", len(self.reports) - 1, report.summary())
-        return self._inner_backend()(gm, example_inputs)
+        return compiled
 
     def layers(self) -> dict[str, str]:
         """Every prepared layer the backend saw: "rewritten" or the reason it was skipped
@@ -50,10 +103,11 @@ class ShiraBackend:
         return status
 
 
-def backend(cfg: ShiraConfig | None = None, inner: str | Callable = "inductor") -> ShiraBackend:
+def backend(cfg: ShiraConfig | None = None, inner: str | Callable = "inductor",
+            recompute: str = "auto", memory_budget: float | None = None) -> ShiraBackend:
     """`torch.compile(model, backend=shira_fx.backend(cfg))`: training graphs use the sparse
     gradient op for every prepared layer; inference graphs keep the dense linear."""
-    return ShiraBackend(cfg, inner)
+    return ShiraBackend(cfg, inner, recompute, memory_budget)
 
 
 def explain(compiled_backend: ShiraBackend) -> str:

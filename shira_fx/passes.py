@@ -28,9 +28,13 @@ class RewriteReport:
 
     rewritten: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    recomputed: int = 0  # joint-graph nodes tagged for recomputation (0: x is saved)
 
     def summary(self) -> str:
         lines = [f"rewrote {len(self.rewritten)} linear(s) to shira_fx::sparse_linear"]
+        if self.rewritten:
+            lines[0] += (f"; inputs rebuilt in backward ({self.recomputed} nodes tagged)"
+                         if self.recomputed else "; inputs saved for backward")
         lines += [f"  + {name}" for name in self.rewritten]
         lines += [f"  - {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
@@ -107,3 +111,46 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
     graph.lint()
     gm.recompile()
     return report
+
+
+_aten, _prims = torch.ops.aten, torch.ops.prims
+# view and cast ops that are free or cheap to replay in backward
+_REPLAYABLE = {
+    _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.t.default,
+    _aten.transpose.int, _aten.permute.default, _aten.expand.default, _aten.unsqueeze.default,
+    _aten.squeeze.dim, _aten.squeeze.dims, _aten.slice.Tensor, _aten.select.int,
+    _aten.clone.default, _aten.alias.default, _aten._to_copy.default,
+    _prims.convert_element_type.default,
+}
+
+
+def _replayable(node: fx.Node) -> bool:
+    """Pointwise or view ops, never random ones (replaying dropout would change the mask)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if torch.Tag.nondeterministic_seeded in target.tags:
+        return False
+    return target in _REPLAYABLE or torch.Tag.pointwise in target.tags
+
+
+def tag_sparse_linear_inputs(graph: fx.Graph) -> int:
+    """Joint-graph pass (DESIGN.md invariant 5): mark the pointwise/view chain that produces
+    each `sparse_linear` input x as MUST_RECOMPUTE, so the min-cut partitioner rebuilds x in
+    backward from tensors it keeps anyway instead of saving x (which is what LoRA keeps).
+    The walk stops at reductions, matmuls, random ops and graph inputs. Returns how many
+    nodes were tagged."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    tagged: set[fx.Node] = set()
+    for node in graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default):
+        stack = [node.args[0]]
+        while stack:
+            n = stack.pop()
+            if not isinstance(n, fx.Node) or n in tagged or not _replayable(n):
+                continue
+            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            n.meta["ac_graph_id"] = 0
+            tagged.add(n)
+            stack.extend(n.all_input_nodes)
+    return len(tagged)

@@ -4,9 +4,9 @@ registered ops agree with their eager implementations."""
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from shira_fx.kernels import scatter_fused_reference_, sddmm_reference
 
 from shira_fx import ops
+from shira_fx.kernels import scatter_fused_reference_, sddmm_reference
 
 
 @given(st.lists(st.integers(0, 10_000), min_size=1, max_size=40), st.integers(1, 4))
