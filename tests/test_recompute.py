@@ -1,0 +1,111 @@
+"""The backend's recompute pass: a rewritten linear's input is rebuilt in backward, so
+shira_fx holds the frozen model's activations only; gradients are unchanged."""
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+from torch._dynamo.backends.common import aot_autograd
+
+import shira_fx
+from shira_fx.memory import saved_tensor_bytes
+from tests import tiny_models
+
+# the same partitioner shira_fx's aot_eager path uses, for the frozen and LoRA baselines
+MIN_CUT = aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g),
+                       bw_compiler=lambda g, _: make_boxed_func(g),
+                       partition_fn=min_cut_rematerialization_partition)
+TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+           "gpt2": ["c_attn", "c_proj", "c_fc"]}
+
+
+def held(model, batch, backend) -> int:
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    state = list(model.parameters()) + list(model.buffers())
+    nbytes, loss = saved_tensor_bytes(lambda: compiled(**batch).loss, exclude=state)
+    loss.backward()
+    return nbytes
+
+
+# BERT is left out: its post-LayerNorm outputs feed q/k/v, and tagging native_layer_norm for
+# recomputation makes torch 2.13's min-cut partitioner fail; those inputs are still saved.
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_bytes_held_for_backward_stay_at_the_frozen_floor(kind):
+    peft = pytest.importorskip("peft")
+    batch = tiny_models.batch(kind, size=4, seq=24)
+
+    frozen = tiny_models.build(kind).requires_grad_(False)
+    ids = batch.pop("input_ids")
+    embeds = frozen.get_input_embeddings()(ids).detach().requires_grad_(True)
+    floor = held(frozen, {**batch, "inputs_embeds": embeds}, MIN_CUT)
+    batch["input_ids"] = ids
+
+    lora_cfg = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=TARGETS[kind])
+    lora = held(peft.get_peft_model(tiny_models.build(kind), lora_cfg), batch, MIN_CUT)
+
+    model = tiny_models.build(kind)
+    shira_fx.prepare(model, shira_fx.ShiraConfig(target_modules=TARGETS[kind], r=2), progress=False)
+    backend = shira_fx.backend(inner="aot_eager")
+    ours = held(model, batch, backend)
+    assert backend.reports[0].recomputed > 0
+    assert lora > floor, "the LoRA baseline holds nothing extra: the measure is broken"
+    assert ours <= floor + 0.1 * (lora - floor), (floor, lora, ours)
+
+    model = tiny_models.build(kind)
+    shira_fx.prepare(model, shira_fx.ShiraConfig(target_modules=TARGETS[kind], r=2), progress=False)
+    saved = held(model, batch, shira_fx.backend(inner="aot_eager", recompute="off"))
+    assert saved > ours  # without the pass, x is kept as LoRA keeps it
+
+
+def _train(kind, recompute, steps=20, **model_kw):
+    torch.manual_seed(0)
+    model = tiny_models.build(kind)
+    for key, value in model_kw.items():
+        setattr(model.config, key, value)
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=shira_fx.backend(inner="aot_eager", recompute=recompute))
+
+    @shira_fx.train_step(adapter, opt)
+    def step(b):
+        return compiled(**b).loss
+
+    torch.manual_seed(1)
+    for i in range(steps):
+        step(tiny_models.batch(kind, seed=i))
+    return torch.cat([p.detach() for p in adapter.parameters()])
+
+
+def test_twenty_steps_with_the_pass_equal_the_pass_off_bit_for_bit():
+    assert torch.equal(_train("llama", "auto"), _train("llama", "off"))
+
+
+def test_dropout_is_never_replayed():
+    model = tiny_models.build("gpt2")
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.2
+    shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
+    grads = []
+    for recompute in ("auto", "off"):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=shira_fx.backend(inner="aot_eager", recompute=recompute))
+        torch.manual_seed(3)
+        compiled(**tiny_models.batch("gpt2")).loss.backward()
+        params = [p for p in model.parameters()]  # frozen: no grads here
+        assert all(p.grad is None for p in params)
+        layers = shira_fx.adapter._REGISTRY.values()
+        grads.append(torch.cat([la.values.grad.clone() for _, la in layers
+                                if any(la.module is m for m in model.modules())]))
+        for _, la in layers:
+            la.values.grad = None
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_bad_recompute_arguments_are_refused():
+    with pytest.raises(ValueError, match="recompute"):
+        shira_fx.backend(recompute="always")
+    with pytest.raises(ValueError, match="memory_budget"):
+        shira_fx.backend(memory_budget=1.5)
