@@ -52,11 +52,11 @@ def variants(args):
     yield "PEFT LoRA", lora, [p for p in lora.parameters() if p.requires_grad], "inductor", ids_inputs
     pshira = peft.get_peft_model(build(args), peft.ShiraConfig(r=args.r, target_modules=TARGETS))
     yield "PEFT SHiRA", pshira, [p for p in pshira.parameters() if p.requires_grad], "inductor", ids_inputs
-    for mode in ("eager", "compiled"):
+    for mode, recompute in (("eager", None), ("compiled", "auto"), ("compiled, recompute off", "off")):
         model = build(args)
         cfg = shira_fx.ShiraConfig(target_modules=TARGETS, r=args.r)
         adapter = shira_fx.prepare(model, cfg, progress=False)
-        be = None if mode == "eager" else shira_fx.backend(cfg)
+        be = None if recompute is None else shira_fx.backend(cfg, recompute=recompute)
         yield f"shira_fx {mode}", (model, adapter), list(adapter.parameters()), be, ids_inputs
 
 
