@@ -70,6 +70,7 @@ class ShiraBackend:
         tag = self.recompute == "auto" and bool(report.rewritten)
         if callable(self.inner):
             return self.inner(gm, example_inputs)
+        report.recompute = tag and self.inner in ("inductor", "aot_eager")
         if self.inner == "inductor":
             from torch._inductor import config as inductor_config
             from torch._inductor.compile_fx import compile_fx

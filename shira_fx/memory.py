@@ -105,8 +105,9 @@ def saved_tensor_bytes(run, exclude=()) -> tuple[int, object]:
 
 def step_peak_bytes(model, params, batch: dict, on_optimizer=None) -> int:
     """Peak live tensor bytes of one eager training step: `model(**batch).loss`, backward and
-    an AdamW step over `params` (`on_optimizer(opt)` runs first, e.g. `adapter.attach`)."""
-    opt = torch.optim.AdamW(params or [torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    an AdamW step over `params` (`on_optimizer(opt)` runs first, e.g. `adapter.attach`). The
+    learning rate is 0, so measuring leaves the parameters as they were."""
+    opt = torch.optim.AdamW(params or [torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     if on_optimizer is not None:
         on_optimizer(opt)
     with LiveTensorTracker() as tracker:

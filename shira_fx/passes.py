@@ -28,13 +28,16 @@ class RewriteReport:
 
     rewritten: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-    recomputed: int = 0  # joint-graph nodes tagged for recomputation (0: x is saved)
+    recompute: bool = False  # the backend asked for each rewritten linear's x to be rebuilt
+    recomputed: int = 0  # joint-graph nodes tagged (0 when Inductor served a cached graph)
 
     def summary(self) -> str:
         lines = [f"rewrote {len(self.rewritten)} linear(s) to shira_fx::sparse_linear"]
-        if self.rewritten:
-            lines[0] += (f"; inputs rebuilt in backward ({self.recomputed} nodes tagged)"
-                         if self.recomputed else "; inputs saved for backward")
+        if self.rewritten and self.recompute:
+            tagged = f" ({self.recomputed} nodes tagged)" if self.recomputed else " (cached graph)"
+            lines[0] += "; inputs rebuilt in backward" + tagged
+        elif self.rewritten:
+            lines[0] += "; inputs saved for backward"
         lines += [f"  + {name}" for name in self.rewritten]
         lines += [f"  - {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
