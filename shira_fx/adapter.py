@@ -9,7 +9,6 @@ the module's own code and the backend's fx pass does the rewrite instead.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -23,7 +22,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import ops
-from .adapter_files import FORMAT_NAME, FORMAT_VERSION, write_peft
+from .adapter_files import FORMAT_NAME, FORMAT_VERSION, fingerprint, write_peft
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError
 from .masks import build_masks
@@ -52,12 +51,8 @@ class ShiraLayer:
         return tuple(self.weight.shape)
 
     def fingerprint(self) -> str:
-        """sha256 over the base values at the indices: identifies the base model an adapter
-        was trained on without storing any of its weights."""
-        h = hashlib.sha256()
-        h.update(self.indices.detach().cpu().numpy().tobytes())
-        h.update(self.base.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        """Identifies the base model this layer's adapter belongs to (see `fingerprint`)."""
+        return fingerprint(self.indices, self.base)
 
 
 # id(weight) -> (weakref to the weight, its layer): how the backend recognises prepared weights

@@ -6,6 +6,7 @@ Files are never unpickled: only safetensors (a JSON header + raw buffers) and JS
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,6 +28,15 @@ FORMAT_VERSION = 1
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def fingerprint(indices: Tensor, base: Tensor) -> str:
+    """sha256 over the (int32) indices and the base values found there: identifies the base
+    model an adapter was trained on without storing any of its weights."""
+    h = hashlib.sha256()
+    h.update(indices.detach().to(torch.int32).cpu().numpy().tobytes())
+    h.update(base.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ Because restoring writes saved base values, the base is bit-exact after any sequ
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import OrderedDict
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .adapter import SparseAdapter
-from .adapter_files import StoredAdapter, from_adapter, load_adapter
+from .adapter_files import StoredAdapter, fingerprint, from_adapter, load_adapter
 from .errors import ShiraAdapterError
 from .targets import is_linear_like
 
@@ -45,13 +44,6 @@ class _Plan:
     indices: list[Tensor]
     base: list[Tensor]
     fused: list[Tensor]
-
-
-def _fingerprint(indices: Tensor, base: Tensor) -> str:
-    h = hashlib.sha256()
-    h.update(indices.to(torch.int32).cpu().numpy().tobytes())
-    h.update(base.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class AdapterBank:
@@ -112,7 +104,7 @@ class AdapterBank:
                 if spec.dtype != wdtype:
                     raise stored.error(f"trained on {spec.dtype} weights, the model has {wdtype} "
                                        "(pass check_base=False to serve it anyway)", layer_name)
-                if _fingerprint(idx, base) != spec.fingerprint:
+                if fingerprint(idx, base) != spec.fingerprint:
                     raise stored.error("base fingerprint differs: the adapter was trained on "
                                        "another base model", layer_name)
             slots[layer_name] = self._keep(_Slot(idx, base, delta.to(w.device)))

@@ -66,7 +66,7 @@ def _output_head_ids(model: nn.Module) -> set[int]:
     if callable(get_out):
         try:
             out = get_out()
-        except (AttributeError, NotImplementedError):
+        except (AttributeError, RuntimeError):  # models without an output embedding
             out = None
         if isinstance(out, nn.Module):
             ids.add(id(out))
