@@ -9,6 +9,7 @@ Dynamo guard ever looks at them.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -124,12 +125,17 @@ _REPLAYABLE = {
     _aten.squeeze.dim, _aten.squeeze.dims, _aten.slice.Tensor, _aten.select.int,
     _aten.clone.default, _aten.alias.default, _aten._to_copy.default,
     _prims.convert_element_type.default,
+    # a LayerNorm output (post-LN BERT, pre-LN GPT-2/ViT) is rebuilt from its input and the
+    # mean and rstd that its own backward keeps anyway
+    _aten.native_layer_norm.default,
 }
 
 
 def _replayable(node: fx.Node) -> bool:
     """Pointwise or view ops, never random ones (replaying dropout would change the mask)."""
     target = node.target
+    if node.op == "call_function" and target is operator.getitem:  # an output of a replayable op
+        return isinstance(node.args[0], fx.Node) and _replayable(node.args[0])
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
     if torch.Tag.nondeterministic_seeded in target.tags:
@@ -141,7 +147,8 @@ def tag_sparse_linear_inputs(graph: fx.Graph) -> int:
     """Joint-graph pass (DESIGN.md invariant 5): mark the pointwise/view chain that produces
     each `sparse_linear` input x as MUST_RECOMPUTE, so the min-cut partitioner rebuilds x in
     backward from tensors it keeps anyway instead of saving x (which is what LoRA keeps).
-    The walk stops at reductions, matmuls, random ops and graph inputs. Returns how many
+    The walk stops at matmuls, reductions (LayerNorm aside), random ops and graph inputs.
+    Returns how many
     nodes were tagged."""
     from torch.utils.checkpoint import CheckpointPolicy
 
@@ -155,5 +162,6 @@ def tag_sparse_linear_inputs(graph: fx.Graph) -> int:
             n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
             n.meta["ac_graph_id"] = 0
             tagged.add(n)
-            stack.extend(n.all_input_nodes)
+            if n.target is not _aten.native_layer_norm.default:  # its input is kept anyway
+                stack.extend(n.all_input_nodes)
     return len(tagged)

@@ -15,7 +15,7 @@ MIN_CUT = aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g),
                        bw_compiler=lambda g, _: make_boxed_func(g),
                        partition_fn=min_cut_rematerialization_partition)
 TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-           "gpt2": ["c_attn", "c_proj", "c_fc"]}
+           "gpt2": ["c_attn", "c_proj", "c_fc"], "bert": ["query", "key", "value", "dense"]}
 
 
 def held(model, batch, backend) -> int:
@@ -27,9 +27,7 @@ def held(model, batch, backend) -> int:
     return nbytes
 
 
-# BERT is left out: its post-LayerNorm outputs feed q/k/v, and tagging native_layer_norm for
-# recomputation makes torch 2.13's min-cut partitioner fail; those inputs are still saved.
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_bytes_held_for_backward_stay_at_the_frozen_floor(kind):
     peft = pytest.importorskip("peft")
     batch = tiny_models.batch(kind, size=4, seq=24)
@@ -77,8 +75,9 @@ def _train(kind, recompute, steps=20, **model_kw):
     return torch.cat([p.detach() for p in adapter.parameters()])
 
 
-def test_twenty_steps_with_the_pass_equal_the_pass_off_bit_for_bit():
-    assert torch.equal(_train("llama", "auto"), _train("llama", "off"))
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_twenty_steps_with_the_pass_equal_the_pass_off_bit_for_bit(kind):
+    assert torch.equal(_train(kind, "auto"), _train(kind, "off"))
 
 
 def test_dropout_is_never_replayed():
