@@ -89,6 +89,7 @@ class SparseAdapter(nn.Module):
         super().__init__()
         self.cfg = cfg
         self._frozen = list(frozen)  # what prepare froze, so remove can unfreeze exactly that
+        self._undo: list[Callable[[], None]] = []  # other changes prepare made to the model
         self.layers = layers
         self._values = nn.ParameterList([layer.values for layer in layers.values()])
         self._attached: weakref.WeakSet = weakref.WeakSet()
@@ -145,6 +146,9 @@ class SparseAdapter(nn.Module):
         for p in self._frozen:
             p.requires_grad_(True)
         self._frozen.clear()
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
 
     def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:  # noqa: D102
         """`{"<layer>.indices": int32, "<layer>.values": values}` keyed by qualified names."""
@@ -258,6 +262,14 @@ def prepare(
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    input_grads = bool(checkpointing) and hasattr(model, "enable_input_require_grads")
+    if input_grads:
+        # reentrant checkpointing only back-propagates through segments whose inputs need
+        # grad; with the base frozen, the embeddings' output must (as PEFT does)
+        model.enable_input_require_grads()
     layers: dict[str, ShiraLayer] = {}
     for t in targets:
         w = t.weight
@@ -270,4 +282,7 @@ def prepare(
         _REGISTRY[id(w)] = (weakref.ref(w), layer)
         t.module._shira_layer = layer
         t.module.forward = types.MethodType(_sparse_forward, t.module)
-    return SparseAdapter(cfg, layers, frozen)
+    adapter = SparseAdapter(cfg, layers, frozen)
+    if input_grads:
+        adapter._undo.append(model.disable_input_require_grads)
+    return adapter

@@ -58,7 +58,11 @@ def _match(node: fx.Node, weight: fx.Node, layer: ShiraLayer):
     if node.target in ADDMM_TARGETS and layer.transposed:
         if len(args) == 3 and args[2] is weight and not kwargs:
             return args[1], args[0]
-    return f"weight used by {getattr(node.target, '__name__', node.target)} (not a plain linear)"
+    name = getattr(node.target, "__name__", str(node.target))
+    if isinstance(node.target, torch._ops.HigherOrderOperator):
+        return (f"weight used inside {name} (e.g. gradient checkpointing), which the pass does "
+                "not enter: train eagerly or without checkpointing")
+    return f"weight used by {name} (not a plain linear)"
 
 
 def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteReport:

@@ -65,6 +65,12 @@ def train_step(
                         "(was the model prepared, and is grad enabled?)"
                     )
                 (loss / accumulate if accumulate > 1 else loss).backward()
+            if _grad_state(params) == before:
+                raise ShiraTrainingError(
+                    f"{fn.__name__}: backward reached none of the adapter's values, so training "
+                    "would silently do nothing; shira_fx.explain(backend) says which layers the "
+                    "compiled graph left dense and why"
+                )
             calls += 1
             if calls % accumulate:
                 return value

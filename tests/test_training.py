@@ -197,3 +197,29 @@ def test_bad_decorator_arguments_and_foreign_optimizer_are_refused():
     foreign = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1)
     with pytest.raises(shira_fx.ShiraConfigError, match="none of this adapter's values"):
         shira_fx.train_step(adapter, foreign)
+
+
+def test_gradient_checkpointing_trains_eagerly_and_compiled_refusal_is_loud():
+    model = tiny_models.build("llama")
+    model.gradient_checkpointing_enable()
+    ref = copy.deepcopy(model)
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
+    plain = shira_fx.prepare(ref, shira_fx.ShiraConfig(density=0.1), progress=False)
+    ref.gradient_checkpointing_disable()
+    b = tiny_models.batch("llama")
+    tiny_models.loss(model, b).backward()
+    tiny_models.loss(ref, b).backward()
+    for layer, other in zip(adapter.layers.values(), plain.layers.values(), strict=True):
+        torch.testing.assert_close(layer.values.grad, other.values.grad, rtol=1e-5, atol=1e-7)
+        layer.values.grad = None
+
+    backend = shira_fx.backend(inner="aot_eager")
+    compiled = torch.compile(model, backend=backend)
+
+    @shira_fx.train_step(adapter, torch.optim.SGD(adapter.parameters(), lr=0.1))
+    def step(batch):
+        return compiled(**batch).loss
+
+    with pytest.raises(shira_fx.ShiraTrainingError, match="reached none"):
+        step(b)
+    assert "gradient checkpointing" in shira_fx.explain(backend)
