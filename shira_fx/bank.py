@@ -106,7 +106,9 @@ class AdapterBank:
                                        "(pass check_base=False to serve it anyway)", layer_name)
                 if fingerprint(idx, base) != spec.fingerprint:
                     raise stored.error("base fingerprint differs: the adapter was trained on "
-                                       "another base model", layer_name)
+                                       "another base model (or this model's weights there are "
+                                       "not its base: an adapter still fused by training? "
+                                       "call adapter.remove() first)", layer_name)
             slots[layer_name] = self._keep(_Slot(idx, base, delta.to(w.device)))
         self._adapters[name] = slots
 
