@@ -70,9 +70,9 @@ def random_adapter(args, seed: int) -> shira_fx.SparseAdapter:
 def peft_switch_ms(args, kind: str, r: int) -> float:
     model = build(args)
     if kind == "shira":
-        make = lambda: peft.ShiraConfig(r=r, target_modules=TARGETS, init_weights=False)  # noqa: E731
+        make = lambda: peft.ShiraConfig(r=r, target_modules=TARGETS, init_weights=False)
     else:
-        make = lambda: peft.LoraConfig(r=r, target_modules=TARGETS, init_lora_weights=False)  # noqa: E731
+        make = lambda: peft.LoraConfig(r=r, target_modules=TARGETS, init_lora_weights=False)
     pm = peft.get_peft_model(model, make(), adapter_name="a")
     pm.add_adapter("b", make())
     pm.set_adapter("a")

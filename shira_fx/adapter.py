@@ -150,7 +150,7 @@ class SparseAdapter(nn.Module):
             undo()
         self._undo.clear()
 
-    def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:  # noqa: D102
+    def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:
         """`{"<layer>.indices": int32, "<layer>.values": values}` keyed by qualified names."""
         out: dict[str, Tensor] = {}
         for name, layer in self.layers.items():

@@ -120,7 +120,7 @@ def _scatter_cpu(weights, indices, base, delta, scale) -> None:
 
     @torch.no_grad()
     def run(group: list[int]) -> None:
-        pick = lambda xs: [xs[i] for i in group]  # noqa: E731
+        pick = lambda xs: [xs[i] for i in group]
         scatter_fused_reference_(pick(weights), pick(indices), pick(base),
                                  None if delta is None else pick(delta), scale)
 

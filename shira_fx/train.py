@@ -74,12 +74,11 @@ def train_step(
             calls += 1
             if calls % accumulate:
                 return value
-            grads = [p.grad for p in params if p.grad is not None]
             if max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 finite = bool(torch.isfinite(norm))
             else:
-                finite = all(bool(torch.isfinite(g).all()) for g in grads)
+                finite = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
             if not finite:
                 optimizer.zero_grad(set_to_none=True)
                 raise ShiraTrainingError(
