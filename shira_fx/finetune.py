@@ -149,11 +149,11 @@ HEAD_LR = 1e-3
 
 
 def train_shira(model: TextClassifier, cfg: shira_fx.ShiraConfig, train: list[dict],
-                test: list[dict], steps: int, lr: float, inner: str = "inductor",
+                test: list[dict], steps: int, lr: float, inner: str | None = "inductor",
                 name: str = "SHiRA (shira_fx)") -> tuple[Run, shira_fx.SparseAdapter]:
     """Prepare the backbone's targeted linears (the head stays trainable), train through the
-    shira_fx backend with `train_step`, and evaluate. `grad`/`snip` masks calibrate on the
-    first four training batches."""
+    shira_fx backend with `train_step` (eagerly through the same op when `inner` is None), and
+    evaluate. `grad`/`snip` masks calibrate on the first four training batches."""
     calib = train[:4] if cfg.mask in ("grad", "snip") else None
     adapter = shira_fx.prepare(model, cfg, calib=calib, progress=False)
     model.head.requires_grad_(True)
@@ -162,7 +162,7 @@ def train_shira(model: TextClassifier, cfg: shira_fx.ShiraConfig, train: list[di
     run = Run(name, adapter.num_trainable())
     run.peak_bytes = step_peak_bytes(model, params + list(model.head.parameters()), train[0],
                                      adapter.attach)
-    compiled = torch.compile(model, backend=shira_fx.backend(cfg, inner=inner))
+    compiled = model if inner is None else torch.compile(model, backend=shira_fx.backend(cfg, inner=inner))
 
     @shira_fx.train_step(adapter, opt)
     def step(batch: dict) -> torch.Tensor:
@@ -206,8 +206,9 @@ def lora_config(r: int, dropout: float = 0.0):
 
 
 def train_lora(model: TextClassifier, r: int, train: list[dict], test: list[dict], steps: int,
-               lr: float, inner: str = "inductor", name: str = "PEFT LoRA") -> Run:
-    """Wrap the backbone with PEFT LoRA and train it (compiled with `inner`) with its head."""
+               lr: float, inner: str | None = "inductor", name: str = "PEFT LoRA") -> Run:
+    """Wrap the backbone with PEFT LoRA and train it (compiled with `inner`, eager when None)
+    with its head."""
     import warnings
 
     import peft
@@ -218,7 +219,7 @@ def train_lora(model: TextClassifier, r: int, train: list[dict], test: list[dict
     opt = _optimizer(params, model.head, lr)
     run = Run(name, sum(p.numel() for p in params))
     run.peak_bytes = step_peak_bytes(model, params + list(model.head.parameters()), train[0])
-    compiled = torch.compile(model, backend=inner)
+    compiled = model if inner is None else torch.compile(model, backend=inner)
 
     def step(batch: dict) -> float:
         loss = compiled(**batch).loss

