@@ -55,9 +55,16 @@ class ShiraLayer:
         return fingerprint(self.indices, self.base)
 
 
-# id(weight) -> (weakref to the weight, its layer): how the backend recognises prepared weights
-# among a Dynamo graph's parameter placeholders without guarding on any Python state.
-_REGISTRY: dict[int, tuple[weakref.ref, ShiraLayer]] = {}
+# id(weight) -> (weakref to the weight, weakref to its layer): how the backend recognises
+# prepared weights among a Dynamo graph's parameter placeholders without guarding on any Python
+# state. Both references are weak (the module keeps its layer alive) and a finalizer drops the
+# entry with the weight, so a prepared model that is simply dropped is freed.
+_REGISTRY: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _register(weight: Tensor, layer: ShiraLayer) -> None:
+    _REGISTRY[id(weight)] = (weakref.ref(weight), weakref.ref(layer))
+    weakref.finalize(weight, _REGISTRY.pop, id(weight), None)
 
 
 def layer_for_weight(weight: object) -> ShiraLayer | None:
@@ -65,7 +72,7 @@ def layer_for_weight(weight: object) -> ShiraLayer | None:
     entry = _REGISTRY.get(id(weight))
     if entry is None or entry[0]() is not weight:
         return None
-    return entry[1]
+    return entry[1]()
 
 
 def _sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -279,7 +286,7 @@ def prepare(
         values = nn.Parameter(torch.zeros(idx.numel(), dtype=cfg.torch_values_dtype, device=w.device))
         layer = ShiraLayer(t.name, t.module, idx, base, values, t.transposed)
         layers[t.name] = layer
-        _REGISTRY[id(w)] = (weakref.ref(w), layer)
+        _register(w, layer)
         t.module._shira_layer = layer
         t.module.forward = types.MethodType(_sparse_forward, t.module)
     adapter = SparseAdapter(cfg, layers, frozen)

@@ -86,7 +86,7 @@ def test_dropout_is_never_replayed():
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.2
-    shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
     grads = []
     for recompute in ("auto", "off"):
         torch._dynamo.reset()
@@ -95,10 +95,8 @@ def test_dropout_is_never_replayed():
         compiled(**tiny_models.batch("gpt2")).loss.backward()
         params = [p for p in model.parameters()]  # frozen: no grads here
         assert all(p.grad is None for p in params)
-        layers = shira_fx.adapter._REGISTRY.values()
-        grads.append(torch.cat([la.values.grad.clone() for _, la in layers
-                                if any(la.module is m for m in model.modules())]))
-        for _, la in layers:
+        grads.append(torch.cat([la.values.grad.clone() for la in adapter.layers.values()]))
+        for la in adapter.layers.values():
             la.values.grad = None
     assert torch.equal(grads[0], grads[1])
 
