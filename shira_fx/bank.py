@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +48,58 @@ class _Plan:
     fused: list[Tensor]
 
 
+class _Gate:
+    """A reader-writer gate: many requests may compute with the active adapter together; a
+    switch waits until they have left and runs alone. Once a switch is waiting, new requests
+    queue behind it (even for the adapter that is active), so switches are never starved."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.readers = 0
+        self.writing = False
+        self.waiting = 0
+        self.local = threading.local()  # per thread: the spec it holds inside `using`, and depth
+
+    def held(self) -> tuple[dict | None, int] | None:
+        return getattr(self.local, "held", None)
+
+    def acquire_write(self) -> None:
+        with self.cond:
+            self.waiting += 1
+            try:
+                while self.writing or self.readers:
+                    self.cond.wait()
+            finally:
+                self.waiting -= 1
+            self.writing = True
+
+    def release_write(self, then_read: bool = False) -> None:
+        with self.cond:
+            self.writing = False
+            if then_read:
+                self.readers += 1
+            self.cond.notify_all()
+
+    def release_read(self) -> None:
+        with self.cond:
+            self.readers -= 1
+            self.cond.notify_all()
+
+
 class AdapterBank:
     """Adapters held beside `model`, activated (alone or fused) directly in its weights.
 
     `keep_on_device=False` keeps each adapter's tensors in host memory (pinned on CUDA) and
     copies them to the device only when an activation plan is built.
+
+    Threads: `with bank.using("a"): out = model(x)` guarantees that the model computes with
+    exactly adapter "a" (or a `{name: weight}` fusion, or None for the base) until the block
+    ends. Requests for the adapter already active run together without switching; a request
+    for another one waits until the current requests have left, switches, and runs. Once a
+    switch waits, new requests queue behind it, so a busy adapter cannot starve a switch.
+    `activate`, `deactivate`, `load` and `unload` take the same gate exclusively, so a bare
+    call from another thread never changes the weights under a running request; calling
+    them inside a `using` block of the same thread raises instead of deadlocking.
     """
 
     def __init__(self, model: nn.Module, keep_on_device: bool = True, max_plans: int = 8):
@@ -62,6 +111,66 @@ class AdapterBank:
         self._active: dict[str, float] | None = None
         self._current: _Plan | None = None
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+        self._gate = _Gate()
+
+    @contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        if self._gate.held() is not None:
+            raise ShiraAdapterError(f"{what} inside `with bank.using(...)` of the same thread would "
+                                    "deadlock; leave the block first")
+        self._gate.acquire_write()
+        try:
+            yield
+        finally:
+            self._gate.release_write()
+
+    @contextmanager
+    def using(self, spec: str | Mapping[str, float] | None) -> Iterator[nn.Module]:
+        """Compute with `spec` active for the duration of the block (see the class docstring);
+        yields the model."""
+        want = None if spec is None else (self._normalise(spec) or None)
+        gate = self._gate
+        held = gate.held()
+        if held is not None:  # nested in the same thread: only the same adapter can be held
+            if held[0] != want:
+                raise ShiraAdapterError(f"using({spec!r}) inside using({held[0]!r}) of the same thread")
+            gate.local.held = (held[0], held[1] + 1)
+            try:
+                yield self.model
+            finally:
+                gate.local.held = held
+            return
+        switch = False
+        with gate.cond:
+            while True:
+                if not gate.writing and not gate.waiting and self._active == want:
+                    gate.readers += 1
+                    break
+                if self._active != want and not gate.writing and not gate.readers:
+                    gate.writing = switch = True
+                    break
+                if self._active != want:  # wait as a writer so new readers queue behind us
+                    gate.waiting += 1
+                    try:
+                        while gate.writing or gate.readers:
+                            gate.cond.wait()
+                    finally:
+                        gate.waiting -= 1
+                    continue
+                gate.cond.wait()
+        if switch:
+            try:
+                self._activate(want or {})
+            except BaseException:
+                gate.release_write()
+                raise
+            gate.release_write(then_read=True)
+        gate.local.held = (want, 1)
+        try:
+            yield self.model
+        finally:
+            gate.local.held = None
+            gate.release_read()
 
     # -- loading ---------------------------------------------------------------------------
     def load(self, name: str, source: str | os.PathLike | SparseAdapter | StoredAdapter,
@@ -72,6 +181,10 @@ class AdapterBank:
         values are snapshotted) or a StoredAdapter. `check_base=False` skips the base
         fingerprint (e.g. serving an fp32-trained adapter on a bf16 copy of the model).
         """
+        with self._exclusive("load"):
+            self._load(name, source, check_base)
+
+    def _load(self, name: str, source, check_base: bool) -> None:
         if not isinstance(name, str) or not name:
             raise ShiraAdapterError(f"AdapterBank.load: name must be a non-empty str, found {name!r}")
         if name in self._adapters:
@@ -199,9 +312,13 @@ class AdapterBank:
     def activate(self, spec: str | Mapping[str, float]) -> None:
         """Make the model compute with one adapter (`"name"`) or a weighted fusion
         (`{"a": 1.0, "b": 0.7}`: base + Σ wᵢ·deltaᵢ over the union of positions)."""
-        spec = self._normalise(spec)
+        with self._exclusive("activate"):
+            self._activate(self._normalise(spec))
+
+    @torch.no_grad()
+    def _activate(self, spec: dict[str, float]) -> None:
         if not spec:
-            self.deactivate()
+            self._restore()
             return
         plan = self._plan(spec)  # built (and validated) before any weight changes
         self._restore()
@@ -217,17 +334,19 @@ class AdapterBank:
 
     def deactivate(self) -> None:
         """Restore the base weights bit-exactly (only the positions the activation wrote)."""
-        self._restore()
+        with self._exclusive("deactivate"):
+            self._restore()
 
     def unload(self, name: str) -> None:
         """Forget an adapter (deactivating first if it is part of the active set)."""
-        if name not in self._adapters:
-            raise ShiraAdapterError(f"unload: adapter {name!r} is not loaded")
-        if self._active is not None and name in self._active:
-            self.deactivate()
-        del self._adapters[name]
-        for key in [k for k in self._plans if any(n == name for n, _ in k)]:
-            del self._plans[key]
+        with self._exclusive("unload"):
+            if name not in self._adapters:
+                raise ShiraAdapterError(f"unload: adapter {name!r} is not loaded")
+            if self._active is not None and name in self._active:
+                self._restore()
+            del self._adapters[name]
+            for key in [k for k in self._plans if any(n == name for n, _ in k)]:
+                del self._plans[key]
 
     def overlap(self, a: str, b: str) -> int:
         """How many weight positions adapters `a` and `b` both touch (summed over layers):
