@@ -4,6 +4,7 @@ from .adapter import ShiraLayer, SparseAdapter, prepare
 from .adapter_files import StoredAdapter, load_adapter
 from .backend import ShiraBackend, backend, explain
 from .bank import AdapterBank
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError, ShiraError, ShiraTrainingError
 from .train import train_step
@@ -20,6 +21,8 @@ __all__ = [
     "backend",
     "explain",
     "train_step",
+    "save_checkpoint",
+    "load_checkpoint",
     "ShiraAdapterError",
     "ShiraConfigError",
     "ShiraError",

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import ops
-from .adapter_files import FORMAT_NAME, FORMAT_VERSION, fingerprint, write_peft
+from .adapter_files import FORMAT_NAME, FORMAT_VERSION, atomic_save_file, fingerprint, write_peft
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError
 from .masks import build_masks
@@ -213,18 +211,7 @@ class SparseAdapter(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         """Write indices and values as safetensors with JSON metadata, atomically (temp file
         in the same folder + rename), so a crash never leaves a half-written adapter."""
-        path = os.fspath(path)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".shira-", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=self.metadata())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_save_file(self.state_dict(), path, metadata=self.metadata())
 
     def to_peft(self, directory: str | os.PathLike) -> None:
         """Write a PEFT SHiRA directory (adapter_config.json + adapter_model.safetensors)."""

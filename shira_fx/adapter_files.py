@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,23 @@ FORMAT_VERSION = 1
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def atomic_save_file(tensors: dict[str, Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """safetensors `save_file` into a temp file in the same folder, then `os.replace`: a crash
+    mid-write leaves the previous file at `path` intact (at worst a stray `.shira-*.tmp`)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".shira-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def fingerprint(indices: Tensor, base: Tensor) -> str:
