@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from . import ops
 from .adapter_files import FORMAT_NAME, FORMAT_VERSION, atomic_save_file, fingerprint, write_peft
 from .config import ShiraConfig
-from .errors import ShiraAdapterError, ShiraConfigError
+from .errors import ShiraAdapterError, ShiraConfigError, ShiraTrainingError
 from .masks import build_masks
 from .targets import find_targets
 
@@ -39,10 +40,31 @@ class ShiraLayer:
     base: Tensor
     values: nn.Parameter
     transposed: bool
+    # set by shira_fx.distributed.fully_shard: FSDP2 owns the weight, and between steps the
+    # module holds only this rank's shard (a DTensor); `_shard_plan` caches which of the
+    # layer's indices that shard holds
+    sharded: bool = field(default=False, repr=False)
+    _shard_plan: tuple | None = field(default=None, init=False, repr=False)
 
     @property
     def weight(self) -> Tensor:
         return self.module.weight
+
+    def write_target(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(weight, indices, base, values) that this process writes `base + values` into: the
+        whole layer, or for a sharded (DTensor) weight the local block with local indices, so
+        the fused weight stays the single source of truth under FSDP2 too."""
+        w = self.weight
+        if _is_dtensor(w):
+            from .distributed import local_write_target
+
+            return local_write_target(self, w)
+        if self.sharded:
+            raise ShiraTrainingError(
+                f"layer {self.name!r}: FSDP2 holds the weight unsharded, so a write would be lost "
+                "at the next all-gather; sync after backward (when FSDP2 has resharded)"
+            )
+        return w, self.indices, self.base, self.values
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -65,6 +87,21 @@ def _register(weight: Tensor, layer: ShiraLayer) -> None:
     weakref.finalize(weight, _REGISTRY.pop, id(weight), None)
 
 
+def _forget(layers: Iterable[ShiraLayer]) -> None:
+    """Drop every registry entry of these layers: under FSDP2 one layer has registered both
+    its original weight and the unsharded parameter FSDP2 gathers into."""
+    gone = {id(layer) for layer in layers}
+    for key, (_, layer_ref) in list(_REGISTRY.items()):
+        if id(layer_ref()) in gone:
+            _REGISTRY.pop(key, None)
+
+
+def _is_dtensor(t: object) -> bool:
+    """No tensor can be a DTensor before torch.distributed.tensor is imported (saves the import)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def layer_for_weight(weight: object) -> ShiraLayer | None:
     """The prepared layer whose module weight is this very tensor object, else None."""
     entry = _REGISTRY.get(id(weight))
@@ -83,6 +120,18 @@ def _sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
     return ops.sparse_linear(
         x, self.weight, self.bias, layer.values, layer.indices, layer.transposed
     )
+
+
+VALUES_PARAMETER = "shira_values"  # the values' name on their module after `register_values`
+
+
+def _drop_values_key(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    state_dict.pop(prefix + VALUES_PARAMETER, None)
+
+
+def _values_not_missing(module: nn.Module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if k.rpartition(".")[2] != VALUES_PARAMETER]
 
 
 class SparseAdapter(nn.Module):
@@ -109,13 +158,13 @@ class SparseAdapter(nn.Module):
     @torch.no_grad()
     def sync(self) -> None:
         """Write `base + values` into every fused weight at its indices (O(nnz), assign)."""
-        layers = list(self.layers.values())
-        ops.scatter_weights_(
-            [layer.weight for layer in layers],
-            [layer.indices for layer in layers],
-            [layer.base for layer in layers],
-            [layer.values for layer in layers],
-        )
+        ops.scatter_weights_(*self._write_lists())
+
+    def _write_lists(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Per-layer weights, indices, base and values for one scatter (see `write_target`)."""
+        targets = [layer.write_target() for layer in self.layers.values()]
+        weights, indices, base, values = ([t[i] for t in targets] for i in range(4))
+        return weights, indices, base, values
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Keep the fused weights equal to `base + values` after every `optimizer.step()`,
@@ -132,17 +181,38 @@ class SparseAdapter(nn.Module):
         self._hooks.append(optimizer.register_step_post_hook(lambda *_: self.sync()))
         self._attached.add(optimizer)
 
+    def register_values(self) -> None:
+        """Make each layer's values a parameter of its module, `<module>.shira_values`, so that
+        wrappers which collect `model.parameters()` find them: `DistributedDataParallel(model)`
+        then all-reduces their gradients, and a Trainer's optimizer trains them.
+
+        Opt-in, because code that reads `model.parameters()` as the frozen base would now see
+        the values too. The model's state_dict leaves them out, so it keeps the base model's
+        keys and holds the fused weights (the adapter's own `save` holds the values), and a
+        state_dict without them still loads strictly. `remove` undoes this.
+        """
+        for layer in self.layers.values():
+            module = layer.module
+            if module._parameters.get(VALUES_PARAMETER) is layer.values:
+                continue
+            if hasattr(module, VALUES_PARAMETER):
+                raise ShiraConfigError(
+                    f"register_values: {layer.name!r} already has an attribute {VALUES_PARAMETER!r}"
+                )
+            module.register_parameter(VALUES_PARAMETER, layer.values)
+            self._hooks.append(module.register_state_dict_post_hook(_drop_values_key))
+            self._hooks.append(module.register_load_state_dict_post_hook(_values_not_missing))
+            self._undo.append(lambda m=module: m._parameters.pop(VALUES_PARAMETER, None))
+
     @torch.no_grad()
     def remove(self) -> None:
         """Undo `prepare`: restore the base weights bit-exactly, the modules' own forward and
         the requires_grad flags that prepare turned off."""
         layers = list(self.layers.values())
-        ops.scatter_weights_(
-            [la.weight for la in layers], [la.indices for la in layers],
-            [la.base for la in layers], None,
-        )
+        weights, indices, base, _ = self._write_lists()
+        ops.scatter_weights_(weights, indices, base, None)
+        _forget(layers)
         for layer in layers:
-            _REGISTRY.pop(id(layer.weight), None)
             layer.module.__dict__.pop("forward", None)
             layer.module.__dict__.pop("_shira_layer", None)
         for h in self._hooks:

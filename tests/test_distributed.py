@@ -1,0 +1,165 @@
+"""SHiRA under DistributedDataParallel and FSDP2: two CPU processes (gloo) train a tiny Llama
+through the shira_fx backend, each on half of every batch, and end where one process ends
+on the whole batch; only the values ever get gradients and the base stays bit-exact."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import shira_fx
+from shira_fx.adapter import VALUES_PARAMETER
+from shira_fx.distributed import local_plan
+from tests import tiny_models
+
+WORLD, STEPS, BATCH = 2, 4, 4
+CFG = shira_fx.ShiraConfig(density=0.1, seed=1)
+
+
+def train(rank: int, world: int, mode: str, inner: str, out: str | None = None,
+          init: str | None = None) -> dict:
+    """STEPS AdamW steps on rank's share of each batch, then one more backward to read the
+    gradients; returns (and saves to `out`) the values, those gradients, the full weights and
+    the names of model parameters other than values that got a gradient."""
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch._dynamo.reset()
+    model = tiny_models.build("llama")
+    adapter = shira_fx.prepare(model, CFG, progress=False)
+    net = model
+    if world > 1 and mode == "ddp":
+        adapter.register_values()
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    elif world > 1 and mode == "fsdp":
+        shira_fx.distributed.fully_shard(model, adapter, modules=list(model.model.layers))
+    backend = shira_fx.backend(inner=inner)
+    compiled = torch.compile(net, backend=backend)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+
+    def share(seed: int) -> dict:
+        return {k: v.chunk(world)[rank] for k, v in tiny_models.batch("llama", seed, BATCH).items()}
+
+    @shira_fx.train_step(adapter, opt)
+    def step(batch):
+        return compiled(**batch).loss
+
+    for i in range(STEPS):
+        step(share(i))
+    compiled(**share(STEPS)).loss.backward()
+    values = {id(p) for p in adapter.parameters()}
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    result = {
+        "values": [la.values.detach().clone() for la in adapter.layers.values()],
+        "grads": [la.values.grad.clone() for la in adapter.layers.values()],
+        "weights": {k: full(v).detach().clone() for k, v in model.state_dict().items()},
+        "base_grads": [n for n, p in model.named_parameters()
+                       if id(p) not in values and p.grad is not None],
+        "layers": backend.layers(),
+    }
+    if world > 1:
+        dist.destroy_process_group()
+    if out is not None:
+        torch.save(result, out)
+    return result
+
+
+def _spawn(mode: str, inner: str, tmp_path, timeout: float = 400.0) -> list[dict]:
+    """Run `train` on WORLD processes; a hang (a collective one rank never joins) fails the
+    test instead of blocking the suite."""
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    ctx = mp.spawn(_worker, args=(mode, inner, outs, f"file://{tmp_path / 'rendezvous'}"),
+                   nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{mode}: the {WORLD} processes did not finish in {timeout:.0f} s")
+    return [torch.load(o) for o in outs]
+
+
+def _worker(rank: int, mode: str, inner: str, outs: list[str], init: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    train(rank, WORLD, mode, inner, outs[rank], init)
+
+
+def _check_against_one_process(ranks: list[dict], inner: str) -> None:
+    ref = train(0, 1, "single", inner)
+    initial = tiny_models.build("llama").state_dict()
+    adapter_layers = shira_fx.prepare(tiny_models.build("llama"), CFG, progress=False).layers
+    for r in ranks:
+        assert r["base_grads"] == [], "a frozen base weight got a gradient"
+        assert set(r["layers"].values()) == {"rewritten"}, r["layers"]
+        assert len(r["layers"]) == len(adapter_layers)
+        for a, b in zip(r["values"], ranks[0]["values"], strict=True):
+            assert torch.equal(a, b), "the ranks' values diverged"
+        for got, want in zip(r["values"] + r["grads"], ref["values"] + ref["grads"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert max(v.abs().max() for v in ref["values"]) > 1e-3, "training did not move the values"
+    weights = ranks[0]["weights"]
+    assert weights.keys() == initial.keys()
+    for name, layer in adapter_layers.items():
+        w, w0 = weights[f"{name}.weight"].view(-1), initial[f"{name}.weight"].view(-1)
+        idx = layer.indices.long()
+        untouched = torch.ones_like(w0, dtype=torch.bool)
+        untouched[idx] = False
+        assert torch.equal(w[untouched], w0[untouched]), f"{name}: a base element moved"
+        values = ranks[0]["values"][list(adapter_layers).index(name)]
+        assert torch.equal(w[idx], w0[idx] + values), f"{name}: fused weight != base + values"
+    for name, w in weights.items():
+        if not any(name == f"{n}.weight" for n in adapter_layers):
+            assert torch.equal(w, initial[name]), name
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    ranks = _spawn("ddp", "inductor", tmp_path)
+    _check_against_one_process(ranks, "inductor")
+
+
+@pytest.mark.distributed
+def test_fsdp2_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    ranks = _spawn("fsdp", "aot_eager", tmp_path)
+    _check_against_one_process(ranks, "aot_eager")
+
+
+def test_register_values_exposes_them_without_changing_the_state_dict():
+    model = tiny_models.build("llama")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
+    adapter = shira_fx.prepare(model, CFG, progress=False)
+    adapter.register_values()
+    adapter.register_values()  # idempotent
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in adapter.parameters()}
+    assert all(n.endswith(VALUES_PARAMETER) for n, p in model.named_parameters() if p.requires_grad)
+    assert model.state_dict().keys() == base.keys()
+    model.load_state_dict(base)  # strict: the values are not missing keys
+    adapter.remove()
+    assert [n for n, _ in model.named_parameters()] == names
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, base[k]), k
+
+
+@pytest.mark.parametrize("shape,offset,local", [
+    ((5, 7), (3, 0), (2, 7)),   # the last of three uneven row shards
+    ((6, 8), (0, 4), (6, 4)),   # a column shard
+    ((6, 8), (2, 4), (2, 4)),   # a block of a 2-D mesh
+    ((4, 4), (4, 0), (0, 4)),   # an empty shard (more ranks than rows)
+])
+def test_local_plan_translates_exactly_the_indices_a_block_holds(shape, offset, local):
+    g = torch.Generator().manual_seed(0)
+    numel = shape[0] * shape[1]
+    indices = torch.randperm(numel, generator=g)[: numel // 3].sort().values.to(torch.int32)
+    weight = torch.arange(numel).view(shape)
+    block = weight[offset[0]:offset[0] + local[0], offset[1]:offset[1] + local[1]].contiguous()
+    local_indices, own = local_plan(indices, shape[1], local, offset)
+    held = set(block.view(-1).tolist())
+    assert indices[own].tolist() == [i for i in indices.tolist() if i in held]
+    assert block.view(-1)[local_indices.long()].tolist() == indices[own].tolist()
