@@ -4,8 +4,10 @@ weak references and forgets a weight when it dies."""
 import gc
 import weakref
 
+import torch
+
 import shira_fx
-from shira_fx.adapter import _REGISTRY, layer_for_weight
+from shira_fx.adapter import _REGISTRY, _register, layer_for_weight
 from tests import tiny_models
 
 
@@ -31,3 +33,26 @@ def test_remove_unregisters_and_a_new_prepare_registers_again():
     assert layer_for_weight(w) is None
     again = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
     assert layer_for_weight(w) is again.layers["0"]
+
+
+def test_an_entry_whose_weight_died_never_matches_a_tensor_that_reuses_its_id():
+    adapter = shira_fx.prepare(tiny_models.build("mlp"), shira_fx.ShiraConfig(density=0.1), progress=False)
+    ghost = torch.zeros(1)
+    dead = weakref.ref(ghost)
+    del ghost
+    newcomer = torch.zeros(1)
+    _REGISTRY[id(newcomer)] = (dead, weakref.ref(adapter.layers["0"]))  # as if the id were reused
+    try:
+        assert layer_for_weight(newcomer) is None
+    finally:
+        _REGISTRY.pop(id(newcomer), None)
+
+
+def test_remove_forgets_every_tensor_registered_for_a_layer():
+    model = tiny_models.build("mlp")
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
+    gathered = torch.zeros_like(model[0].weight)  # what FSDP2's all-gather would hand the graph
+    _register(gathered, adapter.layers["0"])
+    assert layer_for_weight(gathered) is adapter.layers["0"]
+    adapter.remove()
+    assert layer_for_weight(gathered) is None and layer_for_weight(model[0].weight) is None
