@@ -21,11 +21,12 @@ WORLD, STEPS, BATCH = 2, 4, 4
 CFG = shira_fx.ShiraConfig(density=0.1, seed=1)
 
 
-def train(rank: int, world: int, mode: str, inner: str, out: str | None = None,
-          init: str | None = None) -> dict:
-    """STEPS AdamW steps on rank's share of each batch, then one more backward to read the
-    gradients; returns (and saves to `out`) the values, those gradients, the full weights and
-    the names of model parameters other than values that got a gradient."""
+def train(rank: int, world: int, mode: str, inner: str, accumulate: int = 1,
+          out: str | None = None, init: str | None = None) -> dict:
+    """STEPS calls of an AdamW train_step on rank's share of each batch, then one more backward
+    to read the gradients; returns (and saves to `out`) the values, those gradients, the full
+    weights, the names of model parameters other than values that got a gradient, and the
+    full weights after `adapter.remove()`."""
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -45,7 +46,7 @@ def train(rank: int, world: int, mode: str, inner: str, out: str | None = None,
     def share(seed: int) -> dict:
         return {k: v.chunk(world)[rank] for k, v in tiny_models.batch("llama", seed, BATCH).items()}
 
-    @shira_fx.train_step(adapter, opt)
+    @shira_fx.train_step(adapter, opt, accumulate=accumulate)
     def step(batch):
         return compiled(**batch).loss
 
@@ -62,6 +63,8 @@ def train(rank: int, world: int, mode: str, inner: str, out: str | None = None,
                        if id(p) not in values and p.grad is not None],
         "layers": backend.layers(),
     }
+    adapter.remove()
+    result["removed"] = {k: full(v).detach().clone() for k, v in model.state_dict().items()}
     if world > 1:
         dist.destroy_process_group()
     if out is not None:
@@ -69,12 +72,12 @@ def train(rank: int, world: int, mode: str, inner: str, out: str | None = None,
     return result
 
 
-def _spawn(mode: str, inner: str, tmp_path, timeout: float = 400.0) -> list[dict]:
+def _spawn(mode: str, inner: str, accumulate: int, tmp_path, timeout: float = 400.0) -> list[dict]:
     """Run `train` on WORLD processes; a hang (a collective one rank never joins) fails the
     test instead of blocking the suite."""
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    ctx = mp.spawn(_worker, args=(mode, inner, outs, f"file://{tmp_path / 'rendezvous'}"),
-                   nprocs=WORLD, join=False)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    ctx = mp.spawn(_worker, args=(mode, inner, accumulate, outs, init), nprocs=WORLD, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -84,13 +87,13 @@ def _spawn(mode: str, inner: str, tmp_path, timeout: float = 400.0) -> list[dict
     return [torch.load(o) for o in outs]
 
 
-def _worker(rank: int, mode: str, inner: str, outs: list[str], init: str) -> None:
+def _worker(rank: int, mode: str, inner: str, accumulate: int, outs: list[str], init: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
-    train(rank, WORLD, mode, inner, outs[rank], init)
+    train(rank, WORLD, mode, inner, accumulate, outs[rank], init)
 
 
-def _check_against_one_process(ranks: list[dict], inner: str) -> None:
-    ref = train(0, 1, "single", inner)
+def _check_against_one_process(ranks: list[dict], inner: str, accumulate: int) -> None:
+    ref = train(0, 1, "single", inner, accumulate)
     initial = tiny_models.build("llama").state_dict()
     adapter_layers = shira_fx.prepare(tiny_models.build("llama"), CFG, progress=False).layers
     for r in ranks:
@@ -115,18 +118,22 @@ def _check_against_one_process(ranks: list[dict], inner: str) -> None:
     for name, w in weights.items():
         if not any(name == f"{n}.weight" for n in adapter_layers):
             assert torch.equal(w, initial[name]), name
+    for name, w in ranks[0]["removed"].items():
+        assert torch.equal(w, initial[name]), f"{name}: remove() did not restore the base exactly"
 
 
 @pytest.mark.distributed
 def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
-    ranks = _spawn("ddp", "inductor", tmp_path)
-    _check_against_one_process(ranks, "inductor")
+    ranks = _spawn("ddp", "inductor", 1, tmp_path)
+    _check_against_one_process(ranks, "inductor", 1)
 
 
 @pytest.mark.distributed
 def test_fsdp2_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
-    ranks = _spawn("fsdp", "aot_eager", tmp_path)
-    _check_against_one_process(ranks, "aot_eager")
+    # accumulate=2: the values' gradients are averaged after each backward, and the second
+    # average adds to the first (equal on every rank), which must equal averaging the sum
+    ranks = _spawn("fsdp", "aot_eager", 2, tmp_path)
+    _check_against_one_process(ranks, "aot_eager", 2)
 
 
 def test_register_values_exposes_them_without_changing_the_state_dict():
