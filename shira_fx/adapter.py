@@ -56,6 +56,11 @@ class ShiraLayer:
         the fused weight stays the single source of truth under FSDP2 too."""
         w = self.weight
         if _is_dtensor(w):
+            if not self.sharded:
+                raise ShiraConfigError(
+                    f"layer {self.name!r}: the weight was sharded without shira_fx; use "
+                    "shira_fx.distributed.fully_shard, which also averages the values' gradients"
+                )
             from .distributed import local_write_target
 
             return local_write_target(self, w)

@@ -3,7 +3,12 @@
 DDP. `prepare` freezes the base, so the values are the only parameters that need a gradient.
 Once `register_values` makes them parameters of their modules, `DistributedDataParallel(model)`
 all-reduces exactly their gradients and nothing else changes: the compiled graph, the sync
-after `optimizer.step()` and the saved adapter are those of a single process.
+after `optimizer.step()` and the saved adapter are those of a single process. The values enter
+a compiled graph through the backend's pass, not as Dynamo inputs, so Dynamo's DDPOptimizer
+counts no trainable parameter and compiles one graph. If other large parameters train too it
+splits the graph and hands the backend fake tensors, which the pass cannot match to prepared
+weights (the values then get no gradient and DDP or `train_step` raises): set
+`torch._dynamo.config.optimize_ddp = False` in that case.
 
 FSDP2. Each rank keeps a Shard(0) block of every base weight (a DTensor) and all-gathers the
 full weight just before a sharded module runs. `W = base + values` at the mask can be kept
@@ -87,21 +92,22 @@ class _AverageGrads:
     """Post-accumulate-grad hook on every value: the first one in a backward queues a callback
     that, once the whole backward is done, all-reduces the values' gradients in one flat
     buffer and divides by the world size (as DDP does). A value without a gradient on this
-    rank contributes zeros, so every rank sends the same buffer."""
+    rank contributes zeros, so every rank sends the same buffer. Keyed by the backward's task
+    id, so a backward that raised (and never ran its callback) does not block the next one."""
 
     def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup | None):
         if len({p.dtype for p in params}) > 1:
             raise ShiraConfigError("fully_shard: the adapter's values must share one dtype")
-        self.params, self.group, self.queued = params, group, False
+        self.params, self.group, self.task = params, group, None
 
     def __call__(self, param: Tensor) -> None:
-        if not self.queued:
-            self.queued = True
+        task = torch._C._current_graph_task_id()
+        if task != self.task:
+            self.task = task
             torch.autograd.Variable._execution_engine.queue_callback(self.reduce)
 
     @torch.no_grad()
     def reduce(self) -> None:
-        self.queued = False
         flat = torch.cat([
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params
         ])
