@@ -63,14 +63,19 @@ class _Gate:
     def held(self) -> tuple[dict | None, int] | None:
         return getattr(self.local, "held", None)
 
+    def wait_as_writer(self) -> None:
+        """With `cond` held: wait until nobody reads or writes, counted as a waiting switch
+        so that new readers queue behind it."""
+        self.waiting += 1
+        try:
+            while self.writing or self.readers:
+                self.cond.wait()
+        finally:
+            self.waiting -= 1
+
     def acquire_write(self) -> None:
         with self.cond:
-            self.waiting += 1
-            try:
-                while self.writing or self.readers:
-                    self.cond.wait()
-            finally:
-                self.waiting -= 1
+            self.wait_as_writer()
             self.writing = True
 
     def release_write(self, then_read: bool = False) -> None:
@@ -150,12 +155,7 @@ class AdapterBank:
                     gate.writing = switch = True
                     break
                 if self._active != want:  # wait as a writer so new readers queue behind us
-                    gate.waiting += 1
-                    try:
-                        while gate.writing or gate.readers:
-                            gate.cond.wait()
-                    finally:
-                        gate.waiting -= 1
+                    gate.wait_as_writer()
                     continue
                 gate.cond.wait()
         if switch:
