@@ -96,7 +96,13 @@ def _forget(layers: Iterable[ShiraLayer]) -> None:
     """Drop every registry entry of these layers: under FSDP2 one layer has registered both
     its original weight and the unsharded parameter FSDP2 gathers into."""
     gone = {id(layer) for layer in layers}
-    for key, (_, layer_ref) in list(_REGISTRY.items()):
+    while True:  # a finalizer may drop an entry while we copy the registry
+        try:
+            entries = list(_REGISTRY.items())
+            break
+        except RuntimeError:
+            continue
+    for key, (_, layer_ref) in entries:
         if id(layer_ref()) in gone:
             _REGISTRY.pop(key, None)
 
