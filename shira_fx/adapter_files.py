@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,25 +29,91 @@ if TYPE_CHECKING:
 FORMAT_NAME = "shira_fx"
 FORMAT_VERSION = 1
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# what a reader accepts in a file: shira_fx writes int32 indices and fp32 values; PEFT writes
+# int64 indices and the values in the model's float dtype
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PEFT_INDEX_DTYPES = ("I8", "I16", "I32", "I64", "U8")
+PEFT_VALUE_DTYPES = ("F16", "BF16", "F32", "F64")
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
-def atomic_save_file(tensors: dict[str, Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> None:
-    """safetensors `save_file` into a temp file in the same folder, then `os.replace`: a crash
-    mid-write leaves the previous file at `path` intact (at worst a stray `.shira-*.tmp`)."""
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Run `write(tmp)` on a new temp file in the target's folder, flush it to disk, then
+    `os.replace` it over `path`: a crash or a kill at any moment leaves either the previous
+    file or the complete new one at `path` (at worst a stray `.shira-*.tmp` beside it).
+
+    The temp file gets the permissions the target had (or the umask's default), not
+    mkstemp's 0600, so replacing an adapter does not make it unreadable to other users."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".shira-", suffix=".tmp", dir=folder)
-    os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = None
+    for _ in range(100):
+        tmp = os.path.join(folder, f".shira-{os.getpid()}-{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"{folder}: cannot create a unique temp file")
+    try:
+        os.close(fd)
+        if mode is not None:
+            os.chmod(tmp, mode)
+        write(tmp)
+        with open(tmp, "rb+") as f:  # the data must be on disk before the rename publishes it
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Persist the rename itself (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save_file(tensors: dict[str, Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """safetensors `save_file`, atomically (see `_atomic_write`)."""
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write a text file atomically (see `_atomic_write`)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write(path, write)
+
+
+def parse_json(text: str, what: str) -> Any:
+    """json.loads for text read from a file: a syntax error, nesting too deep for the parser
+    (RecursionError) or an integer too long to convert all become ShiraAdapterError."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ShiraAdapterError(f"{what}: malformed JSON ({type(e).__name__}: {str(e)[:200]})") from e
 
 
 def fingerprint(indices: Tensor, base: Tensor) -> str:
@@ -90,37 +158,43 @@ class StoredAdapter:
         spec = self.layers[name]
         try:
             idx, vals = self._reader(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
+        except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
             raise self.error(f"cannot read tensors ({e})", name) from e
-        numel = shape[0] * shape[1]
+        # ranges are compared as Python ints: a hostile shape may not fit in int64
+        out_f, in_f = (int(s) for s in shape)
+        numel = out_f * in_f
+        if idx.dtype not in INDEX_DTYPES:
+            raise self.error(f"indices must be integers (int32/int64), found {idx.dtype}", name)
+        if vals.dtype not in FLOAT_DTYPES:
+            raise self.error(f"values must be a 1-D float tensor, found {vals.dtype} "
+                             f"{tuple(vals.shape)}", name)
         if idx.dim() == 2:  # PEFT: (2, K) rows and columns of an (out, in) weight
             if idx.shape[0] != 2:
                 raise self.error(f"PEFT indices have shape {tuple(idx.shape)}, expected (2, K)", name)
             rows, cols = idx[0].long(), idx[1].long()
-            if rows.numel() and (rows.min() < 0 or rows.max() >= shape[0] or cols.min() < 0
-                                 or cols.max() >= shape[1]):
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_f
+                                 or int(cols.min()) < 0 or int(cols.max()) >= in_f):
                 raise self.error(f"PEFT indices out of range for a weight of shape {shape}", name)
-            idx = rows * shape[1] + cols
+            idx = rows * in_f + cols
             if vals.dim() == 1 and vals.numel() == idx.numel():
                 order = torch.argsort(idx, stable=True)
                 idx, vals = idx[order], vals[order]
-        if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
-            raise self.error(f"indices must be 1-D int32/int64, found {idx.dtype} "
-                             f"{tuple(idx.shape)}", name)
-        if vals.dim() != 1 or not vals.is_floating_point():
+        if idx.dim() != 1:
+            raise self.error(f"indices must be 1-D, found shape {tuple(idx.shape)}", name)
+        if vals.dim() != 1:
             raise self.error(f"values must be a 1-D float tensor, found {vals.dtype} "
                              f"{tuple(vals.shape)}", name)
         if idx.numel() != spec.nnz or vals.numel() != spec.nnz:
             raise self.error(f"expected {spec.nnz} indices and values, found {idx.numel()} "
                              f"and {vals.numel()}", name)
         idx = idx.long()
-        if idx.numel() and (idx.min() < 0 or idx.max() >= numel):
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
             raise self.error(f"index out of range [0, {numel}) for a weight of shape {shape}", name)
         if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
             raise self.error("indices are not sorted and unique (a duplicate or out of order)", name)
         vals = vals.float()
         if not bool(torch.isfinite(vals).all()):
-            raise self.error("values contain NaN or Inf", name)
+            raise self.error("values contain NaN or Inf (or overflow fp32)", name)
         return idx, vals
 
     def __repr__(self) -> str:
@@ -128,7 +202,8 @@ class StoredAdapter:
 
 
 def _open_error(path: str, e: Exception) -> ShiraAdapterError:
-    return ShiraAdapterError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}")
+    return ShiraAdapterError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                             f"{str(e)[:300]}")
 
 
 def _read_pair(path: str, first: str, second: str):
@@ -139,39 +214,75 @@ def _read_pair(path: str, first: str, second: str):
     return read
 
 
-def _load_shira_fx(path: str) -> StoredAdapter:
+def _header(path: str) -> tuple[dict[str, str], dict[str, tuple]]:
+    """(metadata, {key: (shape, dtype string)}) of a safetensors file; nothing else is read."""
+    if not os.path.isfile(path):  # a FIFO or a device would block or never end
+        raise ShiraAdapterError(f"{path}: not a regular file")
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
             shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
                       for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, OverflowError) as e:
         raise _open_error(path, e) from e
+    return meta, shapes
+
+
+def _int(value: Any) -> int:
+    """An int from JSON metadata; floats (Infinity, 3.5), bools and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an int, found {value!r:.60}")
+    return value
+
+
+def _layer_spec(name: str, d: Any) -> LayerSpec:
+    """One layer's metadata as written by `SparseAdapter.metadata`, type-checked."""
+    if not isinstance(d, dict):
+        raise TypeError(f"expected an object, found {type(d).__name__}")
+    shape = d["shape"]
+    if not isinstance(shape, list) or len(shape) != 2:
+        raise TypeError(f"shape must be [out, in], found {shape!r:.60}")
+    shape = (_int(shape[0]), _int(shape[1]))
+    dtype, transposed, nnz, fp = d["dtype"], d["transposed"], _int(d["nnz"]), d["fingerprint"]
+    if min(shape) < 1 or dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"bad shape {shape} or dtype {dtype!r:.30}")
+    if not isinstance(transposed, bool):
+        raise TypeError(f"transposed must be true or false, found {transposed!r:.30}")
+    if not 1 <= nnz <= shape[0] * shape[1]:
+        raise ValueError(f"nnz {nnz} outside [1, numel]")
+    if not isinstance(fp, str) or len(fp) != 64 or fp.strip("0123456789abcdef"):
+        raise ValueError(f"fingerprint must be 64 hex digits, found {fp!r:.80}")
+    return LayerSpec(name, shape, dtype, transposed, nnz, fp)
+
+
+def _load_shira_fx(path: str) -> StoredAdapter:
+    meta, shapes = _header(path)
     if meta.get("format") != FORMAT_NAME:
         raise ShiraAdapterError(f"{path}: not a shira_fx adapter (metadata format="
-                                f"{meta.get('format')!r}); PEFT SHiRA adapters are directories")
+                                f"{meta.get('format')!r:.80}); PEFT SHiRA adapters are directories")
     if meta.get("format_version") != str(FORMAT_VERSION):
-        raise ShiraAdapterError(f"{path}: format_version {meta.get('format_version')!r} is not "
+        raise ShiraAdapterError(f"{path}: format_version {meta.get('format_version')!r:.80} is not "
                                 f"supported (this shira_fx reads {FORMAT_VERSION})")
+    for key in ("config", "layers"):
+        if key not in meta:
+            raise ShiraAdapterError(f"{path}: metadata is malformed: no {key!r} entry")
+    raw_cfg = parse_json(meta["config"], f"{path}: metadata 'config'")
+    raw_layers = parse_json(meta["layers"], f"{path}: metadata 'layers'")
     try:
-        cfg = ShiraConfig.from_dict(json.loads(meta["config"]))
-        raw_layers = json.loads(meta["layers"])
-    except (KeyError, ValueError, TypeError, ShiraConfigError) as e:
-        raise ShiraAdapterError(f"{path}: metadata is malformed: {e}") from e
+        if not isinstance(raw_cfg, dict):
+            raise TypeError(f"config must be an object, found {type(raw_cfg).__name__}")
+        cfg = ShiraConfig.from_dict(raw_cfg)
+    # a hostile target_modules regex can overflow or recurse in re.compile
+    except (ValueError, TypeError, OverflowError, RecursionError, ShiraConfigError) as e:
+        raise ShiraAdapterError(f"{path}: metadata is malformed: {str(e)[:300]}") from e
     if not isinstance(raw_layers, dict) or not raw_layers:
         raise ShiraAdapterError(f"{path}: metadata lists no layers")
     layers = {}
     for name, d in raw_layers.items():
         try:
-            shape = tuple(int(s) for s in d["shape"])
-            spec = LayerSpec(name, shape, str(d["dtype"]), bool(d["transposed"]), int(d["nnz"]),
-                             str(d["fingerprint"]))
+            spec = _layer_spec(name, d)
         except (KeyError, ValueError, TypeError) as e:
-            raise ShiraAdapterError(f"{path}: layer {name!r}: malformed metadata ({e})") from e
-        if len(shape) != 2 or min(shape) < 1 or spec.dtype not in WEIGHT_DTYPES:
-            raise ShiraAdapterError(f"{path}: layer {name!r}: bad shape {shape} or dtype {spec.dtype}")
-        if not 1 <= spec.nnz <= shape[0] * shape[1]:
-            raise ShiraAdapterError(f"{path}: layer {name!r}: nnz {spec.nnz} outside [1, numel]")
+            raise ShiraAdapterError(f"{path}: layer {name!r:.200}: malformed metadata ({e})") from e
         for key, dtypes in ((f"{name}.indices", ("I32", "I64")), (f"{name}.values", ("F32", "F64"))):
             if key not in shapes:
                 raise ShiraAdapterError(f"{path}: layer {name!r}: tensor {key!r} is missing")
@@ -188,38 +299,49 @@ def _load_shira_fx(path: str) -> StoredAdapter:
 def _load_peft_dir(path: str) -> StoredAdapter:
     cfg_path = os.path.join(path, "adapter_config.json")
     weights = os.path.join(path, PEFT_WEIGHTS)
+    if not os.path.isfile(cfg_path):
+        raise ShiraAdapterError(f"{path}: no adapter_config.json file")
     try:
-        with open(cfg_path) as f:
-            peft_cfg = json.load(f)
+        with open(cfg_path, encoding="utf-8") as f:
+            text = f.read()
     except (OSError, ValueError) as e:
         raise ShiraAdapterError(f"{path}: no readable adapter_config.json ({e})") from e
+    peft_cfg = parse_json(text, cfg_path)
     if not isinstance(peft_cfg, dict) or peft_cfg.get("peft_type") != "SHIRA":
         kind = peft_cfg.get("peft_type") if isinstance(peft_cfg, dict) else None
-        raise ShiraAdapterError(f"{path}: a PEFT {kind} adapter, not SHiRA")
+        raise ShiraAdapterError(f"{path}: a PEFT {kind!r:.80} adapter, not SHiRA")
     if not os.path.exists(weights):
         raise ShiraAdapterError(f"{path}: {PEFT_WEIGHTS} is missing (pickled .bin files are "
                                 "never loaded)")
-    try:
-        with safe_open(weights, framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise _open_error(weights, e) from e
+    _, shapes = _header(weights)
     layers = {}
-    for key, shape in shapes.items():
+    for key, (shape, dtype) in shapes.items():
         if not key.endswith(".shira_weight"):
             continue
         name = key.removesuffix(".shira_weight").removeprefix(PEFT_PREFIX)
-        idx_key = key.replace(".shira_weight", ".shira_indices")
-        if idx_key not in shapes or len(shape) != 1 or shapes[idx_key] != (2, shape[0]):
+        if not key.startswith(PEFT_PREFIX) or not name:
+            raise ShiraAdapterError(f"{weights}: tensor {key!r:.200} is not named "
+                                    f"{PEFT_PREFIX}<module>.shira_weight")
+        idx_key = key.removesuffix(".shira_weight") + ".shira_indices"
+        if idx_key not in shapes or len(shape) != 1 or shapes[idx_key][0] != (2, shape[0]):
             raise ShiraAdapterError(f"{weights}: layer {name!r}: shira_indices missing or not "
                                     f"(2, {shape[0] if shape else '?'})")
+        if shape[0] < 1:
+            raise ShiraAdapterError(f"{weights}: layer {name!r}: holds no values")
+        if dtype not in PEFT_VALUE_DTYPES or shapes[idx_key][1] not in PEFT_INDEX_DTYPES:
+            raise ShiraAdapterError(f"{weights}: layer {name!r}: shira_weight is {dtype} and "
+                                    f"shira_indices {shapes[idx_key][1]}, expected "
+                                    f"{'/'.join(PEFT_VALUE_DTYPES)} and an integer dtype")
         layers[name] = LayerSpec(name, None, None, False, shape[0], None)
     if not layers:
         raise ShiraAdapterError(f"{weights}: holds no shira_weight tensors")
-    r = peft_cfg.get("r")
-    seed = peft_cfg.get("random_seed")
-    cfg = ShiraConfig(target_modules=sorted(layers), r=r if isinstance(r, int) and r > 0 else None,
-                      mask="rand", seed=seed if isinstance(seed, int) else 0)
+    r, seed = peft_cfg.get("r"), peft_cfg.get("random_seed")
+    try:  # r and the seed only describe the adapter; an odd value is dropped, not fatal
+        cfg = ShiraConfig(target_modules=sorted(layers),
+                          r=r if type(r) is int and r > 0 else None,
+                          mask="rand", seed=seed if type(seed) is int else 0)
+    except ShiraConfigError as e:
+        raise ShiraAdapterError(f"{cfg_path}: {e}") from e
 
     def read(name: str) -> tuple[Tensor, Tensor]:
         with safe_open(weights, framework="pt") as f:
@@ -284,6 +406,6 @@ def write_peft(adapter: SparseAdapter, directory: str | os.PathLike) -> None:
         "modules_to_save": None, "inference_mode": True, "task_type": None,
         "base_model_name_or_path": None, "revision": None,
     }
-    save_file(tensors, os.path.join(directory, PEFT_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(peft_cfg, f, indent=2, sort_keys=True)
+    atomic_save_file(tensors, os.path.join(directory, PEFT_WEIGHTS), metadata={"format": "pt"})
+    atomic_write_text(json.dumps(peft_cfg, indent=2, sort_keys=True),
+                      os.path.join(directory, "adapter_config.json"))
