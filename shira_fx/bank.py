@@ -49,36 +49,45 @@ class _Plan:
 
 
 class _Gate:
-    """A reader-writer gate: many requests may compute with the active adapter together; a
-    switch waits until they have left and runs alone. Once a switch is waiting, new requests
-    queue behind it (even for the adapter that is active), so switches are never starved."""
+    """The bank's reader-writer gate. Readers are requests computing with the active adapter;
+    writers are switches (a request for another adapter, or a bare activate/deactivate/load/
+    unload). Many readers run together; a writer runs alone, once the readers have left.
+
+    Policy (why nothing starves): a request that finds its adapter active joins the readers
+    only while no switch is waiting; otherwise it waits behind the switch, so a stream of
+    requests for a busy adapter cannot hold a switch off. A request that had to queue for a
+    switch may join its adapter's readers as soon as that adapter is active (each does so
+    once, so this cannot hold a switch off either). Switches among themselves are not
+    ordered: whichever gets the lock first when the gate frees goes first.
+    """
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
-        self.readers = 0
-        self.writing = False
-        self.waiting = 0
+        self.readers = 0  # requests inside their block
+        self.writing = False  # a switch is changing the weights
+        self.waiting = 0  # switches waiting for the gate (new readers queue behind them)
+        self.blocked = 0  # requests waiting to enter (observability: tests, stats)
         self.local = threading.local()  # per thread: the spec it holds inside `using`, and depth
 
     def held(self) -> tuple[dict | None, int] | None:
         return getattr(self.local, "held", None)
 
-    def wait_as_writer(self) -> None:
-        """With `cond` held: wait until nobody reads or writes, counted as a waiting switch
-        so that new readers queue behind it."""
-        self.waiting += 1
-        try:
-            while self.writing or self.readers:
-                self.cond.wait()
-        finally:
-            self.waiting -= 1
-
     def acquire_write(self) -> None:
         with self.cond:
-            self.wait_as_writer()
+            self.waiting += 1
+            try:
+                while self.writing or self.readers:
+                    self.cond.wait()
+            except BaseException:  # interrupted: readers held back by this switch may enter
+                self.waiting -= 1
+                self.cond.notify_all()
+                raise
+            self.waiting -= 1
             self.writing = True
 
     def release_write(self, then_read: bool = False) -> None:
+        """End a switch; `then_read` turns the switcher into a reader of what it activated,
+        atomically, so nothing can switch it away before its forward runs."""
         with self.cond:
             self.writing = False
             if then_read:
@@ -88,7 +97,8 @@ class _Gate:
     def release_read(self) -> None:
         with self.cond:
             self.readers -= 1
-            self.cond.notify_all()
+            if not self.readers:  # only an empty gate lets anyone new in
+                self.cond.notify_all()
 
 
 class AdapterBank:
@@ -97,14 +107,17 @@ class AdapterBank:
     `keep_on_device=False` keeps each adapter's tensors in host memory (pinned on CUDA) and
     copies them to the device only when an activation plan is built.
 
-    Threads: `with bank.using("a"): out = model(x)` guarantees that the model computes with
-    exactly adapter "a" (or a `{name: weight}` fusion, or None for the base) until the block
-    ends. Requests for the adapter already active run together without switching; a request
-    for another one waits until the current requests have left, switches, and runs. Once a
-    switch waits, new requests queue behind it, so a busy adapter cannot starve a switch.
-    `activate`, `deactivate`, `load` and `unload` take the same gate exclusively, so a bare
-    call from another thread never changes the weights under a running request; calling
-    them inside a `using` block of the same thread raises instead of deadlocking.
+    Threads: `with bank.using("a") as model: out = model(x)` guarantees that the model
+    computes with exactly adapter "a" (or a `{name: weight}` fusion, or None for the base)
+    until the block ends, whatever other threads do. Requests for the adapter already active
+    run together and do not switch (no weight is written); a request for another one waits
+    until the current requests have left, switches, and runs. Once a switch waits, new
+    requests for the active adapter queue behind it, so a busy adapter cannot starve a switch
+    (the policy is spelled out on `_Gate`). `activate`, `deactivate`, `load` and `unload` take
+    the same gate exclusively, so a bare call from another thread never changes the weights
+    under a running request; calling them inside a `using` block of the same thread raises
+    instead of deadlocking, and a `using` of the same spec may nest. Reads of the weights
+    outside any `using` block (a bare `model(x)`) are not protected.
     """
 
     def __init__(self, model: nn.Module, keep_on_device: bool = True, max_plans: int = 8):
@@ -145,22 +158,33 @@ class AdapterBank:
             finally:
                 gate.local.held = held
             return
-        switch = False
+        switch = queued = False
         with gate.cond:
-            while True:
-                if not gate.writing and not gate.waiting and self._active == want:
-                    gate.readers += 1
-                    break
-                if self._active != want and not gate.writing and not gate.readers:
-                    gate.writing = switch = True
-                    break
-                if self._active != want:  # wait as a writer so new readers queue behind us
-                    gate.wait_as_writer()
-                    continue
-                gate.cond.wait()
+            gate.blocked += 1
+            try:
+                while True:
+                    if not gate.writing:
+                        if self._active == want:
+                            if queued or not gate.waiting:
+                                gate.readers += 1
+                                break
+                        elif not gate.readers:
+                            gate.writing = switch = True
+                            break
+                    if not queued and self._active != want:  # queue as a switch
+                        gate.waiting += 1
+                        queued = True
+                    gate.cond.wait()
+            finally:
+                gate.blocked -= 1
+                if queued:
+                    gate.waiting -= 1
+                    if not gate.waiting:  # readers held back by waiting switches may enter
+                        gate.cond.notify_all()
         if switch:
             try:
-                self._activate(want or {})
+                # validated again under the gate: another thread may have unloaded an adapter
+                self._activate(self._normalise(spec) if want else {})
             except BaseException:
                 gate.release_write()
                 raise

@@ -7,7 +7,7 @@ switching go through the mutating `scatter_`, always outside autograd. Each op r
 kernel on CUDA and a torch implementation on CPU.
 """
 
-
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -92,6 +92,19 @@ sparse_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The shared scatter pool, created under a lock: banks and adapters in several threads
+    may scatter at once (each into its own weights). A pool that is outgrown is left running,
+    not shut down, since another thread may be submitting to it; it only grows, so at most a
+    few idle threads are left behind."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads:
+            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="shira_fx-scatter")
+        return _POOL
 
 
 def _balanced_groups(sizes: list[int], n: int) -> list[list[int]]:
@@ -110,13 +123,11 @@ def _scatter_cpu(weights, indices, base, delta, scale) -> None:
     latency, not bandwidth, so two threads keep twice the misses in flight (measured on 2
     cores: 3.2 vs 4.4-6 ms for 321k elements over 28 layers); the GIL is released inside
     index_copy_, and each layer belongs to one thread."""
-    global _POOL
     threads = min(torch.get_num_threads(), len(weights))
     if threads < 2 or sum(i.numel() for i in indices) < 65536:
         scatter_fused_reference_(weights, indices, base, delta, scale)
         return
-    if _POOL is None or _POOL._max_workers < threads:
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="shira_fx-scatter")
+    pool = _pool(threads)
 
     @torch.no_grad()
     def run(group: list[int]) -> None:
@@ -125,7 +136,7 @@ def _scatter_cpu(weights, indices, base, delta, scale) -> None:
                                  None if delta is None else pick(delta), scale)
 
     groups = _balanced_groups([i.numel() for i in indices], threads)
-    futures = [_POOL.submit(run, g) for g in groups[1:]]
+    futures = [pool.submit(run, g) for g in groups[1:]]
     run(groups[0])
     for f in futures:
         f.result()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -90,14 +91,184 @@ def test_requests_see_their_adapter_while_another_thread_switches(tmp_path):
     assert len(requested) >= 4, "the workers exercised too few different adapters"
 
 
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
 @torch.no_grad()
-def test_compiled_requests_see_their_adapter(tmp_path):
+def test_compiled_requests_see_their_adapter(tmp_path, backend):
     model, bank = _bank(tmp_path)
-    compiled = torch.compile(model, backend="aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
     x = tiny_models.batch("mlp")["x"]
     requested = _run_threads(model, bank, x, lambda x: compiled(x).clone(), workers=2, requests=20,
                              switches=30)
     assert len(requested) >= 4, "the workers exercised too few different adapters"
+
+
+def _until(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll shared state until `condition()` holds (the timeout only catches a hang)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def _start(target, errors: list) -> threading.Thread:
+    def run():
+        try:
+            target()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _join(threads, errors) -> None:
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive(), "a thread hung: deadlock in the bank's gate"
+    assert not errors, errors
+
+
+def _log_switches(bank, log: list) -> None:
+    """Record every weight switch in `log` (switches run with the gate held exclusively, so
+    their order against what requests log inside their blocks is the real order)."""
+    activate = bank._activate
+
+    def logged(spec):
+        log.append(("switch", dict(spec)))
+        activate(spec)
+
+    bank._activate = logged
+
+
+def test_requests_for_the_active_adapter_do_not_switch(tmp_path):
+    model, bank = _bank(tmp_path)
+    switches = []
+    _log_switches(bank, switches)
+    bank.activate("a")
+    for _ in range(5):
+        with bank.using("a"):
+            pass
+        with bank.using({"a": 1}):
+            pass
+    assert switches == [("switch", {"a": 1.0})]
+    with bank.using(None):
+        pass
+    with bank.using(None):
+        pass
+    assert switches == [("switch", {"a": 1.0}), ("switch", {})]
+
+
+def test_a_waiting_switch_holds_new_requests_back(tmp_path):
+    """Writer preference: once a switch waits, a new request for the active adapter queues
+    behind it (it then switches back for itself), so a busy adapter cannot starve switches."""
+    model, bank = _bank(tmp_path)
+    gate, log, errors = bank._gate, [], []
+    _log_switches(bank, log)
+    inside, leave = threading.Event(), threading.Event()
+
+    def first():
+        with bank.using("a"):
+            log.append("first in")
+            inside.set()
+            assert leave.wait(60)
+            log.append("first leaving")
+
+    def late():
+        with bank.using("a"):
+            log.append(("late in", bank.active))
+
+    threads = [_start(first, errors)]
+    assert inside.wait(60)
+    threads.append(_start(lambda: bank.activate("b"), errors))
+    _until(lambda: gate.waiting == 1, "the switch to wait")
+    threads.append(_start(late, errors))
+    _until(lambda: gate.blocked == 1, "the late request to be held back")
+    assert gate.readers == 1 and log == [("switch", {"a": 1.0}), "first in"]
+    leave.set()
+    _join(threads, errors)
+    assert log == [("switch", {"a": 1.0}), "first in", "first leaving", ("switch", {"b": 1.0}),
+                   ("switch", {"a": 1.0}), ("late in", {"a": 1.0})]
+
+
+def test_requests_queued_for_one_switch_share_it(tmp_path):
+    """Three requests for "b" arrive while "a" is busy: one switches, and the other two join
+    it without waiting for it to finish (the barrier needs all three inside at once)."""
+    model, bank = _bank(tmp_path)
+    gate, log, errors = bank._gate, [], []
+    _log_switches(bank, log)
+    inside, leave = threading.Event(), threading.Event()
+    together = threading.Barrier(3, timeout=60)
+
+    def first():
+        with bank.using("a"):
+            inside.set()
+            assert leave.wait(60)
+
+    def request():
+        with bank.using("b"):
+            together.wait()
+
+    threads = [_start(first, errors)]
+    assert inside.wait(60)
+    threads += [_start(request, errors) for _ in range(3)]
+    _until(lambda: gate.blocked == 3, "the three requests to queue")
+    leave.set()
+    _join(threads, errors)
+    assert log == [("switch", {"a": 1.0}), ("switch", {"b": 1.0})]
+    assert gate.readers == gate.waiting == gate.blocked == 0 and not gate.writing
+
+
+def test_an_error_inside_a_request_releases_the_gate(tmp_path):
+    model, bank = _bank(tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        with bank.using("a"):
+            raise RuntimeError("boom")
+    errors = []
+    _join([_start(lambda: bank.activate("b"), errors)], errors)  # would hang on a leaked reader
+    assert bank.active == {"b": 1.0}
+    gate = bank._gate
+    assert gate.readers == gate.waiting == gate.blocked == 0 and not gate.writing
+
+
+@torch.no_grad()
+def test_a_request_for_an_adapter_unloaded_while_it_waits_is_refused(tmp_path):
+    """The request and the unload both wait for a busy adapter; whichever goes first, the
+    request either computes with "b" or is refused with ShiraAdapterError."""
+    model, bank = _bank(tmp_path)
+    x = tiny_models.batch("mlp")["x"]
+    bank.activate("b")
+    expected = model(x).clone()
+    bank.deactivate()
+    gate, errors, outcome = bank._gate, [], []
+    inside, leave = threading.Event(), threading.Event()
+
+    def first():
+        with bank.using("a"):
+            inside.set()
+            assert leave.wait(60)
+
+    def request():
+        try:
+            with bank.using("b"):
+                outcome.append(model(x).clone())
+        except ShiraAdapterError as exc:
+            outcome.append(exc)
+
+    threads = [_start(first, errors)]
+    assert inside.wait(60)
+    threads.append(_start(request, errors))
+    _until(lambda: gate.waiting == 1, "the request to queue")
+    threads.append(_start(lambda: bank.unload("b"), errors))
+    _until(lambda: gate.waiting == 2, "the unload to queue")
+    leave.set()
+    _join(threads, errors)
+    assert "b" not in bank and len(outcome) == 1
+    if isinstance(outcome[0], ShiraAdapterError):
+        assert "not loaded" in str(outcome[0])
+    else:
+        assert torch.equal(outcome[0], expected)
 
 
 def test_same_adapter_requests_share_and_nesting_rules(tmp_path):
