@@ -1,6 +1,7 @@
 """Adapter switching side by side in one run: shira_fx AdapterBank vs PEFT SHiRA and PEFT
 LoRA (unmerge + set_adapter + merge) vs the memory-bandwidth floor, and inference latency
-of the fused model vs the base model. Prints a markdown table and writes JSON.
+of the fused model vs the base model. Prints a markdown table and writes JSON
+(bench/results/switch.json; none with --smoke).
 
     python bench/switch.py           # Llama hidden 512, 4 layers, all linears, 2.5 % density
     python bench/switch.py --smoke   # tiny shapes, for the test suite
@@ -9,16 +10,28 @@ of the fused model vs the base model. Prints a markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import os
 import statistics
-import time
+import sys
 
 import peft
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import shira_fx
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    copy_bandwidth,
+    default_json,
+    describe,
+    fmt,
+    machine,
+    markdown_table,
+    median_ms,
+    ratio,
+    write_json,
+)
+
+import shira_fx  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LINE = 64  # bytes per cache line
@@ -29,24 +42,6 @@ def build(args) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
         num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64))).eval()
-
-
-def median_ms(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def copy_bandwidth() -> float:
-    """Bytes moved per second (read + write) by a large tensor copy: the machine's practical
-    memory bandwidth."""
-    src = torch.empty(64 * 2**20 // 4).normal_()
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), 15)
-    return 2 * src.numel() * 4 / (ms / 1e3)
 
 
 def lines_touched(adapter: shira_fx.SparseAdapter) -> int:
@@ -87,10 +82,10 @@ def peft_switch_ms(args, kind: str, r: int) -> float:
         state["i"] += 1
 
     with torch.no_grad():
-        return median_ms(switch, args.repeat)
+        return median_ms(switch, args.repeat, warmup=0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
@@ -98,11 +93,13 @@ def main() -> None:
     p.add_argument("--density", type=float, default=0.025)
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--tokens", type=int, default=128, help="sequence length for inference latency")
-    p.add_argument("--json", default="bench/switch.json")
-    p.add_argument("--smoke", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--json", default=None, help=f"default {default_json('switch')} (none with --smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, for the test suite")
+    args = p.parse_args(argv)
     if args.smoke:
-        args.hidden, args.layers, args.vocab, args.repeat, args.tokens, args.json = 64, 1, 64, 3, 8, None
+        args.hidden, args.layers, args.vocab, args.repeat, args.tokens = 64, 1, 64, 3, 8
+    if args.json is None and not args.smoke:
+        args.json = default_json("switch")
 
     a, b = random_adapter(args, 1), random_adapter(args, 2)
     model = build(args)
@@ -119,8 +116,9 @@ def main() -> None:
         bank.activate(order[state["i"] % 2])
         state["i"] += 1
 
-    shira_ms = median_ms(switch, args.repeat)
-    floor_ms = 2 * LINE * (lines_touched(a) + lines_touched(b)) / copy_bandwidth() * 1e3
+    shira_ms = median_ms(switch, args.repeat, warmup=0)
+    bandwidth = copy_bandwidth("cpu", mib=64, repeat=15)
+    floor_ms = 2 * LINE * (lines_touched(a) + lines_touched(b)) / bandwidth * 1e3
     # PEFT sizes adapters by r: pick the r whose r*(out+in) count is closest to the same nnz
     dims = [(m.out_features, m.in_features) for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS]
@@ -134,9 +132,9 @@ def main() -> None:
         model(ids)
         for _ in range(max(1, args.repeat // 5)):  # interleaved, so machine noise hits both alike
             bank.deactivate()
-            base_t.append(median_ms(lambda: model(ids), 5))
+            base_t.append(median_ms(lambda: model(ids), 5, warmup=0))
             bank.activate({"a": 1.0, "b": 0.7})
-            fused_t.append(median_ms(lambda: model(ids), 5))
+            fused_t.append(median_ms(lambda: model(ids), 5, warmup=0))
         bank.deactivate()
     base_ms, fused_ms = statistics.median(base_t), statistics.median(fused_t)
 
@@ -144,21 +142,26 @@ def main() -> None:
             "PEFT SHiRA switch (unmerge + set_adapter + merge)": peft_shira_ms,
             "PEFT LoRA switch (unmerge + set_adapter + merge)": peft_lora_ms,
             "cache-line floor (old + new adapter)": floor_ms}
+    info = machine()
+    result = {"bench": "switch", "machine": info, "args": vars(args), "switch_ms": rows,
+              "peft_r": r, "nnz": nnz, "copy_bandwidth_GB_per_s": bandwidth / 1e9,
+              "inference_ms": {"base": base_ms, "fused": fused_ms},
+              "ratios": {"vs_peft_shira": ratio(shira_ms, peft_shira_ms),
+                         "vs_floor": ratio(shira_ms, floor_ms),
+                         "fused_vs_base": ratio(fused_ms, base_ms)}}
     print(f"\nLlama hidden {args.hidden}, {args.layers} layers, all 7 linears, density {args.density} "
-          f"({nnz:,} values/adapter; PEFT r={r}), fp32; {platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print("| switch | ms | vs shira_fx |")
-    print("|---|---:|---:|")
-    for name, ms in rows.items():
-        print(f"| {name} | {ms:.2f} | {ms / shira_ms:.2f}x |")
-    print(f"\nshira_fx switch = {shira_ms / peft_shira_ms:.3f}x PEFT SHiRA, "
-          f"{shira_ms / floor_ms:.2f}x the floor")
+          f"({nnz:,} values/adapter; PEFT r={r}), fp32; {describe(info)}\n")
+    table = [[name, fmt(ms), fmt(ratio(ms, shira_ms), ".2f", "x")] for name, ms in rows.items()]
+    print(markdown_table(["switch", "ms", "vs shira_fx"], table))
+    ratios = result["ratios"]
+    print(f"\nshira_fx switch = {fmt(ratios['vs_peft_shira'], '.3f')}x PEFT SHiRA, "
+          f"{fmt(ratios['vs_floor'])}x the floor")
     print(f"inference ({args.tokens} tokens): base {base_ms:.2f} ms, fused a+b {fused_ms:.2f} ms "
-          f"({fused_ms / base_ms:.3f}x)")
+          f"({fmt(ratios['fused_vs_base'], '.3f')}x)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "switch_ms": rows, "peft_r": r, "nnz": nnz,
-                       "inference_ms": {"base": base_ms, "fused": fused_ms}}, f, indent=1)
+        write_json(args.json, result)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return result
 
 
 if __name__ == "__main__":

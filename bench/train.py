@@ -235,6 +235,15 @@ def measure_size(hidden: int, layers: int, args) -> list[dict]:
         rows.append(runners[-1].measure_memory(args.warmup))
         print(f"  {hidden}x{layers} {v.name} ({v.mode}): warm-up {rows[-1]['warmup_s']:.0f} s, "
               f"held {rows[-1]['held_for_backward_MiB']:.1f} MiB", file=sys.stderr)
+    # a later row's compile can invalidate an earlier row's cache entries (PEFT SHiRA's graph
+    # breaks turn shared transformers functions into frames of their own): settle every row
+    # with untimed steps until nothing compiles any more
+    for _ in range(4):
+        compiles = sum(torch._dynamo.utils.counters["frames"].values())
+        for r in runners:
+            r.step()
+        if sum(torch._dynamo.utils.counters["frames"].values()) == compiles:
+            break
     compiles = sum(torch._dynamo.utils.counters["frames"].values())
     rounds = max(1, min(args.rounds, args.steps))
     for i in range(rounds):

@@ -1,0 +1,140 @@
+"""The bench scripts' smoke modes, run in-process through their `main([...])`, and the charts
+plot.py draws from their JSON. Everything is written under tmp_path, never into the repo."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def load_script(name: str):
+    """bench/<name>.py as module bench_<name> (bench/ is not a package; registered in
+    sys.modules, which dataclasses need); the scripts put bench/ on sys.path to import
+    common.py, which is undone here."""
+    key = f"bench_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    path = sys.path.copy()
+    spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[key]
+        raise
+    finally:
+        sys.path[:] = path
+    return module
+
+
+def run_smoke(name: str, out: Path, *extra: str) -> dict:
+    """`main(["--smoke", ...])` of one bench with its JSON in `out`, leaving global state (warning
+    filters, Dynamo's recompile limit and caches) as it was."""
+    module = load_script(name)
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        with warnings.catch_warnings():
+            result = module.main(["--smoke", "--json", str(out / f"{name}.json"), *extra])
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.reset()
+    assert result["bench"] == name
+    assert {"machine", "args"} <= result.keys() and result["args"]["smoke"]
+    assert json.loads((out / f"{name}.json").read_text())["bench"] == name
+    return result
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("results")
+
+
+@pytest.fixture(scope="module")
+def kernels_result(results_dir) -> dict:
+    return run_smoke("kernels", results_dir)
+
+
+@pytest.fixture(scope="module")
+def train_result(results_dir) -> dict:
+    return run_smoke("train", results_dir, "--modes", "compiled")
+
+
+@pytest.fixture(scope="module")
+def switch_result(results_dir) -> dict:
+    return run_smoke("switch", results_dir)
+
+
+def test_kernels_smoke(kernels_result):
+    rows = kernels_result["rows"]
+    assert {r["op"] for r in rows} == {"sddmm", "scatter"}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["GB_per_s"] > 0, r
+    for r in rows:
+        if r["op"] == "sddmm":  # shira_fx's masked gradient agrees with the dense one
+            assert r["max_rel_err"] < 1e-4, r
+        else:  # shira_fx's scatter writes exactly what index_put_ writes
+            assert r["matches_index_put"], r
+    methods = {(r["op"], r["method"].split(" (")[0]) for r in rows}
+    assert ("sddmm", "shira_fx masked_grad") in methods
+    assert ("scatter", "PEFT SHiRA merge") in methods
+    assert kernels_result["copy_bandwidth_GB_per_s"] > 0
+
+
+def test_train_smoke(train_result):
+    train = load_script("train")
+    (size,) = train_result["sizes"]
+    rows = {r["variant"]: r for r in size["rows"]}
+    assert set(rows) == {train.FLOOR, "full fine-tuning", train.LORA, train.LORA_DROP, train.PSHIRA,
+                         train.OURS, train.OURS_OFF}
+    assert all(r["mode"] == "compiled" for r in rows.values())
+    assert all(r["step_ms"] > 0 and math.isfinite(r["loss"]) for r in rows.values())
+    lora, pshira, ours = rows[train.LORA], rows[train.PSHIRA], rows[train.OURS]
+    assert lora["trainable"] == pshira["trainable"] == ours["trainable"] > 0
+    assert ours["held_for_backward_MiB"] <= lora["held_for_backward_MiB"]
+    assert size["targets"], "the issue's targets are evaluated on the compiled rows"
+
+
+def test_switch_smoke(switch_result):
+    assert switch_result["nnz"] > 0 and switch_result["peft_r"] >= 1
+    assert len(switch_result["switch_ms"]) == 4
+    assert all(ms > 0 for ms in switch_result["switch_ms"].values())
+    assert all(ms > 0 for ms in switch_result["inference_ms"].values())
+    assert all(v is not None and v > 0 for v in switch_result["ratios"].values())
+
+
+def test_plot(results_dir, kernels_result, train_result, switch_result, tmp_path):
+    quality = {"machine": {"cpu": "test", "threads": 1, "torch": torch.__version__},
+               "accuracy": {f"{task}|{r}|{m}": [0.8, 0.82, 0.79]
+                            for task in ("a", "b") for r in (3, 5) for m in ("LoRA", "SHiRA-rand")},
+               "density": {"3": 0.01, "5": 0.02}}
+    (results_dir / "quality.json").write_text(json.dumps(quality))
+    out = tmp_path / "png"
+    written = load_script("plot").main(["--results", str(results_dir), "--out", str(out)])
+    assert sorted(Path(p).name for p in written) == ["kernels.png", "quality.png", "switch.png", "train.png"]
+    for p in written:
+        data = Path(p).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, p
+
+
+def test_plot_missing_and_malformed(tmp_path, capsys):
+    plot = load_script("plot")
+    assert plot.main(["--results", str(tmp_path)]) == []
+    assert capsys.readouterr().err.count("skip") == 4
+    (tmp_path / "switch.json").write_text("{not json")
+    with pytest.raises(ValueError, match="switch.json"):
+        plot.main(["--results", str(tmp_path)])
+    (tmp_path / "switch.json").write_text(json.dumps({"bench": "switch", "machine": {}}))
+    with pytest.raises(ValueError, match="switch.json"):
+        plot.main(["--results", str(tmp_path)])
+    assert not list(tmp_path.glob("*.png"))
