@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 
 import torch
 from torch import fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn, get_hash_for_files
 
 from . import passes
 from .config import ShiraConfig
-from .passes import RewriteReport, rewrite_sparse_linears, tag_sparse_linear_inputs
+from .passes import RewriteReport, record_partition, rewrite_sparse_linears, tag_sparse_linear_inputs
 
 log = logging.getLogger("shira_fx")
 
@@ -30,15 +29,37 @@ class _TagInputsPass(CustomGraphPass):
         return get_hash_for_files((passes.__file__,))
 
 
+def _min_cut_and_record(report: RewriteReport, joint: fx.GraphModule, inputs, **kwargs):
+    """Inductor's (and our aot_eager's) partitioner, then the memory report read off it."""
+    from functorch.compile import min_cut_rematerialization_partition
+
+    forward, backward = min_cut_rematerialization_partition(joint, inputs, **kwargs)
+    record_partition(report, joint, backward, kwargs.get("static_lifetime_input_indices"))
+    return forward, backward
+
+
+class _RecordingPartitioner(CustomPartitionerFn):
+    """Inductor's default min-cut partitioner, recording what it kept into the report."""
+
+    def __init__(self, report: RewriteReport):
+        self.report = report
+
+    def __call__(self, gm: fx.GraphModule, joint_inputs, **kwargs):
+        return _min_cut_and_record(self.report, gm, joint_inputs, **kwargs)
+
+    def uuid(self):
+        return get_hash_for_files((passes.__file__,))
+
+
 def _aot_eager_with_recompute(report: RewriteReport) -> Callable:
     """aot_eager, but with the min-cut partitioner after tagging (aot_eager's default
     partitioner saves every forward value backward uses and would ignore the tags)."""
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     def partition(joint, inputs, **kwargs):
         report.recomputed += tag_sparse_linear_inputs(joint.graph)
-        return min_cut_rematerialization_partition(joint, inputs, **kwargs)
+        return _min_cut_and_record(report, joint, inputs, **kwargs)
 
     def boxed(gm, _inputs):
         return make_boxed_func(gm)
@@ -76,19 +97,26 @@ class ShiraBackend:
             from torch._inductor.compile_fx import compile_fx
 
             hook = _TagInputsPass(report) if tag else None
-            with inductor_config.patch(joint_custom_pre_pass=hook):
+            partitioner = _RecordingPartitioner(report) if report.rewritten else None
+            with inductor_config.patch(joint_custom_pre_pass=hook, custom_partitioner_fn=partitioner):
                 return compile_fx(gm, example_inputs)
-        if self.inner == "aot_eager" and tag:
+        if self.inner == "aot_eager" and self.recompute == "auto":
+            # min-cut for every graph, as Inductor partitions: graphs without a prepared layer
+            # (a checkpointed model's embedding and head) then hold what Inductor's would
             return _aot_eager_with_recompute(report)(gm, example_inputs)
         return torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         report = rewrite_sparse_linears(gm, example_inputs)
         self.reports.append(report)
-        budget = contextlib.nullcontext()
+        functorch_config = {}
         if self.memory_budget is not None:
-            budget = torch._functorch.config.patch(activation_memory_budget=self.memory_budget)
-        with budget:
+            functorch_config["activation_memory_budget"] = self.memory_budget
+        if report.rewritten:
+            # AOTAutograd's cache would skip the partitioner, and with it the recompute tags'
+            # count and the memory report; Inductor's own FX graph cache (codegen) still applies
+            functorch_config["enable_autograd_cache"] = False
+        with torch._functorch.config.patch(**functorch_config):
             compiled = self._compile(gm, example_inputs, report)
         if report.rewritten or report.skipped:
             log.info("shira_fx graph %d: %s", len(self.reports) - 1, report.summary())

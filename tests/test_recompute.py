@@ -18,36 +18,56 @@ TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
            "gpt2": ["c_attn", "c_proj", "c_fc"], "bert": ["query", "key", "value", "dense"]}
 
 
-def held(model, batch, backend) -> int:
+def held(model, batch, backend, adapter=None) -> int:
+    """Bytes saved for backward in one step, parameters, buffers and the adapter's own
+    values and indices excluded (they stay resident whatever backward does)."""
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
     state = list(model.parameters()) + list(model.buffers())
+    if adapter is not None:
+        state += [t for la in adapter.layers.values() for t in (la.values, la.indices)]
     nbytes, loss = saved_tensor_bytes(lambda: compiled(**batch).loss, exclude=state)
     loss.backward()
     return nbytes
 
 
+def _build(kind, checkpointing):
+    model = tiny_models.build(kind)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
-def test_bytes_held_for_backward_stay_at_the_frozen_floor(kind):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers: gradient_checkpointing_enable
+def test_bytes_held_for_backward_stay_at_the_frozen_floor(kind, checkpointing):
     peft = pytest.importorskip("peft")
     batch = tiny_models.batch(kind, size=4, seq=24)
 
-    frozen = tiny_models.build(kind).requires_grad_(False)
+    frozen = _build(kind, checkpointing).requires_grad_(False)
     ids = batch.pop("input_ids")
     embeds = frozen.get_input_embeddings()(ids).detach().requires_grad_(True)
     floor = held(frozen, {**batch, "inputs_embeds": embeds}, MIN_CUT)
     batch["input_ids"] = ids
 
     lora_cfg = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=TARGETS[kind])
-    lora = held(peft.get_peft_model(tiny_models.build(kind), lora_cfg), batch, MIN_CUT)
+    lora = held(peft.get_peft_model(_build(kind, checkpointing), lora_cfg), batch, MIN_CUT)
 
-    model = tiny_models.build(kind)
-    shira_fx.prepare(model, shira_fx.ShiraConfig(target_modules=TARGETS[kind], r=2), progress=False)
+    model = _build(kind, checkpointing)
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(target_modules=TARGETS[kind], r=2),
+                               progress=False)
     backend = shira_fx.backend(inner="aot_eager")
-    ours = held(model, batch, backend)
+    ours = held(model, batch, backend, adapter)
+    assert set(backend.layers().values()) == {"rewritten"}, shira_fx.explain(backend)
+    assert ours <= floor + 0.1 * (lora - floor), (floor, lora, ours)
+    if checkpointing:  # the blocks' layers are rewritten inside their checkpointed regions
+        assert lora >= floor
+        in_blocks = {n for n in adapter.layers if any(part.isdigit() for part in n.split("."))}
+        assert in_blocks and in_blocks <= {n for r in backend.reports for n in r.checkpointed}
+        return
     assert backend.reports[0].recomputed > 0
     assert lora > floor, "the LoRA baseline holds nothing extra: the measure is broken"
-    assert ours <= floor + 0.1 * (lora - floor), (floor, lora, ours)
 
     model = tiny_models.build(kind)
     shira_fx.prepare(model, shira_fx.ShiraConfig(target_modules=TARGETS[kind], r=2), progress=False)
@@ -106,3 +126,24 @@ def test_bad_recompute_arguments_are_refused():
         shira_fx.backend(recompute="always")
     with pytest.raises(ValueError, match="memory_budget"):
         shira_fx.backend(memory_budget=1.5)
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_explain_reports_each_layers_input_and_the_bytes_held(inner):
+    """The report is read off the partitioned graph: its byte count agrees with what autograd
+    really holds, and it says which inputs are rebuilt and which are kept, and why."""
+    model = tiny_models.build("llama")
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
+    batch = tiny_models.batch("llama", size=4, seq=24)
+    backend = shira_fx.backend(inner=inner)
+    measured = held(model, batch, backend, adapter)
+    (report,) = backend.reports
+    assert report.held_bytes is not None and 0.9 * measured <= report.held_bytes <= measured
+    assert set(report.inputs) == set(adapter.layers)
+    for name, fate in report.inputs.items():
+        if name.endswith("o_proj"):  # x is the attention output: not pointwise, so kept
+            assert "saved" in fate and "scaled_dot_product" in fate, fate
+        else:  # RMSNorm outputs and the SwiGLU product are rebuilt from what backward keeps
+            assert "rebuilt in backward" in fate, fate
+    text = shira_fx.explain(backend)
+    assert "held for backward" in text and "model.layers.1.mlp.down_proj: x (" in text
