@@ -82,6 +82,7 @@ def write_json(path: str, data: dict[str, Any]) -> None:
         json.dump(_finite(data), f, indent=1, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:

@@ -258,7 +258,6 @@ def main(argv: list[str] | None = None) -> dict:
                   f"time and runs at {span([r['x_copy_bandwidth'] for r in ours])} copy bandwidth")
     if args.json:
         write_json(args.json, result)
-        print(f"wrote {args.json}", file=sys.stderr)
     return result
 
 

@@ -160,7 +160,6 @@ def main(argv: list[str] | None = None) -> dict:
           f"({fmt(ratios['fused_vs_base'], '.3f')}x)")
     if args.json:
         write_json(args.json, result)
-        print(f"wrote {args.json}", file=sys.stderr)
     return result
 
 

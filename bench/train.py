@@ -380,7 +380,6 @@ def main(argv: list[str] | None = None) -> dict:
               "seconds": time.perf_counter() - t_start}
     if args.json:
         write_json(args.json, result)
-        print(f"wrote {args.json}", file=sys.stderr)
     return result
 
 

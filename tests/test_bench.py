@@ -67,7 +67,9 @@ def kernels_result(results_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def train_result(results_dir) -> dict:
-    return run_smoke("train", results_dir, "--modes", "compiled")
+    # the rows that differ in kind (the dropout and recompute-off rows only change a flag)
+    return run_smoke("train", results_dir, "--modes", "compiled",
+                     "--variants", "full fine-tuning,PEFT LoRA,PEFT SHiRA,shira_fx")
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +97,7 @@ def test_train_smoke(train_result):
     train = load_script("train")
     (size,) = train_result["sizes"]
     rows = {r["variant"]: r for r in size["rows"]}
-    assert set(rows) == {train.FLOOR, "full fine-tuning", train.LORA, train.LORA_DROP, train.PSHIRA,
-                         train.OURS, train.OURS_OFF}
+    assert set(rows) == {train.FLOOR, "full fine-tuning", train.LORA, train.PSHIRA, train.OURS}
     assert all(r["mode"] == "compiled" for r in rows.values())
     assert all(r["step_ms"] > 0 and math.isfinite(r["loss"]) for r in rows.values())
     lora, pshira, ours = rows[train.LORA], rows[train.PSHIRA], rows[train.OURS]
