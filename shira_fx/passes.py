@@ -30,10 +30,10 @@ class RewriteReport:
     rewritten: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     recompute: bool = False  # the backend asked for each rewritten linear's x to be rebuilt
-    recomputed: int = 0  # joint-graph nodes tagged (0 when Inductor served a cached graph)
+    recomputed: int = 0  # joint-graph nodes tagged
     checkpointed: list[str] = field(default_factory=list)  # rewritten inside a checkpointed body
-    # read off the partitioned graph (None/empty when the partitioner was not shira_fx's, or
-    # the compile was served from a cache): layer -> what backward does with its input x
+    # read off the partitioned graph (None/empty when the partitioner was not shira_fx's):
+    # layer -> what backward does with its input x
     inputs: dict[str, str] = field(default_factory=dict)
     held_bytes: int | None = None  # saved for backward, parameters and buffers excluded
     held_tensors: int = 0
@@ -43,16 +43,14 @@ class RewriteReport:
             return "no prepared layer in this graph"
         lines = [f"rewrote {len(self.rewritten)} linear(s) to shira_fx::sparse_linear"]
         if self.rewritten and self.recompute:
-            analysed = self.held_bytes is not None or bool(self.inputs)
-            tagged = (f"{self.recomputed} nodes tagged" if self.recomputed
-                      else "no node to tag" if analysed else "cached graph")
+            tagged = f"{self.recomputed} nodes tagged"
             if self.checkpointed:
                 tagged += f", {len(self.checkpointed)} inside checkpointed regions"
             lines[0] += f"; inputs rebuilt in backward ({tagged})"
         elif self.rewritten:
             lines[0] += "; inputs saved for backward"
         if self.held_bytes is not None:
-            lines.append(f"  held for backward: {_mib(self.held_bytes)} in {self.held_tensors} "
+            lines.append(f"  held for backward: {_readable_bytes(self.held_bytes)} in {self.held_tensors} "
                          "tensor(s), parameters and buffers excluded")
         for name in self.rewritten:
             fate = self.inputs.get(name)
@@ -61,7 +59,7 @@ class RewriteReport:
         return "\n".join(lines)
 
 
-def _mib(nbytes: int | None) -> str:
+def _readable_bytes(nbytes: int | None) -> str:
     """Bytes for people: '? B' when unknown (symbolic sizes), else B, KiB or MiB."""
     if nbytes is None:
         return "? B"
@@ -148,8 +146,8 @@ def _match(node: fx.Node, weight: fx.Node, layer: ShiraLayer):
 
 
 def _thread(gm: fx.GraphModule, path: tuple[fx.Node, ...], attrs: tuple[str, str],
-            cache: dict) -> tuple[fx.Node, fx.Node]:
-    """Nodes holding the layer's values and indices inside the graph that `path` leads to:
+            cache: dict) -> tuple[fx.GraphModule, fx.Node, fx.Node]:
+    """(graph module, values node, indices node) inside the graph that `path` leads to:
     get_attr nodes in the outer graph, passed down as extra operands (and placeholders) of
     each higher-order op on the way, so a checkpointed body stays a pure function."""
     if path in cache:
@@ -157,13 +155,10 @@ def _thread(gm: fx.GraphModule, path: tuple[fx.Node, ...], attrs: tuple[str, str
     if not path:
         first = next(n for n in gm.graph.nodes if n.op != "placeholder")
         with gm.graph.inserting_before(first):
-            nodes = tuple(gm.graph.get_attr(a) for a in attrs)
+            found = (gm, *(gm.graph.get_attr(a) for a in attrs))
     else:
-        outer_values, outer_indices = _thread(gm, path[:-1], attrs, cache)
+        owner, outer_values, outer_indices = _thread(gm, path[:-1], attrs, cache)
         hop = path[-1]
-        owner = gm
-        for h in path[:-1]:
-            owner = _body(owner, h)
         body = _body(owner, hop)
         hop.args = (*hop.args, outer_values, outer_indices)
         last = [n for n in body.graph.nodes if n.op == "placeholder"][-1]
@@ -171,9 +166,9 @@ def _thread(gm: fx.GraphModule, path: tuple[fx.Node, ...], attrs: tuple[str, str
             values = body.graph.placeholder(f"{attrs[0]}_in")
         with body.graph.inserting_after(values):
             indices = body.graph.placeholder(f"{attrs[1]}_in")
-        nodes = (values, indices)
-    cache[path] = nodes
-    return nodes
+        found = (body, values, indices)
+    cache[path] = found
+    return found
 
 
 def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteReport:
@@ -217,7 +212,7 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
                 param_sources[attr] = ConstantSource(attr)
         cache: dict = {}
         for site in sites:
-            values_node, indices_node = _thread(gm, site.path, attrs, cache)
+            _, values_node, indices_node = _thread(gm, site.path, attrs, cache)
             graph = site.owner.graph
             with graph.inserting_before(site.node):
                 new = graph.call_function(
@@ -356,7 +351,7 @@ def record_partition(report: RewriteReport, joint: fx.GraphModule, backward: fx.
     for node in joint.graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default):
         layer = node.meta.get("custom", {}).get("shira_layer", node.name)
         x = node.args[0]
-        size = _mib(_tensor_bytes(x))
+        size = _readable_bytes(_tensor_bytes(x))
         source = _view_source(x)
         if x.name in saved or source.name in saved:
             producer = source.args[0] if source.target is operator.getitem else source
