@@ -9,6 +9,7 @@ the module's own code and the backend's fx pass does the rewrite instead.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -26,6 +27,8 @@ from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError, ShiraTrainingError
 from .masks import build_masks
 from .targets import find_targets
+
+_LAYER_UIDS = itertools.count()
 
 
 @dataclass(eq=False)
@@ -45,6 +48,8 @@ class ShiraLayer:
     # layer's indices that shard holds
     sharded: bool = field(default=False, repr=False)
     _shard_plan: tuple | None = field(default=None, init=False, repr=False)
+    # unique per layer for the life of the process; compiled code guards on it (_sparse_forward)
+    uid: int = field(default_factory=lambda: next(_LAYER_UIDS), init=False, repr=False)
 
     @property
     def weight(self) -> Tensor:
@@ -81,9 +86,9 @@ class ShiraLayer:
 
 
 # id(weight) -> (weakref to the weight, weakref to its layer): how the backend recognises
-# prepared weights among a Dynamo graph's parameter placeholders without guarding on any Python
-# state. Both references are weak (the module keeps its layer alive) and a finalizer drops the
-# entry with the weight, so a prepared model that is simply dropped is freed.
+# prepared weights in a Dynamo graph. Both references are weak (the module keeps its layer
+# alive) and a finalizer drops the entry with the weight, so a prepared model that is simply
+# dropped is freed.
 _REGISTRY: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
@@ -122,11 +127,21 @@ def layer_for_weight(weight: object) -> ShiraLayer | None:
 
 
 def _sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """Eager forward of a prepared module: the same `sparse_linear` op the backend inserts."""
+    """Eager forward of a prepared module: the same `sparse_linear` op the backend inserts.
+
+    Under compilation it runs the module's own (dense) forward for the pass to rewrite, and
+    reads `layer.uid` so that Dynamo guards the compiled code on it. The pass bakes this
+    layer's values and indices into the graph, while Dynamo guards a parameter only on its
+    shape: without the uid guard, the code compiled for one block would be reused for another
+    block of the same shape (blocks compiled one by one, a graph break between blocks, a
+    second model) and train the first block's values with the other block's gradient.
+    """
     layer: ShiraLayer = self._shira_layer
-    if torch.compiler.is_compiling() or not (
-        torch.is_grad_enabled() and layer.values.requires_grad
-    ):
+    if torch.compiler.is_compiling():
+        if layer.uid < 0:  # never true; the comparison makes Dynamo guard `uid == <this layer's>`
+            raise AssertionError(layer.uid)
+        return type(self).forward(self, x)
+    if not (torch.is_grad_enabled() and layer.values.requires_grad):
         return type(self).forward(self, x)
     return ops.sparse_linear(
         x, self.weight, self.bias, layer.values, layer.indices, layer.transposed

@@ -1,10 +1,13 @@
 """torch.fx pass: rewrite linear calls on prepared weights to `shira_fx::sparse_linear`.
 
 Dynamo graphs take parameters as placeholders whose example inputs are the real
-nn.Parameter objects (RESEARCH.md §3.1), so a prepared weight is recognised by identity.
-The values and indices are not Dynamo inputs; the pass attaches them to the GraphModule and
-reads them with get_attr nodes, so AOTAutograd lifts the values as trainable inputs and no
-Dynamo guard ever looks at them.
+nn.Parameter objects (RESEARCH.md §3.1; or get_attr nodes, where Dynamo installs a parameter
+as an attribute), so a prepared weight is recognised by identity. The values and indices are
+not Dynamo inputs; the pass attaches them to the GraphModule and reads them with get_attr
+nodes, so AOTAutograd lifts the values as trainable inputs. Because they are baked in, the
+compiled code must never run for another layer's weight: Dynamo guards a parameter on its
+shape only, so each prepared module's forward makes it guard on the layer's uid too
+(`adapter._sparse_forward`).
 """
 
 from __future__ import annotations
@@ -171,6 +174,30 @@ def _thread(gm: fx.GraphModule, path: tuple[fx.Node, ...], attrs: tuple[str, str
     return found
 
 
+def _attribute(gm: fx.GraphModule, target: str) -> object:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _prepared_weights(gm: fx.GraphModule, example_inputs: list) -> list[tuple[fx.Node, ShiraLayer]]:
+    """(node, layer) for every node of `gm` that is a prepared weight: a get_attr of it, or a
+    placeholder whose example input is it."""
+    found = []
+    placeholders = iter(example_inputs)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            weight = next(placeholders, None)
+        elif node.op == "get_attr":
+            weight = _attribute(gm, node.target)
+        else:
+            continue
+        if (layer := layer_for_weight(weight)) is not None:
+            found.append((node, layer))
+    return found
+
+
 def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteReport:
     """Rewrite, in place, every linear of `gm` whose weight is a prepared layer's weight,
     including linears inside gradient-checkpointed bodies.
@@ -178,12 +205,7 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
     Only when autograd is on: a no-grad (inference) graph keeps the plain dense linear.
     """
     report = RewriteReport()
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    found = [
-        (node, layer)
-        for node, ex in zip(placeholders, example_inputs, strict=False)
-        if (layer := layer_for_weight(ex)) is not None
-    ]
+    found = _prepared_weights(gm, example_inputs)
     if not found:
         return report
     if not torch.is_grad_enabled():
@@ -191,11 +213,21 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
             report.skipped[layer.name] = "graph runs without grad (inference): dense linear kept"
         return report
     touched = {gm}
-    for weight_node, layer in found:
+    nodes_of: dict[int, list[fx.Node]] = {}  # a weight may be read by several get_attr nodes
+    for node, layer in found:
+        nodes_of.setdefault(id(layer), []).append(node)
+    layers = list({id(layer): layer for _, layer in found}.values())
+    for layer in layers:
         if not layer.values.requires_grad:
             report.skipped[layer.name] = "values do not require grad: dense linear kept"
             continue
-        sites = _sites(gm, weight_node, layer)
+        sites = []
+        for weight_node in nodes_of[id(layer)]:
+            more = _sites(gm, weight_node, layer)
+            if isinstance(more, str):
+                sites = more
+                break
+            sites += more
         if isinstance(sites, str):
             report.skipped[layer.name] = sites
             continue

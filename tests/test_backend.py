@@ -115,3 +115,91 @@ def test_weight_updates_between_calls_need_no_recompile():
     assert losses[-1] < losses[0]
     assert counters["stats"]["unique_graphs"] == 1
     torch.testing.assert_close(compiled(x), model(x))
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + self.b(torch.relu(self.a(x)))
+
+
+def _value_grads(adapter) -> dict[str, torch.Tensor | None]:
+    out = {n: None if la.values.grad is None else la.values.grad.clone() for n, la in adapter.layers.items()}
+    for la in adapter.layers.values():
+        la.values.grad = None
+    return out
+
+
+def _prepared_blocks(seed: int, n: int = 3):
+    torch.manual_seed(seed)
+    model = nn.Sequential(*[_Block() for _ in range(n)])
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.2, seed=seed), progress=False)
+    with torch.no_grad():
+        for layer in adapter.layers.values():
+            layer.values.normal_(std=1e-2)
+    adapter.sync()
+    return model, adapter
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_blocks_compiled_one_by_one_train_their_own_values(inner):
+    """Identical blocks, each compiled on its own (as FSDP2 recipes do): Dynamo would reuse the
+    first block's rewritten graph for the others (a parameter is guarded on its shape only),
+    training block 0's values with every block's gradient; the layer uid guard prevents it."""
+    torch._dynamo.reset()
+    model, adapter = _prepared_blocks(0)
+    x = torch.randn(4, 16)
+    model(x).pow(2).sum().backward()
+    want = _value_grads(adapter)
+    backend = shira_fx.backend(inner=inner)
+    for block in model:
+        block.compile(backend=backend)
+    model(x).pow(2).sum().backward()
+    got = _value_grads(adapter)
+    for name in want:
+        assert got[name] is not None, f"{name}: no gradient (another block's graph ran)"
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert sorted(n for r in backend.reports for n in r.rewritten) == sorted(adapter.layers)
+
+
+def test_two_models_through_one_backend_train_their_own_values():
+    """A second prepared model of the same architecture compiled with the same backend gets its
+    own graph, not the first model's (whose values are baked into it)."""
+    torch._dynamo.reset()
+    backend = shira_fx.backend(inner="aot_eager")
+    x = torch.randn(4, 16)
+    runs = []
+    for seed in (1, 2):
+        model, adapter = _prepared_blocks(seed, n=2)
+        model(x).pow(2).sum().backward()
+        want = _value_grads(adapter)
+        torch.compile(model, backend=backend)(x).pow(2).sum().backward()
+        runs.append((want, _value_grads(adapter)))
+    for want, got in runs:
+        for name in want:
+            assert got[name] is not None, name
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert len(backend.reports) == 2
+
+
+def test_weights_installed_as_graph_attributes_are_recognised():
+    """With `inline_inbuilt_nn_modules=False` Dynamo puts parameters into the graph as
+    attributes (get_attr) instead of placeholders; the pass finds prepared weights there too."""
+    torch._dynamo.reset()
+    model, adapter = _prepared_blocks(3)
+    x = torch.randn(4, 16)
+    model(x).pow(2).sum().backward()
+    want = _value_grads(adapter)
+    spy = GraphSpy()
+    backend = shira_fx.backend(inner=spy)
+    with torch._dynamo.config.patch(inline_inbuilt_nn_modules=False):
+        torch.compile(model, backend=backend)(x).pow(2).sum().backward()
+    got = _value_grads(adapter)
+    assert spy.count(SPARSE) == len(adapter.layers)
+    assert any(n.op == "get_attr" and n.users and any(u.target is SPARSE for u in n.users)
+               for gm in spy.graphs for n in gm.graph.nodes), "the weights were not get_attr nodes"
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
