@@ -114,6 +114,30 @@ def test_switch_smoke(switch_result):
     assert all(v is not None and v > 0 for v in switch_result["ratios"].values())
 
 
+@pytest.mark.distributed
+def test_distributed_smoke(results_dir):
+    """Two ranks under torchrun: DDP and FSDP2 rows; the gradient traffic counted at the
+    dispatcher is exactly the trainable bytes (DDP all-reduce; shira_fx's value all-reduce
+    under FSDP2), the frozen base sends none, and both ranks end with the same values."""
+    wanted = ["DDP full fine-tuning", "DDP shira_fx", "FSDP2 PEFT LoRA", "FSDP2 shira_fx"]
+    result = run_smoke("distributed", results_dir, "--rows", ",".join(wanted))
+    rows = {(r["engine"], r["method"]): r for r in result["rows"]}
+    assert [" ".join(k) for k in rows] == wanted
+    assert result["world"] == 2 and result["backend"] == "gloo"
+    mib = 2**20
+    for (engine, method), r in rows.items():
+        sent = r["gradient_MiB_per_step"] * mib
+        if engine == "DDP" or method == "shira_fx":
+            assert sent == pytest.approx(4 * r["trainable"], abs=0.5), r
+        else:  # FSDP2 reduce-scatters padded shards
+            assert sent >= 4 * r["trainable"], r
+        assert (r["gathered_MiB_per_step"] > 0) == (engine == "FSDP2"), r
+        assert r["step_ms"] > 0 and math.isfinite(r["loss"]), r
+        assert r["same_values_on_every_rank"] is (True if method == "shira_fx" else None), r
+    assert rows["DDP", "shira_fx"]["trainable"] == rows["FSDP2", "PEFT LoRA"]["trainable"]
+    assert rows["DDP", "shira_fx"]["gradient_MiB_per_step_vs_full"] < 0.1
+
+
 def test_plot(results_dir, kernels_result, train_result, switch_result, tmp_path):
     quality = {"machine": {"cpu": "test", "threads": 1, "torch": torch.__version__},
                "accuracy": {f"{task}|{r}|{m}": [0.8, 0.82, 0.79]
