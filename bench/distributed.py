@@ -155,6 +155,12 @@ class Row:
         opt_state = [t for s in self.opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         return unique_bytes([*self.model.parameters(), *self.model.buffers(), *opt_state, *self.extra])
 
+    def rewritten_layers(self) -> int | None:
+        """How many prepared layers the backend's pass rewrote (None for the other methods)."""
+        if self.adapter is None:
+            return None
+        return len({name for report in self.backend.reports for name in report.rewritten})
+
     def same_values_on_every_rank(self) -> bool | None:
         if self.adapter is None:
             return None
@@ -172,8 +178,8 @@ def share(args, seed: int) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
-def slowest(x: float) -> float:
-    t = torch.tensor([x], dtype=torch.float64)
+def slowest(x: float, device: str) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
@@ -202,19 +208,19 @@ def worker(args) -> dict | None:
         runners.append(r)
         out.append({"engine": engine, "method": method, "trainable": r.trainable,
                     "resident_MiB": r.resident_bytes() / MiB,
-                    "warmup_s": slowest(time.perf_counter() - t0)})
+                    "warmup_s": slowest(time.perf_counter() - t0, args.device)})
         say(f"  {engine} {method}: warm-up {out[-1]['warmup_s']:.0f} s")
     for _ in range(4):  # settle: a later row's compile may have displaced an earlier row's code
         before = frames()
         for r in runners:
             r.step(share(args, 0))
-        if slowest(frames() - before) == 0:
+        if slowest(frames() - before, args.device) == 0:
             break
     before = frames()
     for i in range(args.steps):  # interleaved: one step of every row at a time
         for r in runners:
             r.timed(share(args, 1000 + i))
-    recompiled = int(slowest(frames() - before))
+    recompiled = int(slowest(frames() - before, args.device))
     if recompiled:
         say(f"  warning: {recompiled} frames compiled during the timed steps")
     # last, since a dispatch mode makes Dynamo run the step eagerly (the collectives are the same)
@@ -222,10 +228,11 @@ def worker(args) -> dict | None:
         counter = CollectiveBytes()
         with counter:
             r.step(share(args, 2000))
-        row.update(step_ms=slowest(statistics.median(r.times)) * 1e3, loss=r.loss,
+        row.update(step_ms=slowest(statistics.median(r.times), args.device) * 1e3, loss=r.loss,
                    gradient_MiB_per_step=counter.total(GRADIENT_OPS) / MiB,
                    gathered_MiB_per_step=counter.total(GATHER_OPS) / MiB, collectives=counter.bytes,
                    same_values_on_every_rank=r.same_values_on_every_rank(),
+                   rewritten_layers=r.rewritten_layers(),
                    frames_compiled_while_timing=recompiled)
         say(f"  {row['engine']} {row['method']}: {row['step_ms']:.0f} ms/step, "
             f"gradients {row['gradient_MiB_per_step']:.3f} MiB/step")

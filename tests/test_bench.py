@@ -134,6 +134,7 @@ def test_distributed_smoke(results_dir):
         assert (r["gathered_MiB_per_step"] > 0) == (engine == "FSDP2"), r
         assert r["step_ms"] > 0 and math.isfinite(r["loss"]), r
         assert r["same_values_on_every_rank"] is (True if method == "shira_fx" else None), r
+        assert r["rewritten_layers"] == (7 if method == "shira_fx" else None), r  # 1 block, 7 linears
     assert rows["DDP", "shira_fx"]["trainable"] == rows["FSDP2", "PEFT LoRA"]["trainable"]
     assert rows["DDP", "shira_fx"]["gradient_MiB_per_step_vs_full"] < 0.1
 
