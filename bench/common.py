@@ -124,6 +124,29 @@ def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 1,
     return statistics.median(times) * 1e3
 
 
+def llama(hidden: int, layers: int, vocab: int, seq: int, device: torch.device | str = "cpu"):
+    """A Llama built from a config (no download), the same weights on every call (seeded):
+    intermediate 11/4 x hidden, one head per 64 channels."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=max(64, seq)))
+    return model.to(device)
+
+
+def unique_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and repeats count once; for a
+    DTensor, this rank's local shard)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        s = (t.to_local() if hasattr(t, "to_local") else t).untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
 def copy_bandwidth(device: torch.device | str = "cpu", mib: int = 256, repeat: int = 10) -> float:
     """Bytes per second (read + write) of `dst.copy_(src)` on buffers far larger than the
     last-level cache: the practical memory bandwidth the O(nnz) ops are judged against."""

@@ -36,10 +36,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import default_json, describe, fmt, machine, markdown_table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    default_json,
+    describe,
+    fmt,
+    llama,
+    machine,
+    markdown_table,
+    unique_bytes,
+    write_json,
+)
 
 import shira_fx  # noqa: E402
 import shira_fx.distributed  # noqa: E402
@@ -72,34 +80,13 @@ class CollectiveBytes(TorchDispatchMode):
         return sum(n for op, n in self.bytes.items() if op in ops)
 
 
-def build(args) -> LlamaForCausalLM:
-    """The same weights on every rank (seeded), as a checkpoint load would give."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-        num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-        max_position_embeddings=max(64, args.seq)))
-    return model.to(args.device)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def unique_bytes(tensors) -> int:
-    seen = {}
-    for t in tensors:
-        s = local(t).untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
-
-
 class Row:
     """One engine x method: the wrapped, compiled model, its optimizer and its step."""
 
     def __init__(self, engine: str, method: str, args):
         self.engine, self.method, self.args = engine, method, args
-        model, self.adapter, extra = build(args), None, []
+        model = llama(args.hidden, args.layers, args.vocab, args.seq, args.device)
+        self.adapter, extra = None, []
         backend = args.compiler
         if method == "full fine-tuning":
             params = list(model.parameters())

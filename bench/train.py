@@ -34,10 +34,20 @@ from dataclasses import dataclass, field
 import peft
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import default_json, describe, fmt, machine, markdown_table, ratio, write_json  # noqa: E402
+from common import (  # noqa: E402
+    default_json,
+    describe,
+    fmt,
+    llama,
+    machine,
+    markdown_table,
+    ratio,
+    unique_bytes,
+    write_json,
+)
 
 import shira_fx  # noqa: E402
 from shira_fx.memory import LiveTensorTracker, saved_tensor_bytes  # noqa: E402
@@ -72,12 +82,7 @@ def parse_sizes(spec: str, layers: int) -> list[tuple[int, int]]:
 
 
 def build(hidden: int, layers: int, args) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=args.vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-        max_position_embeddings=max(64, args.seq)))
-    return model.to(args.device)
+    return llama(hidden, layers, args.vocab, args.seq, args.device)
 
 
 def variants(hidden: int, layers: int, args) -> Iterator[Variant]:
@@ -121,14 +126,6 @@ def variants(hidden: int, layers: int, args) -> Iterator[Variant]:
                        else shira_fx.backend(cfg, inner=args.compiler, recompute=recompute))
             extra = [t for layer in adapter.layers.values() for t in (layer.indices, layer.base)]
             yield Variant(name, mode, model, list(adapter.parameters()), be_ours, ids_inputs, adapter, extra)
-
-
-def unique_bytes(tensors) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
 
 
 def allocator_step_peak(step: Callable[[], None], device: torch.device) -> int:
