@@ -181,10 +181,10 @@ def _attribute(gm: fx.GraphModule, target: str) -> object:
     return obj
 
 
-def _prepared_weights(gm: fx.GraphModule, example_inputs: list) -> list[tuple[fx.Node, ShiraLayer]]:
-    """(node, layer) for every node of `gm` that is a prepared weight: a get_attr of it, or a
-    placeholder whose example input is it."""
-    found = []
+def _prepared_weights(gm: fx.GraphModule, example_inputs: list) -> dict[ShiraLayer, list[fx.Node]]:
+    """Every prepared layer whose weight `gm` reads, with the nodes that read it: get_attr
+    nodes of it (there may be several), or the placeholder whose example input is it."""
+    found: dict[ShiraLayer, list[fx.Node]] = {}  # ShiraLayer hashes by identity
     placeholders = iter(example_inputs)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -194,7 +194,7 @@ def _prepared_weights(gm: fx.GraphModule, example_inputs: list) -> list[tuple[fx
         else:
             continue
         if (layer := layer_for_weight(weight)) is not None:
-            found.append((node, layer))
+            found.setdefault(layer, []).append(node)
     return found
 
 
@@ -209,20 +209,16 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
     if not found:
         return report
     if not torch.is_grad_enabled():
-        for _, layer in found:
+        for layer in found:
             report.skipped[layer.name] = "graph runs without grad (inference): dense linear kept"
         return report
     touched = {gm}
-    nodes_of: dict[int, list[fx.Node]] = {}  # a weight may be read by several get_attr nodes
-    for node, layer in found:
-        nodes_of.setdefault(id(layer), []).append(node)
-    layers = list({id(layer): layer for _, layer in found}.values())
-    for layer in layers:
+    for layer, weight_nodes in found.items():
         if not layer.values.requires_grad:
             report.skipped[layer.name] = "values do not require grad: dense linear kept"
             continue
         sites = []
-        for weight_node in nodes_of[id(layer)]:
+        for weight_node in weight_nodes:
             more = _sites(gm, weight_node, layer)
             if isinstance(more, str):
                 sites = more
