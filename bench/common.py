@@ -7,13 +7,13 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from shira_fx.cli.timing import median_ms  # noqa: F401  (the one timer, re-exported for the benches)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -73,9 +73,23 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def portable(value: Any) -> Any:
+    """A path recorded in results, made repo-relative (or reduced to its file name when it lies
+    outside the repository): results never name the machine they ran on."""
+    if isinstance(value, str) and os.path.isabs(value):
+        rel = os.path.relpath(value, REPO)
+        return os.path.basename(value) if rel.startswith("..") else rel
+    return value
+
+
 def write_json(path: str, data: dict[str, Any]) -> None:
     """Write atomically (a half-written file would break plot.py); non-finite floats become
-    null so the file stays valid JSON."""
+    null so the file stays valid JSON, and recorded paths are made portable."""
+    if isinstance(data.get("args"), dict):
+        data = {**data, "args": {k: portable(v) for k, v in data["args"].items()}}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -103,25 +117,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align:
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 1,
-              device: torch.device | str = "cpu") -> float:
-    """Median wall time of `fn` in ms. On CUDA `triton.testing.do_bench` (which also flushes
-    L2 between calls); on CPU `warmup` untimed calls, then the median of `repeat` (a median
-    shrugs off the spikes a shared machine adds)."""
-    if torch.device(device).type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=max(100, 10 * repeat), return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def llama(hidden: int, layers: int, vocab: int, seq: int, device: torch.device | str = "cpu"):

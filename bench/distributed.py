@@ -99,7 +99,7 @@ class Row:
             self.adapter = shira_fx.prepare(model, cfg, progress=False)
             params = list(self.adapter.parameters())
             extra = [t for la in self.adapter.layers.values() for t in (la.indices, la.base)]
-            backend = shira_fx.backend(cfg, inner=args.compiler)
+            backend = shira_fx.backend(inner=args.compiler)
         self.trainable = sum(p.numel() for p in params)
         blocks = list((model.get_base_model() if method == "PEFT LoRA" else model).model.layers)
         if engine == "DDP":

@@ -20,9 +20,7 @@ not depend on the compiler, and eager keeps the grid affordable on a CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -31,9 +29,12 @@ import time
 
 import torch
 
-import shira_fx
-from shira_fx.data import load_task
-from shira_fx.finetune import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, write_json  # noqa: E402
+
+import shira_fx  # noqa: E402
+from shira_fx.cli.data import load_task  # noqa: E402
+from shira_fx.cli.finetune import (  # noqa: E402
     BERT_TARGETS,
     accuracy,
     load_head,
@@ -43,7 +44,7 @@ from shira_fx.finetune import (
     train_lora,
     train_shira,
 )
-from shira_fx.switching import fused_accuracy
+from shira_fx.cli.switch import fused_accuracy  # noqa: E402
 
 MASKS = ("rand", "struct", "wm", "grad", "snip")
 BUDGETS = (3, 5)  # LoRA rank r; SHiRA gets the same r*(out+in) values per weight
@@ -199,8 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = time.time() - t_start
     print(f"\n{len(runs)} training runs in {elapsed / 60:.1f} min")
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        "bench": "quality",
+        "machine": machine(),
         "args": vars(args),
         "accuracy": acc,
         "density": {r: density(probe, r) for r in budgets},
@@ -208,9 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_fusion_drop": drops,
         "seconds": elapsed,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return result
 
 

@@ -123,7 +123,7 @@ def variants(hidden: int, layers: int, args) -> Iterator[Variant]:
             cfg = shira_fx.ShiraConfig(target_modules=TARGETS, r=args.r)
             adapter = shira_fx.prepare(model, cfg, progress=False)
             be_ours = (None if mode == "eager"
-                       else shira_fx.backend(cfg, inner=args.compiler, recompute=recompute))
+                       else shira_fx.backend(inner=args.compiler, recompute=recompute))
             extra = [t for layer in adapter.layers.values() for t in (layer.indices, layer.base)]
             yield Variant(name, mode, model, list(adapter.parameters()), be_ours, ids_inputs, adapter, extra)
 

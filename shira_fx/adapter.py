@@ -1,18 +1,15 @@
 """`prepare` and `SparseAdapter`: per-layer indices, saved base values and trainable values.
 
-The fused weight is the single source of truth (DESIGN.md invariant 2): after every optimizer
-step `sync` writes `base + values` at the indices, so the forward is the plain dense linear.
-`prepare` also points each targeted module's eager forward at the `sparse_linear` op, so an
-uncompiled model trains through the same op; under torch.compile that forward falls back to
-the module's own code and the backend's fx pass does the rewrite instead.
+The fused weight is the single source of truth: after every optimizer step `sync` writes
+`base + values` at the indices, so the forward is the plain dense linear. `prepare` points
+each targeted module's eager forward at the `sparse_linear` op, so an uncompiled model trains
+through the same op; under torch.compile the backend's fx pass does that rewrite instead.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import sys
 import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -21,12 +18,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .adapter_files import FORMAT_NAME, FORMAT_VERSION, atomic_save_file, fingerprint, write_peft
+from . import ops, registry
+from .adapter_files import (
+    LayerSpec,
+    StoredAdapter,
+    check_layer_tensors,
+    fingerprint,
+    write_peft,
+    write_shira_fx,
+)
 from .config import ShiraConfig
-from .errors import ShiraAdapterError, ShiraConfigError, ShiraTrainingError
+from .errors import ShiraAdapterError, ShiraConfigError
 from .masks import build_masks
 from .targets import find_targets
+
+# (layer) -> (weight, indices, base, values) that this process writes into; see write_target
+Writer = Callable[["ShiraLayer"], tuple[Tensor, Tensor, Tensor, Tensor]]
 
 _LAYER_UIDS = itertools.count()
 
@@ -43,11 +50,9 @@ class ShiraLayer:
     base: Tensor
     values: nn.Parameter
     transposed: bool
-    # set by shira_fx.distributed.fully_shard: FSDP2 owns the weight, and between steps the
-    # module holds only this rank's shard (a DTensor); `_shard_plan` caches which of the
-    # layer's indices that shard holds
-    sharded: bool = field(default=False, repr=False)
-    _shard_plan: tuple | None = field(default=None, init=False, repr=False)
+    # who writes `base + values` when the weight is not a plain tensor of this process
+    # (shira_fx.distributed.fully_shard installs one for FSDP2's sharded weights)
+    writer: Writer | None = field(default=None, repr=False)
     # unique per layer for the life of the process; compiled code guards on it (_sparse_forward)
     uid: int = field(default_factory=lambda: next(_LAYER_UIDS), init=False, repr=False)
 
@@ -59,22 +64,14 @@ class ShiraLayer:
         """(weight, indices, base, values) that this process writes `base + values` into: the
         whole layer, or for a sharded (DTensor) weight the local block with local indices, so
         the fused weight stays the single source of truth under FSDP2 too."""
-        w = self.weight
-        if _is_dtensor(w):
-            if not self.sharded:
-                raise ShiraConfigError(
-                    f"layer {self.name!r}: the weight was sharded without shira_fx; use "
-                    "shira_fx.distributed.fully_shard, which also averages the values' gradients"
-                )
-            from .distributed import local_write_target
-
-            return local_write_target(self, w)
-        if self.sharded:
-            raise ShiraTrainingError(
-                f"layer {self.name!r}: FSDP2 holds the weight unsharded, so a write would be lost "
-                "at the next all-gather; sync after backward (when FSDP2 has resharded)"
+        if self.writer is not None:
+            return self.writer(self)
+        if registry.is_dtensor(self.weight):
+            raise ShiraConfigError(
+                f"layer {self.name!r}: the weight was sharded without shira_fx; use "
+                "shira_fx.distributed.fully_shard, which also averages the values' gradients"
             )
-        return w, self.indices, self.base, self.values
+        return self.weight, self.indices, self.base, self.values
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -84,46 +81,15 @@ class ShiraLayer:
         """Identifies the base model this layer's adapter belongs to (see `fingerprint`)."""
         return fingerprint(self.indices, self.base)
 
-
-# id(weight) -> (weakref to the weight, weakref to its layer): how the backend recognises
-# prepared weights in a Dynamo graph. Both references are weak (the module keeps its layer
-# alive) and a finalizer drops the entry with the weight, so a prepared model that is simply
-# dropped is freed.
-_REGISTRY: dict[int, tuple[weakref.ref, weakref.ref]] = {}
-
-
-def _register(weight: Tensor, layer: ShiraLayer) -> None:
-    _REGISTRY[id(weight)] = (weakref.ref(weight), weakref.ref(layer))
-    weakref.finalize(weight, _REGISTRY.pop, id(weight), None)
-
-
-def _forget(layers: Iterable[ShiraLayer]) -> None:
-    """Drop every registry entry of these layers: under FSDP2 one layer has registered both
-    its original weight and the unsharded parameter FSDP2 gathers into."""
-    gone = {id(layer) for layer in layers}
-    while True:  # a finalizer may drop an entry while we copy the registry
-        try:
-            entries = list(_REGISTRY.items())
-            break
-        except RuntimeError:
-            continue
-    for key, (_, layer_ref) in entries:
-        if id(layer_ref()) in gone:
-            _REGISTRY.pop(key, None)
-
-
-def _is_dtensor(t: object) -> bool:
-    """No tensor can be a DTensor before torch.distributed.tensor is imported (saves the import)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
+    def spec(self) -> LayerSpec:
+        """What an adapter file says about this layer."""
+        return LayerSpec(self.name, self.shape, str(self.weight.dtype).removeprefix("torch."),
+                         self.transposed, int(self.indices.numel()), self.fingerprint())
 
 
 def layer_for_weight(weight: object) -> ShiraLayer | None:
     """The prepared layer whose module weight is this very tensor object, else None."""
-    entry = _REGISTRY.get(id(weight))
-    if entry is None or entry[0]() is not weight:
-        return None
-    return entry[1]()
+    return registry.layer_for(weight)
 
 
 def _sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -237,7 +203,7 @@ class SparseAdapter(nn.Module):
         layers = list(self.layers.values())
         weights, indices, base, _ = self._write_lists()
         ops.scatter_weights_(weights, indices, base, None)
-        _forget(layers)
+        registry.forget(layers)
         for layer in layers:
             layer.module.__dict__.pop("forward", None)
             layer.module.__dict__.pop("_shira_layer", None)
@@ -270,48 +236,37 @@ class SparseAdapter(nn.Module):
             )
         for name, layer in self.layers.items():
             idx, vals = state_dict[f"{name}.indices"], state_dict[f"{name}.values"]
-            if idx.shape != layer.indices.shape or not torch.equal(
-                idx.to(layer.indices), layer.indices
-            ):
-                raise ShiraAdapterError(f"layer {name!r}: indices differ from this adapter's mask")
-            if vals.shape != layer.values.shape:
-                raise ShiraAdapterError(
-                    f"layer {name!r}: values shape {tuple(vals.shape)}, "
-                    f"expected {tuple(layer.values.shape)}"
-                )
-            if not torch.isfinite(vals).all():
-                raise ShiraAdapterError(f"layer {name!r}: values contain NaN or Inf")
+            try:
+                idx, vals = check_layer_tensors(idx, vals, layer.shape, layer.indices.numel())
+            except ValueError as e:
+                raise ShiraAdapterError(f"SparseAdapter.load_state_dict: layer {name!r}: {e}") from None
+            if not torch.equal(idx.to(layer.indices.device), layer.indices.long()):
+                raise ShiraAdapterError(f"SparseAdapter.load_state_dict: layer {name!r}: indices "
+                                        "differ from this adapter's mask")
         for name, layer in self.layers.items():
             layer.values.copy_(state_dict[f"{name}.values"])
         self.sync()
 
-    def metadata(self) -> dict[str, str]:
-        """safetensors header metadata: format, config, per-layer shape/dtype and fingerprint."""
-        layers = {
-            name: {
-                "shape": list(layer.shape),
-                "dtype": str(layer.weight.dtype).removeprefix("torch."),
-                "transposed": layer.transposed,
-                "nnz": int(layer.indices.numel()),
-                "fingerprint": layer.fingerprint(),
-            }
-            for name, layer in self.layers.items()
-        }
-        return {
-            "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
-            "config": self.cfg.to_json(),
-            "layers": json.dumps(layers, sort_keys=True),
-        }
+    def _tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return {name: (layer.indices, layer.values) for name, layer in self.layers.items()}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write indices and values as safetensors with JSON metadata, atomically (temp file
-        in the same folder + rename), so a crash never leaves a half-written adapter."""
-        atomic_save_file(self.state_dict(), path, metadata=self.metadata())
+        """Write indices and values as safetensors with JSON metadata, atomically."""
+        specs = {name: layer.spec() for name, layer in self.layers.items()}
+        write_shira_fx(path, self.cfg, specs, self._tensors())
 
-    def to_peft(self, directory: str | os.PathLike) -> None:
-        """Write a PEFT SHiRA directory (adapter_config.json + adapter_model.safetensors)."""
-        write_peft(self, directory)
+    def to_peft(self, directory: str | os.PathLike) -> int:
+        """Write a PEFT SHiRA directory (adapter_config.json + adapter_model.safetensors) that
+        `PeftModel.from_pretrained` loads; returns the r it was written with."""
+        specs = {name: layer.spec() for name, layer in self.layers.items()}
+        return write_peft(directory, self.cfg, specs, self._tensors())
+
+    def snapshot(self, source: str = "<SparseAdapter>") -> StoredAdapter:
+        """The adapter as it is now (a copy of its values), detached from the model."""
+        specs = {name: layer.spec() for name, layer in self.layers.items()}
+        tensors = {name: (idx.detach().cpu().clone(), vals.detach().cpu().clone())
+                   for name, (idx, vals) in self._tensors().items()}
+        return StoredAdapter.in_memory(source, self.cfg, specs, tensors)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.layers)
@@ -369,7 +324,7 @@ def prepare(
         values = nn.Parameter(torch.zeros(idx.numel(), dtype=cfg.torch_values_dtype, device=w.device))
         layer = ShiraLayer(t.name, t.module, idx, base, values, t.transposed)
         layers[t.name] = layer
-        _register(w, layer)
+        registry.register(w, layer)
         t.module._shira_layer = layer
         t.module.forward = types.MethodType(_sparse_forward, t.module)
     adapter = SparseAdapter(cfg, layers, frozen)

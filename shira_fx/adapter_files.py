@@ -1,5 +1,6 @@
-"""Adapter files: shira_fx safetensors files and PEFT SHiRA directories, read lazily and
-validated before anything can reach a model; PEFT SHiRA directories written for PEFT to load.
+"""Every adapter file format, both ways: shira_fx safetensors files (indices, values and JSON
+metadata) and PEFT SHiRA directories, written atomically and read lazily, with one validator
+for indices and values that files, `load_state_dict` and checkpoints share.
 
 Files are never unpickled: only safetensors (a JSON header + raw buffers) and JSON are read.
 """
@@ -11,9 +12,9 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,9 +23,6 @@ from torch import Tensor
 
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError
-
-if TYPE_CHECKING:
-    from .adapter import SparseAdapter
 
 FORMAT_NAME = "shira_fx"
 FORMAT_VERSION = 1
@@ -48,6 +46,11 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None
     mkstemp's 0600, so replacing an adapter does not make it unreadable to other users."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        example = os.path.join(path, "adapter.safetensors")
+        raise ShiraAdapterError(f"{path} is a directory; give a file path (e.g. {example})")
+    if not os.path.isdir(folder):
+        raise ShiraAdapterError(f"{path}: the folder {folder} does not exist")
     try:
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
@@ -125,6 +128,52 @@ def fingerprint(indices: Tensor, base: Tensor) -> str:
     return h.hexdigest()
 
 
+def check_layer_tensors(idx: Tensor, vals: Tensor, shape: tuple[int, int],
+                        nnz: int | None = None) -> tuple[Tensor, Tensor]:
+    """One layer's indices and values as an adapter may hold them: 1-D integer indices, sorted,
+    unique and in range for a weight of `shape` (as stored), as many 1-D finite float values
+    (`nnz` of each when given). Returns (int64 indices, values); raises ValueError naming the
+    problem (callers add the file and layer)."""
+    if not isinstance(idx, Tensor) or idx.dtype not in INDEX_DTYPES:
+        raise ValueError(f"indices must be integers (int32/int64), found {getattr(idx, 'dtype', idx)!r:.40}")
+    if not isinstance(vals, Tensor) or vals.dtype not in FLOAT_DTYPES or vals.dim() != 1:
+        found = f"{vals.dtype} {tuple(vals.shape)}" if isinstance(vals, Tensor) else type(vals).__name__
+        raise ValueError(f"values must be a 1-D float tensor, found {found}")
+    if idx.dim() != 1:
+        raise ValueError(f"indices must be 1-D, found shape {tuple(idx.shape)}")
+    if nnz is not None and (idx.numel() != nnz or vals.numel() != nnz):
+        raise ValueError(f"expected {nnz} indices and values, found {idx.numel()} and {vals.numel()}")
+    if idx.numel() != vals.numel():
+        raise ValueError(f"{idx.numel()} indices but {vals.numel()} values")
+    # ranges are compared as Python ints: a hostile shape may not fit in int64
+    numel = int(shape[0]) * int(shape[1])
+    idx = idx.long()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+        raise ValueError(f"index out of range [0, {numel}) for a weight of shape {tuple(shape)}")
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise ValueError("indices are not sorted and unique (a duplicate or out of order)")
+    if not bool(torch.isfinite(vals.float()).all()):
+        raise ValueError("values contain NaN or Inf (or overflow fp32)")
+    return idx, vals
+
+
+def _peft_flat(idx: Tensor, vals: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """PEFT's (2, K) rows and columns of an (out, in) weight as sorted flat offsets (the
+    values permuted alike)."""
+    if idx.shape[0] != 2 or idx.dtype not in INDEX_DTYPES:
+        raise ValueError(f"PEFT indices have shape {tuple(idx.shape)} {idx.dtype}, expected (2, K) integers")
+    out_f, in_f = (int(s) for s in shape)
+    rows, cols = idx[0].long(), idx[1].long()
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_f
+                         or int(cols.min()) < 0 or int(cols.max()) >= in_f):
+        raise ValueError(f"PEFT indices out of range for a weight of shape {tuple(shape)}")
+    flat = rows * in_f + cols
+    if isinstance(vals, Tensor) and vals.dim() == 1 and vals.numel() == flat.numel():
+        order = torch.argsort(flat, stable=True)
+        flat, vals = flat[order], vals[order]
+    return flat, vals
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """What an adapter says about one layer before any tensor is read. `shape` is the weight
@@ -148,6 +197,13 @@ class StoredAdapter:
         self.layers = layers
         self._reader = reader  # (layer name) -> (raw indices, raw values)
 
+    @classmethod
+    def in_memory(cls, source: str, cfg: ShiraConfig, layers: dict[str, LayerSpec],
+                  tensors: Mapping[str, tuple[Tensor, Tensor]]) -> StoredAdapter:
+        """An adapter held in memory (a snapshot of a SparseAdapter): `tensors` maps each
+        layer to its (indices, values)."""
+        return cls(source, cfg, layers, tensors.__getitem__)
+
     def error(self, problem: str, layer: str | None = None) -> ShiraAdapterError:
         where = f"layer {layer!r}: " if layer else ""
         return ShiraAdapterError(f"{self.source}: {where}{problem}")
@@ -160,42 +216,13 @@ class StoredAdapter:
             idx, vals = self._reader(name)
         except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
             raise self.error(f"cannot read tensors ({e})", name) from e
-        # ranges are compared as Python ints: a hostile shape may not fit in int64
-        out_f, in_f = (int(s) for s in shape)
-        numel = out_f * in_f
-        if idx.dtype not in INDEX_DTYPES:
-            raise self.error(f"indices must be integers (int32/int64), found {idx.dtype}", name)
-        if vals.dtype not in FLOAT_DTYPES:
-            raise self.error(f"values must be a 1-D float tensor, found {vals.dtype} "
-                             f"{tuple(vals.shape)}", name)
-        if idx.dim() == 2:  # PEFT: (2, K) rows and columns of an (out, in) weight
-            if idx.shape[0] != 2:
-                raise self.error(f"PEFT indices have shape {tuple(idx.shape)}, expected (2, K)", name)
-            rows, cols = idx[0].long(), idx[1].long()
-            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_f
-                                 or int(cols.min()) < 0 or int(cols.max()) >= in_f):
-                raise self.error(f"PEFT indices out of range for a weight of shape {shape}", name)
-            idx = rows * in_f + cols
-            if vals.dim() == 1 and vals.numel() == idx.numel():
-                order = torch.argsort(idx, stable=True)
-                idx, vals = idx[order], vals[order]
-        if idx.dim() != 1:
-            raise self.error(f"indices must be 1-D, found shape {tuple(idx.shape)}", name)
-        if vals.dim() != 1:
-            raise self.error(f"values must be a 1-D float tensor, found {vals.dtype} "
-                             f"{tuple(vals.shape)}", name)
-        if idx.numel() != spec.nnz or vals.numel() != spec.nnz:
-            raise self.error(f"expected {spec.nnz} indices and values, found {idx.numel()} "
-                             f"and {vals.numel()}", name)
-        idx = idx.long()
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-            raise self.error(f"index out of range [0, {numel}) for a weight of shape {shape}", name)
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            raise self.error("indices are not sorted and unique (a duplicate or out of order)", name)
-        vals = vals.float()
-        if not bool(torch.isfinite(vals).all()):
-            raise self.error("values contain NaN or Inf (or overflow fp32)", name)
-        return idx, vals
+        try:
+            if isinstance(idx, Tensor) and idx.dim() == 2:
+                idx, vals = _peft_flat(idx, vals, shape)
+            idx, vals = check_layer_tensors(idx, vals, shape, spec.nnz)
+        except ValueError as e:
+            raise self.error(str(e), name) from None
+        return idx, vals.float()
 
     def __repr__(self) -> str:
         return f"StoredAdapter({self.source!r}, layers={len(self.layers)})"
@@ -236,7 +263,7 @@ def _int(value: Any) -> int:
 
 
 def _layer_spec(name: str, d: Any) -> LayerSpec:
-    """One layer's metadata as written by `SparseAdapter.metadata`, type-checked."""
+    """One layer's metadata as `_specs_metadata` writes it, type-checked."""
     if not isinstance(d, dict):
         raise TypeError(f"expected an object, found {type(d).__name__}")
     shape = d["shape"]
@@ -362,50 +389,91 @@ def load_adapter(path: str | os.PathLike) -> StoredAdapter:
     return _load_shira_fx(path)
 
 
-def from_adapter(adapter: SparseAdapter, source: str = "<SparseAdapter>") -> StoredAdapter:
-    """A snapshot of an in-memory SparseAdapter (its current values), as a StoredAdapter."""
-    snap = {n: (la.indices.detach().cpu().clone(), la.values.detach().cpu().clone())
-            for n, la in adapter.layers.items()}
+def _specs_metadata(cfg: ShiraConfig, specs: Mapping[str, LayerSpec]) -> dict[str, str]:
+    """The safetensors header metadata of a shira_fx file (what `_layer_spec` reads back)."""
     layers = {
-        n: LayerSpec(n, la.shape, str(la.weight.dtype).removeprefix("torch."), la.transposed,
-                     la.indices.numel(), la.fingerprint())
-        for n, la in adapter.layers.items()
+        name: {"shape": list(spec.shape), "dtype": spec.dtype, "transposed": spec.transposed,
+               "nnz": spec.nnz, "fingerprint": spec.fingerprint}
+        for name, spec in specs.items()
     }
-    return StoredAdapter(source, adapter.cfg, layers, snap.__getitem__)
+    return {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "config": cfg.to_json(),
+        "layers": json.dumps(layers, sort_keys=True),
+    }
 
 
-def write_peft(adapter: SparseAdapter, directory: str | os.PathLike) -> None:
-    """Write `adapter` as a PEFT SHiRA directory that `PeftModel.from_pretrained` loads.
+def write_shira_fx(path: str | os.PathLike, cfg: ShiraConfig, specs: Mapping[str, LayerSpec],
+                   tensors: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+    """Write a shira_fx adapter file: `<layer>.indices` (int32) and `<layer>.values` per layer
+    and the metadata, atomically (a crash never leaves a half-written adapter)."""
+    flat = {}
+    for name, (idx, vals) in tensors.items():
+        flat[f"{name}.indices"] = idx.detach().to(torch.int32)
+        flat[f"{name}.values"] = vals.detach()
+    atomic_save_file(flat, path, metadata=_specs_metadata(cfg, specs))
 
-    PEFT sizes every layer as r*(out+in) values and supports only nn.Linear, so the adapter
-    must have been prepared with `r` on nn.Linear layers.
+
+def peft_rank(specs: Mapping[str, LayerSpec]) -> int:
+    """The smallest r for which every layer's values fit in PEFT's r*(out+in) per layer."""
+    return max(-(-spec.nnz // (spec.shape[0] + spec.shape[1])) for spec in specs.values())
+
+
+def _padded(idx: Tensor, vals: Tensor, size: int, numel: int) -> tuple[Tensor, Tensor]:
+    """`idx`, `vals` grown to `size` entries with zero values at the lowest offsets the mask
+    does not hold (a zero adds nothing when PEFT merges), sorted again."""
+    need = size - idx.numel()
+    if need == 0:
+        return idx, vals
+    free = torch.ones(min(numel, idx.numel() + need), dtype=torch.bool)
+    free[idx[idx < free.numel()]] = False
+    extra = free.nonzero().view(-1)[:need]
+    idx = torch.cat([idx, extra])
+    vals = torch.cat([vals, torch.zeros(need, dtype=vals.dtype)])
+    order = torch.argsort(idx)
+    return idx[order], vals[order]
+
+
+def write_peft(directory: str | os.PathLike, cfg: ShiraConfig, specs: Mapping[str, LayerSpec],
+               tensors: Mapping[str, tuple[Tensor, Tensor]]) -> int:
+    """Write a PEFT SHiRA directory that `PeftModel.from_pretrained` loads; returns its r.
+
+    PEFT holds exactly r*(out+in) values per nn.Linear layer, so each layer is padded to the
+    smallest r that fits them all, with zero values at positions the mask does not hold: PEFT's
+    merged model then computes exactly what this adapter does. PEFT SHiRA has no Conv1D layer.
     """
-    cfg = adapter.cfg
-    if cfg.r is None:
-        raise ShiraAdapterError("to_peft: PEFT SHiRA stores r*(out+in) values per layer; prepare "
-                                "the adapter with ShiraConfig(r=...) instead of density")
-    for name, layer in adapter.layers.items():
-        if layer.transposed:
-            raise ShiraAdapterError(f"to_peft: layer {name!r} is a Conv1D; PEFT SHiRA supports "
-                                    "only nn.Linear")
-        out_f, in_f = layer.shape
-        if layer.indices.numel() != cfg.r * (out_f + in_f):
-            raise ShiraAdapterError(f"to_peft: layer {name!r} has {layer.indices.numel()} values; "
-                                    f"PEFT expects r*(out+in) = {cfg.r * (out_f + in_f)}")
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    tensors = {}
-    for name, layer in adapter.layers.items():
-        idx = layer.indices.detach().long().cpu()
-        in_f = layer.shape[1]
-        tensors[f"{PEFT_PREFIX}{name}.shira_indices"] = torch.stack([idx // in_f, idx % in_f]).int()
-        tensors[f"{PEFT_PREFIX}{name}.shira_weight"] = layer.values.detach().float().cpu().contiguous()
+    for name, spec in specs.items():
+        if spec.transposed:
+            raise ShiraAdapterError(f"to_peft: layer {name!r} is a transformers Conv1D (weight stored "
+                                    "(in, out)); PEFT SHiRA supports only nn.Linear")
+    r = peft_rank(specs)
+    out = {}
+    for name, spec in specs.items():
+        out_f, in_f = spec.shape
+        if r * (out_f + in_f) > out_f * in_f:
+            raise ShiraAdapterError(f"to_peft: layer {name!r} would need r*(out+in) = "
+                                    f"{r * (out_f + in_f)} positions, more than its {out_f * in_f} "
+                                    f"weights (r={r} is set by the densest layer)")
+        idx, vals = tensors[name]
+        idx, vals = _padded(idx.detach().long().cpu(), vals.detach().float().cpu(),
+                            r * (out_f + in_f), out_f * in_f)
+        out[f"{PEFT_PREFIX}{name}.shira_indices"] = torch.stack([idx // in_f, idx % in_f]).int()
+        out[f"{PEFT_PREFIX}{name}.shira_weight"] = vals.contiguous()
     peft_cfg = {
-        "peft_type": "SHIRA", "r": cfg.r, "mask_type": "random", "random_seed": cfg.seed,
-        "target_modules": sorted(adapter.layers), "fan_in_fan_out": False, "init_weights": True,
+        "peft_type": "SHIRA", "r": r, "mask_type": "random", "random_seed": cfg.seed,
+        "target_modules": sorted(specs), "fan_in_fan_out": False, "init_weights": True,
         "modules_to_save": None, "inference_mode": True, "task_type": None,
         "base_model_name_or_path": None, "revision": None,
     }
-    atomic_save_file(tensors, os.path.join(directory, PEFT_WEIGHTS), metadata={"format": "pt"})
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ShiraAdapterError(f"to_peft: {directory} exists and is not a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ShiraAdapterError(f"to_peft: cannot create the directory {directory} ({e})") from e
+    atomic_save_file(out, os.path.join(directory, PEFT_WEIGHTS), metadata={"format": "pt"})
     atomic_write_text(json.dumps(peft_cfg, indent=2, sort_keys=True),
                       os.path.join(directory, "adapter_config.json"))
+    return r

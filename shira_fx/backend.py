@@ -1,8 +1,13 @@
-"""`backend(cfg)`: the torch.compile backend that runs the SHiRA pass, then an inner compiler."""
+"""The torch.compile backend: the SHiRA pass, then an inner compiler (Inductor by default).
+
+`torch.compile(model, backend=shira_fx.backend())` or, by its registered name,
+`torch.compile(model, backend="shira_fx")`.
+"""
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -11,6 +16,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitioner
 
 from . import passes
 from .config import ShiraConfig
+from .errors import ShiraConfigError
 from .passes import RewriteReport, record_partition, rewrite_sparse_linears, tag_sparse_linear_inputs
 
 log = logging.getLogger("shira_fx")
@@ -67,6 +73,16 @@ def _aot_eager_with_recompute(report: RewriteReport) -> Callable:
     return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition)
 
 
+def _inductor_options(mode: str | None, options: dict | None) -> dict:
+    """Inductor config patches for torch.compile's `mode` and `options`."""
+    from torch._inductor import list_mode_options
+
+    if mode not in (None, "default") and mode not in list_mode_options():
+        raise ShiraConfigError(f"torch.compile: unknown mode {mode!r}; expected one of "
+                               f"{', '.join(list_mode_options())}")
+    return {**(list_mode_options(mode) if mode else {}), **(options or {})}
+
+
 class ShiraBackend:
     """A torch.compile backend: rewrite prepared linears, then hand the graph to `inner`
     ("inductor", "aot_eager", "eager", any registered backend name, or a backend callable).
@@ -75,19 +91,19 @@ class ShiraBackend:
     `torch._functorch.config.activation_memory_budget` for this backend's compiles only.
     `reports` keeps one RewriteReport per compiled graph, in compile order."""
 
-    def __init__(self, cfg: ShiraConfig | None = None, inner: str | Callable = "inductor",
-                 recompute: str = "auto", memory_budget: float | None = None):
+    def __init__(self, inner: str | Callable = "inductor", recompute: str = "auto",
+                 memory_budget: float | None = None):
         if recompute not in ("auto", "off"):
             raise ValueError(f"backend: recompute must be 'auto' or 'off', found {recompute!r}")
         if memory_budget is not None and not 0.0 <= memory_budget <= 1.0:
             raise ValueError(f"backend: memory_budget must be in [0, 1], found {memory_budget!r}")
-        self.cfg = cfg
         self.inner = inner
         self.recompute = recompute
         self.memory_budget = memory_budget
         self.reports: list[RewriteReport] = []
 
-    def _compile(self, gm: fx.GraphModule, example_inputs: list, report: RewriteReport) -> Callable:
+    def _compile(self, gm: fx.GraphModule, example_inputs: list, report: RewriteReport,
+                 inductor_options: dict) -> Callable:
         tag = self.recompute == "auto" and bool(report.rewritten)
         if callable(self.inner):
             return self.inner(gm, example_inputs)
@@ -98,7 +114,8 @@ class ShiraBackend:
 
             hook = _TagInputsPass(report) if tag else None
             partitioner = _RecordingPartitioner(report) if report.rewritten else None
-            with inductor_config.patch(joint_custom_pre_pass=hook, custom_partitioner_fn=partitioner):
+            with inductor_config.patch(joint_custom_pre_pass=hook, custom_partitioner_fn=partitioner,
+                                       **inductor_options):
                 return compile_fx(gm, example_inputs)
         if self.inner == "aot_eager" and self.recompute == "auto":
             # min-cut for every graph, as Inductor partitions: graphs without a prepared layer
@@ -106,8 +123,17 @@ class ShiraBackend:
             return _aot_eager_with_recompute(report)(gm, example_inputs)
         return torch._dynamo.lookup_backend(self.inner)(gm, example_inputs)
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, mode: str | None = None,
+                 options: dict | None = None) -> Callable:
+        """Compile one Dynamo graph; `mode` and `options` are torch.compile's, for Inductor."""
+        inductor_options = _inductor_options(mode, options)
         report = rewrite_sparse_linears(gm, example_inputs)
+        if inductor_options.get("triton.cudagraphs") and report.rewritten:
+            raise ShiraConfigError(
+                f"torch.compile(mode={mode!r}) captures CUDA graphs, which shira_fx does not "
+                "support for training graphs (the weights change between replays); use "
+                "mode='max-autotune-no-cudagraphs' or the default mode"
+            )
         self.reports.append(report)
         functorch_config = {}
         if self.memory_budget is not None:
@@ -117,7 +143,7 @@ class ShiraBackend:
             # count and the memory report; Inductor's own FX graph cache (codegen) still applies
             functorch_config["enable_autograd_cache"] = False
         with torch._functorch.config.patch(**functorch_config):
-            compiled = self._compile(gm, example_inputs, report)
+            compiled = self._compile(gm, example_inputs, report, inductor_options)
         if report.rewritten or report.skipped:
             log.info("shira_fx graph %d: %s", len(self.reports) - 1, report.summary())
         return compiled
@@ -132,15 +158,42 @@ class ShiraBackend:
         return status
 
 
-def backend(cfg: ShiraConfig | None = None, inner: str | Callable = "inductor",
-            recompute: str = "auto", memory_budget: float | None = None) -> ShiraBackend:
-    """`torch.compile(model, backend=shira_fx.backend(cfg))`: training graphs use the sparse
-    gradient op for every prepared layer; inference graphs keep the dense linear."""
-    return ShiraBackend(cfg, inner, recompute, memory_budget)
+def backend(inner: str | Callable = "inductor", recompute: str = "auto",
+            memory_budget: float | None = None) -> ShiraBackend:
+    """`torch.compile(model, backend=shira_fx.backend())`: training graphs use the sparse
+    gradient op for every prepared layer; inference graphs keep the dense linear.
+
+    `inner`: "inductor", "aot_eager", "eager", any registered backend name or a backend
+    callable. `recompute="auto"` rebuilds each adapted layer's input in backward instead of
+    saving it; `memory_budget` is torch's activation memory budget for these compiles only.
+    """
+    if isinstance(inner, ShiraConfig):  # the config was once passed here, and never used
+        warnings.warn("shira_fx.backend(cfg): the config is not used by the backend (prepare "
+                      "takes it); call shira_fx.backend()", DeprecationWarning, stacklevel=2)
+        inner = "inductor"
+    return ShiraBackend(inner, recompute, memory_budget)
 
 
-def explain(compiled_backend: ShiraBackend) -> str:
-    """Human-readable account of what the backend did to each compiled graph."""
+# what torch.compile(model, backend="shira_fx") uses (the `torch_dynamo_backends` entry point)
+default_backend = ShiraBackend()
+
+
+def _register_name() -> None:
+    """Register "shira_fx" with Dynamo unless its entry point is being loaded (then Dynamo
+    registers `default_backend` itself, and a second registration would be refused)."""
+    from torch._dynamo.backends import registry as dynamo_backends
+
+    if "shira_fx" not in dynamo_backends._BACKENDS:
+        dynamo_backends.register_backend(default_backend, name="shira_fx")
+
+
+_register_name()
+
+
+def explain(compiled_backend: ShiraBackend | None = None) -> str:
+    """Human-readable account of what the backend did to each compiled graph (by default, the
+    backend torch.compile(..., backend="shira_fx") uses)."""
+    compiled_backend = default_backend if compiled_backend is None else compiled_backend
     if not compiled_backend.reports:
         return "shira_fx: nothing compiled yet (call the compiled model first)"
     parts = []

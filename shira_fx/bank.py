@@ -1,6 +1,6 @@
 """AdapterBank: many SHiRA adapters beside one base model, switched and fused in place.
 
-Switching is O(nnz) (DESIGN.md invariant 3): `activate` restores the positions the previous
+Switching is O(nnz): `activate` restores the positions the previous
 activation touched from saved base values, then writes `base + Σ wᵢ·deltaᵢ` at the new
 positions — two fused scatter launches over all layers, no weight-sized tensor, no
 recompilation (weights change in place; compiled inference graphs read them as inputs).
@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 from . import ops
 from .adapter import SparseAdapter
-from .adapter_files import StoredAdapter, fingerprint, from_adapter, load_adapter
+from .adapter_files import StoredAdapter, fingerprint, load_adapter
 from .errors import ShiraAdapterError
-from .targets import is_linear_like
+from .targets import is_linear_like, is_transposed
 
 
 @dataclass
@@ -214,7 +214,7 @@ class AdapterBank:
         if name in self._adapters:
             raise ShiraAdapterError(f"AdapterBank.load: {name!r} is already loaded; unload it first")
         if isinstance(source, SparseAdapter):
-            stored = from_adapter(source, f"<SparseAdapter {name}>")
+            stored = source.snapshot(f"<SparseAdapter {name}>")
         elif isinstance(source, StoredAdapter):
             stored = source
         else:
@@ -226,7 +226,7 @@ class AdapterBank:
                 raise stored.error("no linear layer of this name in the model (an adapter for "
                                    "another model?)", layer_name)
             w = module.weight
-            transposed = not isinstance(module, nn.Linear)
+            transposed = is_transposed(module)
             if spec.shape is not None and tuple(w.shape) != spec.shape:
                 raise stored.error(f"weight shape {spec.shape} in the adapter, "
                                    f"{tuple(w.shape)} in the model", layer_name)

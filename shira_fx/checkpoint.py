@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .adapter import SparseAdapter
-from .adapter_files import atomic_save_file
+from .adapter_files import atomic_save_file, check_layer_tensors
 from .errors import ShiraAdapterError
 
 CHECKPOINT_FORMAT = "shira_fx-checkpoint"
@@ -126,16 +126,14 @@ def _check_adapter(path: str, tensors: dict[str, Tensor], adapter: SparseAdapter
         raise ShiraAdapterError(f"{path}: a checkpoint of another adapter: layers missing "
                                 f"{missing[:5]}, unexpected {extra[:5]}")
     for name, layer in adapter.layers.items():
-        idx, vals = state[f"{name}.indices"], state[f"{name}.values"]
-        if idx.shape != layer.indices.shape or idx.dtype.is_floating_point or idx.dtype == torch.bool \
-                or not torch.equal(idx.long(), layer.indices.long()):
+        try:
+            idx, _ = check_layer_tensors(state[f"{name}.indices"], state[f"{name}.values"],
+                                         layer.shape, layer.indices.numel())
+        except ValueError as exc:
+            raise ShiraAdapterError(f"{path}: layer {name!r}: {exc}") from None
+        if not torch.equal(idx, layer.indices.long().cpu()):
             raise ShiraAdapterError(f"{path}: layer {name!r}: indices differ from this adapter's "
                                     "mask (a checkpoint of another adapter or mask seed)")
-        if vals.shape != layer.values.shape or not vals.dtype.is_floating_point:
-            raise ShiraAdapterError(f"{path}: layer {name!r}: values are {vals.dtype} "
-                                    f"{tuple(vals.shape)}, expected {tuple(layer.values.shape)}")
-        if not bool(torch.isfinite(vals).all()):
-            raise ShiraAdapterError(f"{path}: layer {name!r}: values contain NaN or Inf")
     return state
 
 

@@ -1,33 +1,10 @@
 """SHiRA beyond one process: DDP after `adapter.register_values()`, FSDP2 through `fully_shard`.
 
-DDP. `prepare` freezes the base, so the values are the only parameters that need a gradient.
-Once `register_values` makes them parameters of their modules, `DistributedDataParallel(model)`
-all-reduces exactly their gradients and nothing else changes: the compiled graph, the sync
-after `optimizer.step()` and the saved adapter are those of a single process. The values enter
-a compiled graph through the backend's pass, not as Dynamo inputs, so Dynamo's DDPOptimizer
-counts no trainable parameter and compiles one graph. If other large parameters train too it
-splits the graph and hands the backend fake tensors, which the pass cannot match to prepared
-weights (the values then get no gradient and DDP or `train_step` raises): set
-`torch._dynamo.config.optimize_ddp = False` in that case.
-
-FSDP2. Each rank keeps a Shard(0) block of every base weight (a DTensor) and all-gathers the
-full weight just before a sharded module runs. `W = base + values` at the mask can be kept
-two ways:
-
-* fuse after every all-gather (the shard holds the plain base; the values are scattered into
-  the gathered weight): twice per step with `reshard_after_forward`, from inside FSDP2, which
-  has no public post-all-gather hook for plain tensors;
-* write each rank's own rows (chosen): after `optimizer.step()` each rank scatters
-  `base + values` into its own shard at the indices it holds, translated to local offsets.
-  The all-gather then ships fused weights, so forward and backward, compiled or eager, read
-  exactly the weight one process would; nothing runs per all-gather; a step writes
-  O(nnz / world) elements.
-
-The values stay replicated: FSDP2 does not manage them, every rank's backward yields the full
-gradient on its micro-batch, and one all-reduce at the end of backward averages them (the
-traffic DDP would have). At 1 % density fp32 values with AdamW state cost 0.12 bytes per base
-parameter on every rank; sharding them too would need an all-gather of the values before
-each write.
+DDP all-reduces exactly the values' gradients once they are module parameters. Under FSDP2
+each rank keeps a row block (a DTensor shard) of every base weight; `fully_shard` installs a
+per-layer writer so that `sync` writes `base + values` into the rank's own rows (flat indices
+translated to local offsets), the all-gathers then ship fused weights, and the replicated
+values' gradients are averaged at the end of each backward. docs/design.md says why.
 """
 
 from __future__ import annotations
@@ -38,8 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .adapter import ShiraLayer, SparseAdapter, _is_dtensor, _register, layer_for_weight
-from .errors import ShiraConfigError
+from . import registry
+from .adapter import ShiraLayer, SparseAdapter
+from .errors import ShiraConfigError, ShiraTrainingError
 
 
 def local_plan(
@@ -60,32 +38,44 @@ def local_plan(
     return local, own
 
 
-def local_write_target(layer: ShiraLayer, weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(local shard, local indices, base, values) for a DTensor weight: what `sync` and `remove`
-    write on this rank. The plan is cached per shard geometry; the local tensor is looked up
-    each time because FSDP2 may re-pad the shard (and move its storage) at lazy init."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+class _ShardWriter:
+    """What `sync` and `remove` write on this rank for one FSDP2-sharded layer: the local block
+    of the weight with the layer's indices translated to it (the plan is cached per shard
+    geometry; the local tensor is looked up each time, because FSDP2 may re-pad the shard
+    and move its storage at lazy init)."""
 
-    if weight.ndim != 2 or any(type(p) not in (Shard, Replicate) for p in weight.placements):
-        raise ShiraConfigError(
-            f"layer {layer.name!r}: placements {weight.placements} of a {weight.ndim}-D weight; "
-            "expected Shard/Replicate of a 2-D weight"
+    def __init__(self) -> None:
+        self.plan: tuple | None = None
+
+    def __call__(self, layer: ShiraLayer) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        weight = layer.weight
+        if not registry.is_dtensor(weight):
+            raise ShiraTrainingError(
+                f"layer {layer.name!r}: FSDP2 holds the weight unsharded, so a write would be lost "
+                "at the next all-gather; sync after backward (when FSDP2 has resharded)"
+            )
+        if weight.ndim != 2 or any(type(p) not in (Shard, Replicate) for p in weight.placements):
+            raise ShiraConfigError(
+                f"layer {layer.name!r}: placements {weight.placements} of a {weight.ndim}-D weight; "
+                "expected Shard/Replicate of a 2-D weight"
+            )
+        shape, offset = compute_local_shape_and_global_offset(
+            weight.shape, weight.device_mesh, weight.placements
         )
-    shape, offset = compute_local_shape_and_global_offset(
-        weight.shape, weight.device_mesh, weight.placements
-    )
-    key = (tuple(weight.shape), tuple(shape), tuple(offset))
-    if layer._shard_plan is None or layer._shard_plan[0] != key:
-        layer._shard_plan = (key, *local_plan(layer.indices, weight.shape[1], shape, offset))
-    _, indices, own = layer._shard_plan
-    local = weight.to_local()
-    if tuple(local.shape) != tuple(shape) or not local.is_contiguous():
-        raise ShiraConfigError(
-            f"layer {layer.name!r}: local shard {tuple(local.shape)} is not the contiguous "
-            f"block {tuple(shape)} its placements describe"
-        )
-    return local, indices, layer.base[own], layer.values[own]
+        key = (tuple(weight.shape), tuple(shape), tuple(offset))
+        if self.plan is None or self.plan[0] != key:
+            self.plan = (key, *local_plan(layer.indices, weight.shape[1], shape, offset))
+        _, indices, own = self.plan
+        local = weight.to_local()
+        if tuple(local.shape) != tuple(shape) or not local.is_contiguous():
+            raise ShiraConfigError(
+                f"layer {layer.name!r}: local shard {tuple(local.shape)} is not the contiguous "
+                f"block {tuple(shape)} its placements describe"
+            )
+        return local, indices, layer.base[own], layer.values[own]
 
 
 class _AverageGrads:
@@ -130,8 +120,8 @@ def _recognise_gathered(layers: list[ShiraLayer]) -> Callable:
     def hook(module: nn.Module, args: tuple) -> None:
         for layer in layers:
             w = layer.module.weight
-            if not _is_dtensor(w) and layer_for_weight(w) is not layer:
-                _register(w, layer)
+            if not registry.is_dtensor(w) and registry.layer_for(w) is not layer:
+                registry.register(w, layer)
 
     return hook
 
@@ -161,9 +151,9 @@ def fully_shard(
         if layers:
             adapter._hooks.append(unit.register_forward_pre_hook(_recognise_gathered(layers)))
     for layer in adapter.layers.values():
-        if not _is_dtensor(layer.weight):
+        if not registry.is_dtensor(layer.weight):
             raise ShiraConfigError(f"fully_shard: {layer.name!r} was not sharded")
-        layer.sharded = True
+        layer.writer = _ShardWriter()
     mesh = kwargs.get("mesh")
     group = mesh.get_group() if mesh is not None and mesh.ndim == 1 else None
     averager = _AverageGrads(list(adapter.parameters()), group)

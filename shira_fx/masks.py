@@ -1,37 +1,10 @@
 """Masks: which elements of each targeted weight a SHiRA adapter trains.
 
-`build_masks` returns, per target, the sorted unique int32 flat offsets into the weight *as
-stored* (row-major over `weight.shape`; GPT-2's Conv1D stores (in, out)), exactly
-`cfg.budget(out, in)` of them. The kinds follow the SHiRA paper (RESEARCH.md §1):
-
-- rand: a uniformly random subset. Positions are drawn with replacement from a generator seeded
-  by crc32(seed, layer name), deduplicated and topped up; the set of distinct draws is uniform
-  given its size (the draws are exchangeable), and a random k-subset of it stays uniform. This
-  costs O(k) memory where `randperm` costs an int64 per weight element, so `randperm` is used
-  only when k is over a quarter of the weight (then the output is O(numel) anyway).
-- struct: on the logical (out, in) matrix, n whole rows (output neurons) at stride
-  f = out // n starting at row `seed % f`, plus the diagonal; n is the most rows that fit the
-  budget. Seeds that differ modulo f pick disjoint rows (the paper's non-overlapping adapters).
-  A shortfall is topped up column by column from the next row at stride (then the following
-  unselected rows); a budget below the diagonal's length takes the first k diagonal elements.
-- wm: top-k |W|.
-- grad: top-k of sum_b |dL_b/dW| over the calibration batches b.
-- snip: top-k of sum_b |W * dL_b/dW|, which equals |W| * (the grad statistic).
-
-Top-k ties go to the lower flat index. Scores are computed in fp32 (fp64 for fp64 weights);
-the k-th largest is found by a radix select in blocks, not `torch.topk` (see `_kth_largest`).
-
-grad/snip memory: a forward hook on each targeted module records its input x (detached) and
-output y; only the targeted weights require grad during calibration, and
-`torch.autograd.grad(loss, ys)` returns dL/dy without running any AccumulateGrad, so no dense
-`.grad` is ever formed or touched. Each layer keeps (x, dL/dy) per batch, flattened to
-(tokens, in) and (tokens, out): never weight-sized, but they add up over batches (per batch,
-about what a frozen backward saves, plus dL/dy), so keep the calibration set small. Then, one
-layer at a time, sum_b |dW_b| is accumulated into a single fp32 weight-sized tensor, with
-dW_b = dy^T x (Linear) or x^T dy (Conv1D) formed a block of rows at a time in a scratch buffer
-of at most a quarter of the weight; the layer's top-k is taken and its tensors freed before
-the next layer. The model runs in its current train/eval mode; every requires_grad flag is
-restored and every hook removed on the way out, even on error.
+`build_masks` returns, per target, exactly `cfg.budget(out, in)` sorted unique int32 flat
+offsets into the weight as stored. The kinds follow the SHiRA paper: rand (a uniform subset),
+struct (whole rows at a stride plus the diagonal), wm (top |W|), grad (top accumulated
+|dL/dW| over calibration batches) and snip (top |W * dL/dW|). Top-k ties go to the lower
+offset, and no kind holds more than one weight-sized score at a time.
 """
 
 from __future__ import annotations
@@ -136,7 +109,11 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _rand_mask(numel: int, k: int, seed: int, name: str) -> torch.Tensor:
-    """k uniformly random distinct offsets in [0, numel), from a per-layer stable seed."""
+    """k uniformly random distinct offsets in [0, numel), from a generator seeded by
+    crc32(seed, layer name). Draws with replacement, deduplicated and topped up: the distinct
+    draws are a uniform set given their number, and a random k-subset of it stays uniform, in
+    O(k) memory (`randperm` costs an int64 per weight element, so it is used only when k is
+    over a quarter of the weight, where the output is O(numel) anyway)."""
     g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
     if k * _RANDPERM_FRACTION > numel:
         return torch.randperm(numel, generator=g)[:k].sort().values.to(torch.int32)
@@ -175,7 +152,12 @@ def _struct_rows(rows: int, cols: int, k: int, seed: int) -> tuple[int, int, int
 
 def _struct_mask(rows: int, cols: int, k: int, seed: int, transposed: bool) -> torch.Tensor:
     """Rows at stride plus the diagonal on the logical (out=rows, in=cols) matrix, exactly k
-    elements, mapped to flat offsets in the stored layout ((in, out) when transposed)."""
+    elements, mapped to flat offsets in the stored layout ((in, out) when transposed).
+
+    n whole rows at stride f = rows // n from row `seed % f` (n the most that fit the budget
+    beside the diagonal), so seeds that differ modulo f pick disjoint rows (the paper's
+    non-overlapping adapters). A shortfall is topped up column by column from the next row at
+    stride; a budget below the diagonal's length takes the first k diagonal elements."""
     diag = min(rows, cols)
     if k <= diag:
         r = c = torch.arange(k)
@@ -264,7 +246,13 @@ def _calibrate(
     progress: bool,
 ) -> dict[str, Pairs]:
     """Per target, one (x, dL/dy) pair per calibration batch that reached it: the module's
-    input (tokens, in) and the loss gradient at its output (tokens, out)."""
+    input (tokens, in) and the loss gradient at its output (tokens, out).
+
+    Forward hooks record each targeted module's input and output; only the targeted weights
+    require grad, and `torch.autograd.grad(loss, outputs)` runs no AccumulateGrad, so no dense
+    `.grad` is ever formed. The pairs are never weight-sized but add up over batches (about
+    what a frozen backward saves, per batch): keep the calibration set small. Every
+    requires_grad flag is restored and every hook removed on the way out, even on error."""
     flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
     flags.update({id(t.weight): (t.weight, t.weight.requires_grad) for t in targets})
     calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (target, x, y) in this batch
@@ -345,7 +333,9 @@ def _checked_loss(loss: Any, kind: str, b: int) -> torch.Tensor:
 
 
 def _gradient_score(t: TargetLayer, pairs: Pairs, kind: str) -> torch.Tensor:
-    """sum_b |dW_b| in the stored layout (times |W| for snip), built a block of rows at a time."""
+    """sum_b |dW_b| in the stored layout (times |W| for snip): one fp32 weight-sized score,
+    with dW_b = dy^T x (Linear) or x^T dy (Conv1D) formed a block of rows at a time in a
+    scratch buffer of at most a quarter of the weight."""
     if not pairs:
         raise ShiraConfigError(
             f"build_masks: mask={kind!r}: {t.name!r} did not reach the loss in any calibration "

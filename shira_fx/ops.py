@@ -1,6 +1,6 @@
 """torch.library custom ops: the functional training op and the mutating scatter op.
 
-Two kinds of op (DESIGN.md invariant 4): autograd cannot be registered on a mutating op, so
+Two kinds of op: autograd cannot be registered on a mutating op, so
 training goes through the functional `sparse_linear` (forward: the dense linear on the fused
 weight; backward: grad_x plus the masked gradient through `masked_grad`), while syncing and
 switching go through the mutating `scatter_`, always outside autograd. Each op runs the Triton
@@ -120,9 +120,8 @@ def _balanced_groups(sizes: list[int], n: int) -> list[list[int]]:
 
 def _scatter_cpu(weights, indices, base, delta, scale) -> None:
     """The CPU scatter: layers split across threads. Scattered writes are bound by memory
-    latency, not bandwidth, so two threads keep twice the misses in flight (measured on 2
-    cores: 3.2 vs 4.4-6 ms for 321k elements over 28 layers); the GIL is released inside
-    index_copy_, and each layer belongs to one thread."""
+    latency, not bandwidth, so two threads keep twice the misses in flight; the GIL is
+    released inside index_copy_, and each layer belongs to one thread."""
     threads = min(torch.get_num_threads(), len(weights))
     if threads < 2 or sum(i.numel() for i in indices) < 65536:
         scatter_fused_reference_(weights, indices, base, delta, scale)
@@ -147,8 +146,9 @@ def scatter_weights_(
     scale: float = 1.0,
 ) -> None:
     """`W.flat[idx] = base + scale * delta` (or `base`) for every layer, in place. Eagerly this
-    calls the implementation directly (the dispatcher costs ~1 ms over 28 layers' 84 tensors);
-    under torch.compile it is the registered mutating op, so Inductor sees the mutation."""
+    calls the implementation directly (the dispatcher's cost over many layers' tensors is
+    noticeable); under torch.compile it is the registered mutating op, so Inductor sees the
+    mutation."""
     if torch.compiler.is_compiling():
         torch.ops.shira_fx.scatter_(weights, indices, base, delta or [], scale)
     else:

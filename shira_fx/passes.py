@@ -1,13 +1,10 @@
 """torch.fx pass: rewrite linear calls on prepared weights to `shira_fx::sparse_linear`.
 
-Dynamo graphs take parameters as placeholders whose example inputs are the real
-nn.Parameter objects (RESEARCH.md §3.1; or get_attr nodes, where Dynamo installs a parameter
-as an attribute), so a prepared weight is recognised by identity. The values and indices are
-not Dynamo inputs; the pass attaches them to the GraphModule and reads them with get_attr
-nodes, so AOTAutograd lifts the values as trainable inputs. Because they are baked in, the
-compiled code must never run for another layer's weight: Dynamo guards a parameter on its
-shape only, so each prepared module's forward makes it guard on the layer's uid too
-(`adapter._sparse_forward`).
+Dynamo passes parameters as placeholders whose example inputs are the real nn.Parameter
+objects (or as get_attr nodes), so a prepared weight is recognised by identity. The values
+and indices are attached to the GraphModule and read with get_attr nodes, so AOTAutograd lifts
+the values as trainable inputs; the compiled code is guarded on each layer's uid so it never
+runs for another layer's weight (`adapter._sparse_forward`).
 """
 
 from __future__ import annotations
@@ -19,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from . import ops  # noqa: F401  (registers torch.ops.shira_fx)
-from .adapter import ShiraLayer, layer_for_weight
+from . import (
+    ops,  # noqa: F401  (registers torch.ops.shira_fx)
+    registry,
+)
+from .adapter import ShiraLayer
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
 ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
@@ -193,7 +193,7 @@ def _prepared_weights(gm: fx.GraphModule, example_inputs: list) -> dict[ShiraLay
             weight = _attribute(gm, node.target)
         else:
             continue
-        if (layer := layer_for_weight(weight)) is not None:
+        if (layer := registry.layer_for(weight)) is not None:
             found.setdefault(layer, []).append(node)
     return found
 
@@ -233,7 +233,7 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
         gm.register_buffer(attrs[1], layer.indices)
         param_sources = getattr(gm, "_param_name_to_source", None)
         if param_sources is not None:
-            # AOTAutograd looks every GraphModule parameter up by name (RESEARCH.md §3.2)
+            # AOTAutograd looks every GraphModule parameter up by name
             from torch._dynamo.source import ConstantSource
 
             for attr in attrs:
@@ -289,7 +289,7 @@ def _replayable(node: fx.Node) -> bool:
 
 
 def tag_sparse_linear_inputs(graph: fx.Graph) -> int:
-    """Joint-graph pass (DESIGN.md invariant 5): mark the pointwise/view chain that produces
+    """Joint-graph pass: mark the pointwise/view chain that produces
     each `sparse_linear` input x as MUST_RECOMPUTE, so the min-cut partitioner rebuilds x in
     backward from tensors it keeps anyway instead of saving x (which is what LoRA keeps).
     The walk stops at matmuls, reductions (LayerNorm aside), random ops and graph inputs.

@@ -42,13 +42,14 @@ class TargetLayer:
         return self.weight.shape[1 if not self.transposed else 0]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_transposed(module: nn.Module) -> bool:
+    """Whether the module stores its weight (in, out): transformers' GPT-2 `Conv1D`."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear (and subclasses) or transformers' Conv1D with a 2-D weight."""
-    if isinstance(module, nn.Linear) or _is_conv1d(module):
+    if isinstance(module, nn.Linear) or is_transposed(module):
         w = getattr(module, "weight", None)
         return isinstance(w, torch.Tensor) and w.dim() == 2
     return False
@@ -110,7 +111,7 @@ def find_targets(model: nn.Module, cfg: ShiraConfig) -> list[TargetLayer]:
                 f"ShiraConfig.target_modules matches {name!r}, a {type(m).__name__}; only "
                 "nn.Linear and transformers Conv1D layers can carry a SHiRA adapter"
             )
-        found.append(TargetLayer(name, m, transposed=_is_conv1d(m)))
+        found.append(TargetLayer(name, m, transposed=is_transposed(m)))
     if isinstance(tm, list):
         missing = [p for p in tm if p not in used_patterns]
         if missing:

@@ -144,7 +144,7 @@ def _prepared_blocks(seed: int, n: int = 3):
     return model, adapter
 
 
-@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("inner", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_blocks_compiled_one_by_one_train_their_own_values(inner):
     """Identical blocks, each compiled on its own (as FSDP2 recipes do): Dynamo would reuse the
     first block's rewritten graph for the others (a parameter is guarded on its shape only),

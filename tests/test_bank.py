@@ -18,6 +18,7 @@ from hypothesis.stateful import (
 import shira_fx
 from shira_fx.memory import LiveTensorTracker
 from tests import tiny_models
+from tests.conftest import budget
 
 
 def random_adapter(kind="llama", seed=0, **cfg):
@@ -129,12 +130,13 @@ class BankMachine(RuleBasedStateMachine):
             assert torch.equal(v, expected[k]), k
 
 
+@pytest.mark.fuzz
 def test_restore_is_bit_exact_after_any_switch_sequence():
     BankMachine.steps = 0
     run_state_machine_as_test(
-        BankMachine, settings=settings(max_examples=30, stateful_step_count=50, deadline=None)
+        BankMachine, settings=settings(max_examples=budget(30, 3), stateful_step_count=50, deadline=None)
     )
-    assert BankMachine.steps >= 1000
+    assert BankMachine.steps >= 50 * budget(30, 3) * 2 // 3  # 1,000 in the slow tier
 
 
 def test_activate_touches_only_masked_elements(adapter_files):
@@ -324,11 +326,16 @@ def test_peft_shira_directory_loads_and_matches_peft_outputs(tmp_path):
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_to_peft_writes_a_directory_peft_loads_with_the_same_outputs(tmp_path):
+@pytest.mark.parametrize("budget", [{"r": 2, "density": None}, {"density": 0.07}], ids=["r", "density"])
+def test_to_peft_writes_a_directory_peft_loads_with_the_same_outputs(tmp_path, budget):
+    """PEFT holds r*(out+in) values per layer: an adapter sized by density is padded with zero
+    values at unused positions, so PEFT's merged model still computes exactly what it does."""
     peft = pytest.importorskip("peft")
-    adapter = random_adapter(r=2, density=None, target_modules=["q_proj", "o_proj", "up_proj"])
+    adapter = random_adapter(**budget, target_modules=["q_proj", "o_proj", "up_proj"])
     adapter.sync()
-    adapter.to_peft(tmp_path / "out")
+    r = adapter.to_peft(tmp_path / "out")
+    assert r == (2 if "r" in budget else max(
+        -(-la.indices.numel() // sum(la.shape)) for la in adapter.layers.values()))
     loaded = peft.PeftModel.from_pretrained(tiny_models.build("llama"), tmp_path / "out")
     ids = tiny_models.batch("llama")["input_ids"]
     fused = tiny_models.build("llama")
@@ -341,7 +348,5 @@ def test_to_peft_writes_a_directory_peft_loads_with_the_same_outputs(tmp_path):
 
 
 def test_to_peft_refuses_what_peft_cannot_hold(tmp_path):
-    with pytest.raises(shira_fx.ShiraAdapterError, match="ShiraConfig\\(r=...\\)"):
-        random_adapter().to_peft(tmp_path / "x")
     with pytest.raises(shira_fx.ShiraAdapterError, match="Conv1D"):
         random_adapter("gpt2", r=1, density=None).to_peft(tmp_path / "y")

@@ -77,6 +77,7 @@ def switch_result(results_dir) -> dict:
     return run_smoke("switch", results_dir)
 
 
+@pytest.mark.slow
 def test_kernels_smoke(kernels_result):
     rows = kernels_result["rows"]
     assert {r["op"] for r in rows} == {"sddmm", "scatter"}
@@ -93,6 +94,7 @@ def test_kernels_smoke(kernels_result):
     assert kernels_result["copy_bandwidth_GB_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_train_smoke(train_result):
     train = load_script("train")
     (size,) = train_result["sizes"]
@@ -106,6 +108,7 @@ def test_train_smoke(train_result):
     assert size["targets"], "the issue's targets are evaluated on the compiled rows"
 
 
+@pytest.mark.slow
 def test_switch_smoke(switch_result):
     assert switch_result["nnz"] > 0 and switch_result["peft_r"] >= 1
     assert len(switch_result["switch_ms"]) == 4
@@ -139,6 +142,7 @@ def test_distributed_smoke(results_dir):
     assert rows["DDP", "shira_fx"]["gradient_MiB_per_step_vs_full"] < 0.1
 
 
+@pytest.mark.slow
 def test_plot(results_dir, kernels_result, train_result, switch_result, tmp_path):
     quality = {"machine": {"cpu": "test", "threads": 1, "torch": torch.__version__},
                "accuracy": {f"{task}|{r}|{m}": [0.8, 0.82, 0.79]

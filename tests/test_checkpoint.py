@@ -25,6 +25,7 @@ import shira_fx
 from shira_fx import ShiraAdapterError
 from shira_fx.checkpoint import checkpoint_extra, load_checkpoint, save_checkpoint
 from tests import tiny_models
+from tests.conftest import budget
 
 BATCHES = [tiny_models.batch("llama", seed=i) for i in range(10)]
 
@@ -246,7 +247,8 @@ def _mutate(data: bytes, draw) -> bytes:
     return struct.pack("<Q", len(raw_header)) + raw_header + data[8 + n:]
 
 
-@settings(max_examples=400, deadline=None, derandomize=True,
+@pytest.mark.fuzz
+@settings(max_examples=budget(400), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_hostile_checkpoints_load_or_change_nothing(resumable, data):

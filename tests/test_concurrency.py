@@ -91,7 +91,7 @@ def test_requests_see_their_adapter_while_another_thread_switches(tmp_path):
     assert len(requested) >= 4, "the workers exercised too few different adapters"
 
 
-@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+@pytest.mark.parametrize("backend", [pytest.param("inductor", marks=pytest.mark.slow), "aot_eager"])
 @torch.no_grad()
 def test_compiled_requests_see_their_adapter(tmp_path, backend):
     model, bank = _bank(tmp_path)

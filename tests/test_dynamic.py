@@ -21,7 +21,9 @@ def _grads(run, batch, adapter) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("dynamic,inner", [(True, "aot_eager"), (None, "aot_eager"), (True, "inductor")])
+@pytest.mark.parametrize("dynamic,inner", [
+    (True, "aot_eager"), pytest.param(None, "aot_eager", marks=pytest.mark.slow),
+    pytest.param(True, "inductor", marks=pytest.mark.slow)])
 def test_varying_shapes_compile_once_and_match_eager(dynamic, inner):
     torch._dynamo.reset()
     model = tiny_models.build("llama")

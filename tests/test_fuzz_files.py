@@ -24,10 +24,13 @@ from safetensors.torch import save as st_save
 import shira_fx
 from shira_fx import ShiraAdapterError
 from tests import tiny_models
+from tests.conftest import budget
+
+pytestmark = pytest.mark.fuzz
 
 
 def fuzz(n: int):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+    return settings(max_examples=budget(n), deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

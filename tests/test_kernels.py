@@ -16,6 +16,7 @@ from shira_fx.kernels import (
     sddmm_cpu,
     sddmm_reference,
 )
+from tests.conftest import budget
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,7 +53,8 @@ def sddmm_cases(draw, max_t: int = 70, max_side: int = 48):
     return a, b, idx, cols
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.fuzz
+@settings(max_examples=budget(60, 10), deadline=None)
 @given(sddmm_cases())
 def test_sddmm_kernel_matches_reference_over_shapes_dtypes_and_densities(case):
     a, b, idx, ncols = case
@@ -60,7 +62,8 @@ def test_sddmm_kernel_matches_reference_over_shapes_dtypes_and_densities(case):
     _assert_close_to_oracle(out, sddmm_reference(a, b, idx, ncols), a, b, idx, ncols)
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.fuzz
+@settings(max_examples=budget(60, 10), deadline=None)
 @given(sddmm_cases(max_t=200, max_side=64))
 def test_sddmm_cpu_matches_reference_and_dense_product(case):
     a, b, idx, ncols = case
@@ -151,7 +154,8 @@ def _on_device(tensors):
     return None if tensors is None else [t.to(DEVICE, copy=True) for t in tensors]
 
 
-@settings(max_examples=100, deadline=None)
+@pytest.mark.fuzz
+@settings(max_examples=budget(100, 10), deadline=None)
 @given(scatter_cases())
 def test_scatter_kernel_matches_reference_bit_exactly_and_touches_only_indices(case):
     weights, indices, base, delta, scale = case
@@ -166,7 +170,8 @@ def test_scatter_kernel_matches_reference_bit_exactly_and_touches_only_indices(c
         assert torch.equal(w.view(-1)[untouched], before.view(-1)[untouched])
 
 
-@settings(max_examples=50, deadline=None)
+@pytest.mark.fuzz
+@settings(max_examples=budget(50, 10), deadline=None)
 @given(scatter_cases())
 def test_restore_after_activate_is_bit_exact(case):
     weights, indices, _, delta, scale = case

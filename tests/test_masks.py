@@ -15,8 +15,9 @@ from shira_fx.errors import ShiraConfigError
 from shira_fx.masks import build_masks
 from shira_fx.memory import LiveTensorTracker
 from shira_fx.targets import TargetLayer, find_targets
+from tests.conftest import budget
 
-FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=budget(30, 10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def one_layer(out_f: int, in_f: int, transposed: bool, seed: int = 0, dtype=torch.float32):
@@ -78,6 +79,7 @@ shapes = st.tuples(st.integers(1, 64), st.integers(1, 64))
 dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64])
 
 
+@pytest.mark.fuzz
 @FAST
 @given(shape=shapes, budget=budgets, seed=st.integers(0, 2**31), transposed=st.booleans(),
        dtype=dtypes)
@@ -98,6 +100,7 @@ def test_every_kind_returns_exactly_the_budget_sorted_unique_int32_and_repeats(
         assert torch.equal(idx, masks_of(model, targets, cfg, calib)["0"]), kind
 
 
+@pytest.mark.fuzz
 @FAST
 @given(shape=shapes, density=st.floats(0.02, 0.7), seed=st.integers(0, 2**31))
 def test_rand_differs_across_seeds_and_layers(shape, density, seed):
@@ -127,6 +130,7 @@ def test_rand_picks_every_position_equally_often(density):
     assert float((counts - trials * p).abs().max()) < 5 * sigma
 
 
+@pytest.mark.fuzz
 @FAST
 @given(shape=shapes, budget=budgets, seed=st.integers(0, 2**31), transposed=st.booleans())
 def test_struct_is_the_diagonal_plus_whole_rows_at_a_stride(shape, budget, seed, transposed):
@@ -162,6 +166,7 @@ def test_struct_seeds_that_differ_pick_disjoint_rows():
     assert rows[0] and rows[1] and not rows[0] & rows[1]
 
 
+@pytest.mark.fuzz
 @FAST
 @given(
     shape=shapes,
@@ -206,6 +211,7 @@ def dense_gradient_statistic(model, calib, loss_fn) -> dict[str, torch.Tensor]:
     return {n.removesuffix(".weight"): a for n, a in acc.items() if n.endswith("weight")}
 
 
+@pytest.mark.fuzz
 @FAST
 @given(hidden=st.integers(1, 24), density=st.floats(0.01, 1.0), seed=st.integers(0, 1000),
        batches=st.integers(1, 3))

@@ -1,12 +1,14 @@
 """The custom ops' CPU paths: the threaded scatter equals the reference bit for bit, and the
 registered ops agree with their eager implementations."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shira_fx import ops
 from shira_fx.kernels import scatter_fused_reference_, sddmm_reference
+from tests.conftest import budget
 
 
 @given(st.lists(st.integers(0, 10_000), min_size=1, max_size=40), st.integers(1, 4))
@@ -30,7 +32,8 @@ def _layers(seed, dtype):
     return weights, indices, base, delta
 
 
-@settings(max_examples=10, deadline=None)
+@pytest.mark.fuzz
+@settings(max_examples=budget(10, 5), deadline=None)
 @given(seed=st.integers(0, 100), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        restore=st.booleans(), scale=st.sampled_from([1.0, 0.7, -2.0]))
 def test_threaded_scatter_equals_reference_bit_exactly(seed, dtype, restore, scale):
@@ -56,7 +59,8 @@ def test_registered_scatter_op_mutates_in_place_like_the_eager_call():
         assert torch.equal(a, b)
 
 
-@settings(max_examples=15, deadline=None)
+@pytest.mark.fuzz
+@settings(max_examples=budget(15, 5), deadline=None)
 @given(t=st.integers(1, 40), a=st.integers(1, 30), b=st.integers(1, 30), seed=st.integers(0, 99),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
 def test_masked_grad_op_matches_the_reference(t, a, b, seed, dtype):

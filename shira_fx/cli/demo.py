@@ -15,8 +15,9 @@ import statistics
 import torch
 
 import shira_fx
-from shira_fx.data import load_task
-from shira_fx.finetune import (
+
+from .data import load_task
+from .finetune import (
     BERT_TARGETS,
     Run,
     bank_switch_time,

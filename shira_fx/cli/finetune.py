@@ -20,8 +20,10 @@ from torch import nn
 from tqdm import tqdm
 
 import shira_fx
-from shira_fx.data import minilm_path
-from shira_fx.memory import saved_tensor_bytes, step_peak_bytes
+
+from ..memory import saved_tensor_bytes, step_peak_bytes
+from .data import minilm_path
+from .timing import median_ms
 
 # every linear of the encoder blocks (attention q/k/v/out and the MLP), not the pooler
 BERT_TARGETS = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
@@ -125,15 +127,6 @@ def fit(run: Run, step: Callable[[dict], float], batches: list[dict], steps: int
     run.held_bytes, _ = saved_tensor_bytes(lambda: measure(batches[0]), exclude=state)
 
 
-def _median_time(fn: Callable[[], None], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def make_classifier(num_classes: int, layers: int | None = None, seed: int = 0,
                     path: str | os.PathLike | None = None) -> TextClassifier:
     torch.manual_seed(seed)  # the head's initialisation
@@ -162,7 +155,7 @@ def train_shira(model: TextClassifier, cfg: shira_fx.ShiraConfig, train: list[di
     run = Run(name, adapter.num_trainable())
     run.peak_bytes = step_peak_bytes(model, params + list(model.head.parameters()), train[0],
                                      adapter.attach)
-    compiled = model if inner is None else torch.compile(model, backend=shira_fx.backend(cfg, inner=inner))
+    compiled = model if inner is None else torch.compile(model, backend=shira_fx.backend(inner=inner))
 
     @shira_fx.train_step(adapter, opt)
     def step(batch: dict) -> torch.Tensor:
@@ -193,7 +186,7 @@ def bank_switch_time(model: TextClassifier, adapter: shira_fx.SparseAdapter, tes
         bank.deactivate()
         bank.activate("trained")
 
-    run.switch_s = _median_time(switch, repeat)
+    run.switch_s = median_ms(switch, repeat) / 1e3
     return bank
 
 
@@ -243,7 +236,7 @@ def lora_switch_time(model: TextClassifier, run: Run, repeat: int) -> None:
         base.unmerge_adapter()
         base.merge_adapter()
 
-    run.switch_s = _median_time(switch, repeat)
+    run.switch_s = median_ms(switch, repeat) / 1e3
 
 
 def head_path(adapter_path: str | os.PathLike) -> str:
