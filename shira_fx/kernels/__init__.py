@@ -1,12 +1,22 @@
-"""Triton kernels for SHiRA, each beside its torch reference (the CPU path and test oracle)."""
+"""Triton kernels for SHiRA, each beside its torch reference (the CPU path and test oracle),
+and the masked gradient's plan and dispatcher."""
 
 from .scatter import scatter_fused_, scatter_fused_reference_
-from .sddmm import sddmm, sddmm_cpu, sddmm_reference
+from .sddmm import dense_block, sddmm, sddmm_cpu, sddmm_reference, sddmm_tiles
+from .sddmm_inductor import sddmm_rowdot
+from .sddmm_plan import PATHS, choose_path, masked_grad, plan_mask
 
 __all__ = [
+    "PATHS",
+    "choose_path",
+    "dense_block",
+    "masked_grad",
+    "plan_mask",
     "scatter_fused_",
     "scatter_fused_reference_",
     "sddmm",
     "sddmm_cpu",
     "sddmm_reference",
+    "sddmm_rowdot",
+    "sddmm_tiles",
 ]
