@@ -1,5 +1,12 @@
-"""Triton kernels against their torch references; on CPU they run under TRITON_INTERPRET=1."""
+"""Triton kernels against their torch references; on CPU they run under TRITON_INTERPRET=1.
 
+The masked gradient (SDDMM): every path of `masked_grad`, with and without a plan, against
+`sddmm_reference` over shapes, densities, dtypes, T and mask kinds (random, struct rows,
+struct columns of a transposed layout, the diagonal, empty, one element, all elements); the
+plan itself; the cost model; no activation-sized copies. Then the fused scatter.
+"""
+
+import importlib
 import math
 import os
 
@@ -7,27 +14,70 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from shira_fx.kernels import (
+    PATHS,
+    choose_path,
+    dense_block,
+    masked_grad,
+    plan_mask,
     scatter,
     scatter_fused_,
     scatter_fused_reference_,
     sddmm,
     sddmm_cpu,
     sddmm_reference,
+    sddmm_rowdot,
+    sddmm_tiles,
 )
 from tests.conftest import budget
+
+sddmm_inductor = importlib.import_module("shira_fx.kernels.sddmm_inductor")
+sddmm_plan = importlib.import_module("shira_fx.kernels.sddmm_plan")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 INDEX_DTYPES = st.sampled_from([torch.int32, torch.int64])
 RTOL = 1e-5
+MASK_KINDS = ["rand", "rows", "cols", "diagonal", "empty", "one", "all"]
+# the CPU-only paths run on CPU tensors whatever the test device
+CPU_ONLY = {"inductor_rowdot", "sampled_addmm"}
 
 
 def _random_indices(n: int, density: float, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
     k = min(n, math.ceil(density * n))
     return torch.randperm(n, generator=g)[:k].sort().values.to(dtype)
+
+
+def _struct_indices(rows: int, cols: int, stride: int, transposed: bool, dtype: torch.dtype) -> torch.Tensor:
+    """SHiRA-struct's shape: every stride-th row of the logical (rows, cols) matrix plus its
+    diagonal; stored (cols, rows) when transposed, where the rows become whole columns."""
+    r, c = torch.meshgrid(torch.arange(0, rows, stride), torch.arange(cols), indexing="ij")
+    d = torch.arange(min(rows, cols))
+    r, c = torch.cat([r.reshape(-1), d]), torch.cat([c.reshape(-1), d])
+    flat = c * rows + r if transposed else r * cols + c
+    return flat.unique().to(dtype)  # sorted
+
+
+def _mask(kind: str, rows: int, cols: int, density: float, dtype: torch.dtype, g: torch.Generator):
+    """(flat offsets, stored shape) of a mask of this kind on a logical (rows, cols) weight."""
+    n = rows * cols
+    if kind == "rand":
+        return _random_indices(n, density, dtype, g), (rows, cols)
+    if kind in ("rows", "cols"):
+        stride = max(1, round(1 / max(density, 1e-3)))
+        shape = (cols, rows) if kind == "cols" else (rows, cols)
+        return _struct_indices(rows, cols, stride, kind == "cols", dtype), shape
+    if kind == "diagonal":
+        d = torch.arange(min(rows, cols))
+        return (d * cols + d).to(dtype), (rows, cols)
+    if kind == "empty":
+        return torch.zeros(0, dtype=dtype), (rows, cols)
+    if kind == "one":
+        return torch.tensor([int(torch.randint(n, (1,), generator=g))], dtype=dtype), (rows, cols)
+    return torch.arange(n, dtype=dtype), (rows, cols)
 
 
 def _assert_close_to_oracle(out, expected, a, b, idx, ncols) -> None:
@@ -38,53 +88,250 @@ def _assert_close_to_oracle(out, expected, a, b, idx, ncols) -> None:
     assert torch.all(err <= RTOL * magnitude + 1e-30), err.max()
 
 
+def _on(device: str, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def _run_path(path, a, b, idx, ncols, plan):
+    device = "cpu" if path in CPU_ONLY else DEVICE
+    a, b, idx = _on(device, a, b, idx)
+    return masked_grad(a, b, idx, ncols, [p.to(device) for p in plan], path=path).cpu()
+
+
 @st.composite
-def sddmm_cases(draw, max_t: int = 70, max_side: int = 48):
+def masked_grad_cases(draw, max_t: int = 70):
     t = draw(st.integers(1, max_t))
-    rows, cols = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
-    dtype = draw(st.sampled_from(FLOATS))
+    rows = draw(st.sampled_from([1, 2, 7, 33, 64, 70]))
+    cols = draw(st.sampled_from([1, 3, 16, 48, 65, 130]))
+    kind = draw(st.sampled_from(MASK_KINDS))
+    density = draw(st.sampled_from([0.02, 0.1, 0.5]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
-    a = torch.randn(t, rows, generator=g).to(dtype)
-    b = torch.randn(t, cols, generator=g).to(dtype)
+    idx, (nrows, ncols) = _mask(kind, rows, cols, density, draw(INDEX_DTYPES), g)
+    dtype_a = draw(st.sampled_from(FLOATS))
+    dtype_b = dtype_a if draw(st.booleans()) else draw(st.sampled_from(FLOATS))
+    a = torch.randn(t, nrows, generator=g).to(dtype_a)
+    b = torch.randn(t, ncols, generator=g).to(dtype_b)
     if draw(st.booleans()):
         a = a.t().contiguous().t()  # column-major, as a transposed activation arrives
-    density = draw(st.sampled_from([0.02, 0.1, 0.5, 1.0]))
-    idx = _random_indices(rows * cols, density, draw(INDEX_DTYPES), g)
-    return a, b, idx, cols
+    if draw(st.booleans()):
+        b = b[:, :]  # a view with the same strides; b column-major below
+        b = b.t().contiguous().t() if draw(st.booleans()) else b
+    # a plan that always tiles (min_nnz=0) covers the tile lists on small shapes too
+    plan = plan_mask(idx, nrows, ncols, min_nnz=0) if draw(st.booleans()) else []
+    return a, b, idx, ncols, plan
 
 
 @pytest.mark.fuzz
-@settings(max_examples=budget(60, 10), deadline=None)
-@given(sddmm_cases())
-def test_sddmm_kernel_matches_reference_over_shapes_dtypes_and_densities(case):
-    a, b, idx, ncols = case
-    out = sddmm(a.to(DEVICE), b.to(DEVICE), idx.to(DEVICE), ncols).cpu()
-    _assert_close_to_oracle(out, sddmm_reference(a, b, idx, ncols), a, b, idx, ncols)
+@settings(max_examples=budget(100), deadline=None)
+@given(masked_grad_cases())
+def test_every_masked_grad_path_matches_the_reference(case):
+    a, b, idx, ncols, plan = case
+    expected = sddmm_reference(a, b, idx, ncols)
+    for path in PATHS:
+        _assert_close_to_oracle(_run_path(path, a, b, idx, ncols, plan), expected, a, b, idx, ncols)
+    # and the path the cost model picks
+    got = masked_grad(*_on(DEVICE, a, b, idx), ncols, [p.to(DEVICE) for p in plan]).cpu()
+    _assert_close_to_oracle(got, expected, a, b, idx, ncols)
 
 
-@pytest.mark.fuzz
-@settings(max_examples=budget(60, 10), deadline=None)
-@given(sddmm_cases(max_t=200, max_side=64))
-def test_sddmm_cpu_matches_reference_and_dense_product(case):
-    a, b, idx, ncols = case
-    out = sddmm_cpu(a, b, idx, ncols)
-    dense = (a.float().T @ b.float()).view(-1)[idx.long()]
-    _assert_close_to_oracle(out, sddmm_reference(a, b, idx, ncols), a, b, idx, ncols)
-    _assert_close_to_oracle(out, dense, a, b, idx, ncols)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rowdot_and_plan_over_several_chunks_and_cpu_tiles(dtype):
+    # T spans two whole chunks and a short one; the weight spans several CPU tiles and TILE
+    # blocks, with struct rows, a partial row and scattered elements: every part of a plan
+    g = torch.Generator().manual_seed(3)
+    t, rows, cols = 2 * sddmm_inductor.CHUNK + 37, 300, 290
+    idx = torch.cat([_struct_indices(rows, cols, 40, False, torch.int64),
+                     torch.arange(400, dtype=torch.int64) * 211 + 11]).unique()
+    a = torch.randn(t, rows, generator=g).to(dtype)
+    b = torch.randn(t, cols, generator=g).to(dtype)
+    plan = plan_mask(idx, rows, cols)
+    assert plan and plan[0].numel() == len(range(0, rows, 40)) and plan[1].numel() == 0
+    expected = sddmm_reference(a, b, idx, cols)
+    for p in (plan, []):
+        for path in ("inductor_rowdot", "dense_bands", "sampled_addmm"):
+            _assert_close_to_oracle(masked_grad(a, b, idx, cols, p, path=path), expected, a, b, idx, cols)
+    _assert_close_to_oracle(sddmm_rowdot(a, b, idx, cols), expected, a, b, idx, cols)
 
 
-def test_sddmm_kernel_sums_split_t_partials_deterministically():
-    # few masked elements and a long T: the launcher splits T across programs
+def _positions(plan, nrows, ncols):
+    """The flat offset each position of cat(row block, col block, rest) stands for."""
+    rows, cols, rest = plan[0], plan[1], plan[2].long()
+    row_part = (rows[:, None] * ncols + torch.arange(ncols)).reshape(-1)
+    col_part = (torch.arange(nrows)[:, None] * ncols + cols).reshape(-1)
+    return torch.cat([row_part, col_part, rest])
+
+
+@pytest.mark.parametrize("kind, rows, cols", [("rows", 70, 90), ("cols", 90, 70), ("rand", 300, 260),
+                                              ("diagonal", 130, 140), ("all", 5, 9), ("one", 1, 1)])
+def test_plan_splits_dense_lines_and_orders_the_rest_tile_by_tile(kind, rows, cols):
+    g = torch.Generator().manual_seed(4)
+    idx, (nrows, ncols) = _mask(kind, rows, cols, 0.05, torch.int32, g)
+    plan = plan_mask(idx, nrows, ncols, min_nnz=0)
+    assert len(plan) == 6
+    dense_rows, dense_cols, rest, perm, tile_ptr, tile_ids = plan
+    assert perm.dtype == torch.int64 and rest.dtype == idx.dtype
+    assert tile_ptr.dtype == tile_ids.dtype == torch.int32
+    # the parts gathered by perm are the mask, in its order
+    assert torch.equal(_positions(plan, nrows, ncols)[perm], idx.long())
+    if kind == "rows":
+        assert torch.equal(dense_rows, torch.arange(0, nrows, round(1 / 0.05)))
+    if kind == "cols":  # struct on a transposed layout: whole stored columns
+        assert torch.equal(dense_cols, torch.arange(0, ncols, round(1 / 0.05)))
+    if kind in ("rand", "diagonal"):
+        assert dense_rows.numel() == dense_cols.numel() == 0 and rest.numel() == idx.numel()
+    if kind in ("all", "one"):  # every row is whole
+        assert torch.equal(dense_rows, torch.arange(nrows)) and rest.numel() == 0
+    # each tile's run of the rest lies in that tile, sorted inside it; runs cover the rest
+    assert tile_ptr[0] == 0 and tile_ptr[-1] == rest.numel()
+    assert torch.all(tile_ptr[1:] > tile_ptr[:-1])
+    r, c = rest.long() // ncols, rest.long() % ncols
+    tile = r // 64 * math.ceil(ncols / 64) + c // 64
+    assert torch.equal(tile, torch.repeat_interleave(tile_ids.long(), (tile_ptr[1:] - tile_ptr[:-1]).long()))
+    assert tile_ids.unique().numel() == tile_ids.numel()
+    for start, end in zip(tile_ptr[:-1].tolist(), tile_ptr[1:].tolist(), strict=True):
+        assert torch.all(rest[start + 1 : end] > rest[start : end - 1])
+
+
+def test_plan_is_empty_without_structure_worth_using():
+    g = torch.Generator().manual_seed(5)
+    assert plan_mask(torch.zeros(0, dtype=torch.int32), 10, 10) == []
+    small = _random_indices(300 * 300, 0.01, torch.int32, g)  # 900 scattered elements
+    assert plan_mask(small, 300, 300) == []
+    assert plan_mask(_random_indices(50 * 60, 0.2, torch.int64, g), 50, 60) == []  # one tile
+    big = _random_indices(600 * 500, 0.05, torch.int32, g)
+    assert len(plan_mask(big, 600, 500)) == 6  # tile order pays from MIN_PLANNED_NNZ on
+    # dense lines are structure at any size
+    assert len(plan_mask(torch.arange(0, 12, dtype=torch.int32), 3, 4)) == 6
+
+
+def test_plan_rejects_unsorted_duplicated_or_out_of_range_indices():
+    with pytest.raises(ValueError, match="sorted and unique"):
+        plan_mask(torch.tensor([3, 1]), 2, 2)
+    with pytest.raises(ValueError, match="sorted and unique"):
+        plan_mask(torch.tensor([1, 1]), 2, 2)
+    with pytest.raises(ValueError, match=r"in \[0, 4\) for a \(2, 2\) matrix, found \[0, 4\]"):
+        plan_mask(torch.tensor([0, 4]), 2, 2)
+    with pytest.raises(ValueError, match="int32 or int64 indices"):
+        plan_mask(torch.tensor([0.0]), 2, 2)
+
+
+def test_masked_grad_rejects_a_plan_or_path_that_does_not_fit():
+    a, b, idx = torch.randn(4, 3), torch.randn(4, 5), torch.tensor([0, 7, 14])
+    with pytest.raises(ValueError, match="path must be one of"):
+        masked_grad(a, b, idx, 5, [], path="magic")
+    with pytest.raises(ValueError, match="plan holds 6 tensors"):
+        masked_grad(a, b, idx, 5, [idx])
+    plan = plan_mask(torch.arange(15), 3, 5)
+    with pytest.raises(ValueError, match="made for 15 indices, found 3"):
+        masked_grad(a, b, idx, 5, plan)
+    if not INTERPRETED and not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            masked_grad(a, b, idx, 5, [], path="triton_tiles")
+
+
+def test_cost_model_picks_by_shape_and_device():
+    f32, bf16 = torch.float32, torch.bfloat16
+    # CPU: tiny problems gather; sparse ones row-dot; dense ones run banded GEMMs
+    assert choose_path("cpu", f32, f32, 16, 64, 64, 40, None) == "torch_gather"
+    sparse = "inductor_rowdot" if sddmm_inductor.available() else "sampled_addmm"
+    assert choose_path("cpu", f32, f32, 1024, 4096, 4096, 4096 * 41, 1024) == sparse
+    assert choose_path("cpu", bf16, bf16, 1024, 1024, 1024, 1024 * 512, 256) == "dense_bands"
+    # CUDA: no tile lists without a plan; the tile kernel wherever tiles hold enough elements
+    assert choose_path("cuda", bf16, bf16, 2048, 4096, 4096, 4096 * 41, None) == "triton_gather"
+    assert choose_path("cuda", bf16, bf16, 2048, 4096, 4096, 4096 * 41, 4096) == "triton_tiles"
+    assert choose_path("cuda", f32, f32, 2048, 4096, 4096, 4096, 4096) == "triton_gather"
+
+
+def test_rowdot_unavailable_falls_back_to_sampled_addmm(monkeypatch):
+    monkeypatch.setitem(sddmm_inductor._STATE, "kernel", None)
+    monkeypatch.setitem(sddmm_inductor._STATE, "error", "no compiler")
+    assert not sddmm_inductor.available()
+    f32 = torch.float32
+    assert choose_path("cpu", f32, f32, 1024, 4096, 4096, 4096 * 41, 1024) == "sampled_addmm"
+    with pytest.raises(RuntimeError, match="unavailable: no compiler"):
+        sddmm_rowdot(torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 4]), 3)
+
+
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest single CPU allocation while fn runs (compiled code included)."""
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=cpu, profile_memory=True) as prof:
+        fn()
+    return max([e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0], default=0)
+
+
+@pytest.mark.parametrize("path", ["inductor_rowdot", "dense_bands", "sampled_addmm", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_grad_makes_no_activation_sized_copy(path, dtype):
+    # a and b hold T * 768 elements each; nothing but sampled_addmm (the baseline, which
+    # transposes both in fp32) may allocate half of that in fp32: the banded GEMM holds a
+    # (T, CPU_TILE) slice of a and a (CPU_TILE, 768) block, the row-dot two (768, CHUNK) chunk
+    # buffers, bf16 GEMMs upcast (128, 768) chunks
+    g = torch.Generator().manual_seed(6)
+    t, rows, cols = 1024, 768, 768
+    a, b = torch.randn(t, rows, generator=g).to(dtype), torch.randn(t, cols, generator=g).to(dtype)
+    idx = torch.cat([_struct_indices(rows, cols, 300, False, torch.int64),
+                     _random_indices(rows * cols, 0.01, torch.int64, g)]).unique()
+    plan = plan_mask(idx, rows, cols)
+    assert plan and plan[0].numel() == 3
+    sddmm_inductor.available()  # compile before measuring
+    out = masked_grad(a, b, idx, cols, plan, path=path)
+    largest = _largest_allocation(lambda: masked_grad(a, b, idx, cols, plan, path=path))
+    fp32_activation = a.numel() * 4
+    if path == "sampled_addmm":
+        assert largest >= fp32_activation  # the transposed copies the other paths avoid
+    else:
+        assert largest < fp32_activation // 2, (largest, fp32_activation)
+    _assert_close_to_oracle(out, sddmm_reference(a, b, idx, cols), a, b, idx, cols)
+
+
+def test_rowdot_under_a_dispatch_mode_runs_eagerly_and_exactly():
+    # memory trackers run training under a dispatch mode, where compiled code cannot run
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(300, 40, generator=g), torch.randn(300, 50, generator=g)
+    idx = _random_indices(2000, 0.3, torch.int32, g)
+    sddmm_inductor.available()
+    with Passthrough():
+        assert not sddmm_inductor.available()
+        assert choose_path("cpu", a.dtype, b.dtype, 300, 40, 50, idx.numel(), None) != "inductor_rowdot"
+        out = masked_grad(a, b, idx, 50, [], path="inductor_rowdot")
+        auto = masked_grad(a, b, idx, 50, [])
+    for got in (out, auto):
+        _assert_close_to_oracle(got, sddmm_reference(a, b, idx, 50), a, b, idx, 50)
+    assert sddmm_inductor.available()  # and the compiled kernel still runs afterwards
+    _assert_close_to_oracle(masked_grad(a, b, idx, 50, [], path="inductor_rowdot"),
+                            sddmm_reference(a, b, idx, 50), a, b, idx, 50)
+
+
+def test_triton_kernels_sum_split_t_partials_deterministically():
+    # few masked elements and a long T: the launchers split T across programs
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, 9, generator=g), torch.randn(300, 7, generator=g)
     idx = _random_indices(63, 0.3, torch.int32, g)
-    args = (a.to(DEVICE), b.to(DEVICE), idx.to(DEVICE), 7)
-    first, second = sddmm(*args).cpu(), sddmm(*args).cpu()
-    assert torch.equal(first, second)
-    _assert_close_to_oracle(first, sddmm_reference(a, b, idx, 7), a, b, idx, 7)
+    plan = plan_mask(idx, 9, 7, min_fill=2.0, min_nnz=0)  # tile lists only
+    rows = torch.tensor([1, 4])
+    calls = {
+        "gather": lambda a, b, i: sddmm(a, b, i, 7),
+        "tiles": lambda a, b, i: sddmm_tiles(a, b, plan[2].to(a.device), 7, plan[4].to(a.device),
+                                             plan[5].to(a.device))[plan[3].to(a.device)],
+        "dense": lambda a, b, i: dense_block(a, b, rows=rows.to(a.device)).view(-1),
+    }
+    for name, call in calls.items():
+        args = _on(DEVICE, a, b, idx)
+        first, second = call(*args).cpu(), call(*args).cpu()
+        assert torch.equal(first, second), name
+        if name == "dense":
+            expected = (a[:, rows].T @ b).view(-1)
+            assert torch.allclose(first, expected, rtol=1e-5, atol=1e-5)
+        else:
+            _assert_close_to_oracle(first, sddmm_reference(a, b, idx, 7), a, b, idx, 7)
 
 
-@pytest.mark.parametrize("fn", [sddmm, sddmm_cpu])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(
     "t, rows, cols, flat",
     [
@@ -95,16 +342,27 @@ def test_sddmm_kernel_sums_split_t_partials_deterministically():
         (66, 6, 5, [29]),  # the last element of the matrix
     ],
 )
-def test_sddmm_edge_cases_match_dense_product(fn, t, rows, cols, flat):
-    device = DEVICE if fn is sddmm else "cpu"
+def test_masked_grad_edge_cases_match_dense_product(path, t, rows, cols, flat):
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(t, rows, generator=g), torch.randn(t, cols, generator=g)
     idx = torch.tensor(flat, dtype=torch.int64)
-    out = fn(a.to(device), b.to(device), idx.to(device), cols).cpu()
-    _assert_close_to_oracle(out, (a.T @ b).view(-1)[idx], a, b, idx, cols)
+    for plan in ([], plan_mask(idx, rows, cols, min_nnz=0)):
+        out = _run_path(path, a, b, idx, cols, plan)
+        _assert_close_to_oracle(out, (a.T @ b).view(-1)[idx], a, b, idx, cols)
 
 
 @pytest.mark.parametrize("fn", [sddmm, sddmm_cpu])
+def test_sddmm_edge_cases_match_dense_product(fn):
+    g = torch.Generator().manual_seed(1)
+    for t, rows, cols, flat in [(5, 4, 3, []), (0, 4, 3, [0, 5, 11]), (66, 6, 5, [29])]:
+        device = DEVICE if fn is sddmm else "cpu"
+        a, b = torch.randn(t, rows, generator=g), torch.randn(t, cols, generator=g)
+        idx = torch.tensor(flat, dtype=torch.int64)
+        out = fn(*_on(device, a, b, idx), cols).cpu()
+        _assert_close_to_oracle(out, (a.T @ b).view(-1)[idx], a, b, idx, cols)
+
+
+@pytest.mark.parametrize("fn", [sddmm, sddmm_cpu, lambda a, b, i, n: masked_grad(a, b, i, n, [])])
 def test_sddmm_rejects_bad_shapes_naming_expected_and_found(fn):
     a, b = torch.randn(4, 3), torch.randn(5, 2)
     with pytest.raises(ValueError, match=r"same T, found a \(4, 3\) and b \(5, 2\)"):
@@ -113,6 +371,8 @@ def test_sddmm_rejects_bad_shapes_naming_expected_and_found(fn):
         fn(a, b[:4], torch.tensor([0]), 3)
     with pytest.raises(ValueError, match="int32 or int64 indices"):
         fn(a, b[:4], torch.tensor([0.0]), 2)
+    with pytest.raises(ValueError, match="fp32, bf16, fp16 or fp64, found torch.int32"):
+        fn(a.int(), b[:4], torch.tensor([0]), 2)
 
 
 def _interpreter_bf16(x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ _BLOCK_E = 64
 # rather than with atomics, so the result is deterministic.
 _MIN_PROGRAMS = 512
 _REFERENCE_CHUNK = 4096
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+              torch.float64: tl.float64}
 
 
 @triton.jit
@@ -172,7 +173,7 @@ def check_args(name: str, a: Tensor, b: Tensor, indices: Tensor, ncols: int) -> 
         )
     for label, t in (("a", a), ("b", b)):
         if t.dtype not in _TL_DTYPES:
-            raise ValueError(f"{name}: {label} must be fp32, bf16 or fp16, found {t.dtype}")
+            raise ValueError(f"{name}: {label} must be fp32, bf16, fp16 or fp64, found {t.dtype}")
 
 
 def _split_t(T: int, programs: int, block_t: int) -> tuple[int, int]:
@@ -186,7 +187,9 @@ def _split_t(T: int, programs: int, block_t: int) -> tuple[int, int]:
 def _dot_dtype(a: Tensor, b: Tensor) -> tuple[tl.dtype, bool]:
     """The dtype both tl.dot operands are cast to in registers, and whether it is fp32 (ieee)."""
     common = torch.promote_types(a.dtype, b.dtype)
-    if a.dtype != b.dtype and common != torch.float32:  # bf16 with fp16: neither holds the other
+    if common == torch.float64 or (a.dtype != b.dtype and common != torch.float32):
+        # fp64 is computed in fp32 like every path (the result is fp32); bf16 with fp16:
+        # neither holds the other
         common = torch.float32
     if _INTERPRETED and common == torch.bfloat16:
         # triton 3.9's interpreter multiplies bf16 dot operands as integers; upcast them (the

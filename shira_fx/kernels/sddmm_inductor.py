@@ -18,10 +18,12 @@ import threading
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .sddmm import sddmm_reference
 
 CHUNK = 128
+_EAGER_BLOCK = 8192
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -31,11 +33,12 @@ def _rowdot_chunk(acc: Tensor, at: Tensor, bt: Tensor, rows: Tensor, cols: Tenso
 
 
 def _call(kernel, acc: Tensor, at: Tensor, bt: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    # every size but the chunk length is dynamic, and no two sizes are assumed equal because
-    # they happened to be on the first call (duck sizing), so one compiled kernel serves all
+    # every size but the chunk length is dynamic, so one compiled kernel serves all shapes
+    if kernel is _eager_chunk:
+        return kernel(acc, at, bt, rows.long(), cols.long())
     for t in (acc, at, bt, rows, cols):
         torch._dynamo.mark_dynamic(t, 0)
-    with fx_config.patch(use_duck_shape=False), torch.no_grad():
+    with torch.no_grad():
         return kernel(acc, at, bt, rows, cols)
 
 
@@ -51,7 +54,10 @@ def _kernel():
                 at, bt = torch.randn(3, CHUNK, generator=g), torch.randn(4, CHUNK, generator=g)
                 rows, cols = torch.tensor([0, 2], dtype=torch.int32), torch.tensor([3, 1], dtype=torch.int32)
                 try:
-                    got = _call(kernel, torch.zeros(2), at, bt, rows, cols)
+                    # no two sizes may be assumed equal because they happen to be here (duck
+                    # sizing), or later calls would recompile
+                    with fx_config.patch(use_duck_shape=False):
+                        got = _call(kernel, torch.zeros(2), at, bt, rows, cols)
                     ok = torch.allclose(got, (at[rows.long()] * bt[cols.long()]).sum(1), rtol=1e-5)
                 except Exception as e:  # noqa: BLE001 - any failure means: use another path
                     _STATE["error"] = f"{type(e).__name__}: {e}"
@@ -63,13 +69,28 @@ def _kernel():
 
 
 def available() -> bool:
-    """Whether the Inductor row-dot kernel compiled on this machine (compiles it on first use)."""
-    return _kernel() is not None
+    """Whether the Inductor row-dot kernel compiled on this machine (compiles it on first use)
+    and can run now: not under a Python dispatch mode (a memory tracker, say), where
+    torch.compile refuses to run."""
+    return _get_current_dispatch_mode() is None and _kernel() is not None
 
 
 def unavailable_reason() -> str | None:
     """Why `available()` is False, if it is."""
-    return None if available() else str(_STATE.get("error", "torch._dynamo is disabled"))
+    if available():
+        return None
+    if _get_current_dispatch_mode() is not None:
+        return "a Python dispatch mode is active"
+    return str(_STATE.get("error", "torch._dynamo is disabled"))
+
+
+def _eager_chunk(acc: Tensor, at: Tensor, bt: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """The chunk kernel in eager torch, a block of elements at a time (bounded temporaries)."""
+    out = torch.empty_like(acc)
+    for s in range(0, acc.shape[0], _EAGER_BLOCK):
+        e = s + _EAGER_BLOCK
+        out[s:e] = acc[s:e] + torch.linalg.vecdot(at[rows[s:e]], bt[cols[s:e]])
+    return out
 
 
 def sddmm_rowdot(a: Tensor, b: Tensor, flat: Tensor, ncols: int) -> Tensor:
@@ -82,6 +103,8 @@ def sddmm_rowdot(a: Tensor, b: Tensor, flat: Tensor, ncols: int) -> Tensor:
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError(f"sddmm_rowdot: the Inductor kernel is unavailable: {unavailable_reason()}")
+    if _get_current_dispatch_mode() is not None:  # compiled code cannot run under the mode
+        kernel = _eager_chunk
     m, (T, A), B = flat.shape[0], a.shape, b.shape[1]
     if m == 0 or T == 0:
         return torch.zeros(m, dtype=torch.float32)

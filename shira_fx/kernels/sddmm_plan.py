@@ -42,13 +42,13 @@ PATHS = CPU_PATHS + TRITON_PATHS
 # their ratios matter (the path with the smallest estimate wins).
 _CPU_ROWDOT_MACS = 6e9  # Inductor row-dot, per masked element and step of T
 _CPU_SAMPLED_MACS = 1.5e9  # sampled_addmm, the same
-_CPU_GEMM_MACS = 5e10  # torch.mm over whole row bands
-_CPU_TRANSPOSE = 2e9  # elements of a and b transposed into chunk buffers
+_CPU_GEMM_MACS = 4e10  # torch.mm over whole row bands
+_CPU_TRANSPOSE = 1e9  # elements of a and b transposed into chunk buffers
 _TINY_WORK = 1 << 18  # masked elements x T below which plain gathers win (and nothing compiles)
 # CUDA cost model: tile kernel FLOP/s by dot dtype, gather-dot bytes/s of strided gathers.
 _GPU_TILE_FLOPS = {torch.float32: 2e13, torch.bfloat16: 3e14, torch.float16: 3e14}
 _GPU_GATHER_BYTES = 1e12
-_UPCAST_CHUNK = 512
+_UPCAST_CHUNK = 128
 
 
 def _check_indices(name: str, indices: Tensor, nrows: int, ncols: int) -> None:
@@ -189,27 +189,30 @@ def _sampled_addmm(a: Tensor, b: Tensor, flat: Tensor, ncols: int) -> Tensor:
     return out
 
 
-def choose_path(a: Tensor, b: Tensor, m: int, n_tiles: int | None) -> str:
-    """The path the cost model picks for m remaining elements (in `n_tiles` TILE blocks, or
-    None without a plan) of a (T, A) by b (T, B) masked gradient on their device."""
-    T, A = a.shape
-    B = b.shape[1]
-    if a.is_cuda:
+def choose_path(
+    device: str | torch.device, dtype_a: torch.dtype, dtype_b: torch.dtype, T: int, A: int, B: int,
+    m: int, n_tiles: int | None,
+) -> str:
+    """The path the cost model picks for the m remaining elements of a (T, A) by (T, B) masked
+    gradient on `device`; `n_tiles` is the number of TILE blocks holding them (None without a
+    plan: the Triton tile kernel needs the plan's lists)."""
+    if torch.device(device).type == "cuda":
         if n_tiles is None:
             return "triton_gather"
-        dot_dtype = torch.promote_types(a.dtype, b.dtype)
+        dot_dtype = torch.promote_types(dtype_a, dtype_b)
         tiles = 2 * n_tiles * TILE * TILE * T / _GPU_TILE_FLOPS[dot_dtype]
-        gather = m * T * (a.element_size() + b.element_size()) / _GPU_GATHER_BYTES
+        size = torch.finfo(dtype_a).bits // 8 + torch.finfo(dtype_b).bits // 8
+        gather = m * T * size / _GPU_GATHER_BYTES
         return "triton_tiles" if tiles < gather else "triton_gather"
     work = m * T
     if work <= _TINY_WORK:
         return "torch_gather"
     bands = min(math.ceil(A / CPU_TILE), m) * CPU_TILE * B * T / _CPU_GEMM_MACS
-    rate = _CPU_ROWDOT_MACS if sddmm_inductor.available() else _CPU_SAMPLED_MACS
-    sparse = work / rate + T * (A + B) / _CPU_TRANSPOSE
+    rowdot = sddmm_inductor.available()
+    sparse = work / (_CPU_ROWDOT_MACS if rowdot else _CPU_SAMPLED_MACS) + T * (A + B) / _CPU_TRANSPOSE
     if bands < sparse:
         return "dense_bands"
-    return "inductor_rowdot" if sddmm_inductor.available() else "sampled_addmm"
+    return "inductor_rowdot" if rowdot else "sampled_addmm"
 
 
 def _remaining(a: Tensor, b: Tensor, flat: Tensor, ncols: int, tiles: tuple[Tensor, Tensor] | None,
@@ -269,7 +272,8 @@ def masked_grad(
     else:
         rows = cols = None
         rest, perm, tiles = indices, None, None
-    chosen = path or choose_path(a, b, rest.shape[0], None if tiles is None else tiles[1].shape[0])
+    chosen = path or choose_path(a.device, a.dtype, b.dtype, T, a.shape[1], b.shape[1], rest.shape[0],
+                                 None if tiles is None else tiles[1].shape[0])
     on_triton = chosen in TRITON_PATHS
     parts = []
     if rows is not None and rows.numel():
