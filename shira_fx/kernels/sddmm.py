@@ -27,7 +27,9 @@ from triton.runtime.interpreter import InterpretedFunction
 # Side of the square dW tiles of the tile kernel; the plan's tile lists use the same.
 TILE = 64
 _BLOCK_K = 64
-_BLOCK_T = 64
+_BLOCK_T = 32
+# T-splits are whole multiples of this many steps (of every kernel's T block)
+_SPLIT_GRANULE = 64
 _BLOCK_E = 64
 # Below this many programs without splitting T, T is split across programs too so that small
 # layers still fill the GPU (an H100 has 132 SMs); the partial sums are added afterwards
@@ -50,19 +52,21 @@ def _gather_dot_kernel(
     mask_k = offs_k < nnz
     # int64: offsets pass 2**31 once T * A does (a 128k vocabulary at T = 16k)
     idx = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
-    a_cols = a_ptr + (idx // ncols) * stride_ar
-    b_cols = b_ptr + (idx % ncols) * stride_bc
-    t_start = pid_t * t_per_split
+    t_start = pid_t.to(tl.int64) * t_per_split
     t_end = tl.minimum(t_start + t_per_split, T)
+    offs_t = tl.arange(0, BLOCK_T)
+    # (BLOCK_T, BLOCK_K) tiles, elements along the fast axis: neighbouring masked elements
+    # (sorted, or tile by tile) read neighbouring columns of one row of a and of b
+    a_ptrs = a_ptr + (idx // ncols * stride_ar)[None, :] + (t_start + offs_t)[:, None] * stride_at
+    b_ptrs = b_ptr + (idx % ncols * stride_bc)[None, :] + (t_start + offs_t)[:, None] * stride_bt
     acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for t0 in range(t_start, t_end, BLOCK_T):
-        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        # elements along the last axis: neighbouring masked elements (sorted, or tile by tile)
-        # read neighbouring columns of one row of a and b
-        m = (offs_t[:, None] < t_end) & mask_k[None, :]
-        x = tl.load(a_cols[None, :] + offs_t[:, None] * stride_at, mask=m, other=0.0)
-        y = tl.load(b_cols[None, :] + offs_t[:, None] * stride_bt, mask=m, other=0.0)
-        acc += tl.sum(x.to(tl.float32) * y.to(tl.float32), axis=0)
+        m = ((t0 + offs_t) < t_end)[:, None] & mask_k[None, :]
+        x = tl.load(a_ptrs, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(b_ptrs, mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(x * y, axis=0)
+        a_ptrs += BLOCK_T * stride_at
+        b_ptrs += BLOCK_T * stride_bt
     tl.store(out_ptr + pid_t.to(tl.int64) * nnz + offs_k, acc, mask=mask_k)
 
 
@@ -78,25 +82,27 @@ def _tile_kernel(
     tile = tl.load(tile_id_ptr + pid)
     row0 = (tile // n_col_tiles) * BM
     col0 = (tile % n_col_tiles) * BN
-    offs_m = (row0 + tl.arange(0, BM)).to(tl.int64)
-    offs_n = (col0 + tl.arange(0, BN)).to(tl.int64)
+    offs_m = row0 + tl.arange(0, BM)
+    offs_n = col0 + tl.arange(0, BN)
     mask_m = offs_m < nrows
     mask_n = offs_n < ncols
-    t_start = pid_t * t_per_split
+    t_start = pid_t.to(tl.int64) * t_per_split
     t_end = tl.minimum(t_start + t_per_split, T)
+    offs_t = tl.arange(0, BK)
+    # a^T tile (BM, BK) and b tile (BK, BN), read through the strides of a and b
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_ar + (t_start + offs_t)[None, :] * stride_at
+    b_ptrs = b_ptr + (t_start + offs_t)[:, None] * stride_bt + offs_n[None, :].to(tl.int64) * stride_bc
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for t0 in range(t_start, t_end, BK):
-        offs_t = (t0 + tl.arange(0, BK)).to(tl.int64)
-        mask_t = offs_t < t_end
-        # a^T tile (BM, BK) and b tile (BK, BN), read through the strides of a and b
-        x = tl.load(a_ptr + offs_m[:, None] * stride_ar + offs_t[None, :] * stride_at,
-                    mask=mask_m[:, None] & mask_t[None, :], other=0.0)
-        y = tl.load(b_ptr + offs_t[:, None] * stride_bt + offs_n[None, :] * stride_bc,
-                    mask=mask_t[:, None] & mask_n[None, :], other=0.0)
+        mask_t = (t0 + offs_t) < t_end
+        x = tl.load(a_ptrs, mask=mask_m[:, None] & mask_t[None, :], other=0.0)
+        y = tl.load(b_ptrs, mask=mask_t[:, None] & mask_n[None, :], other=0.0)
         if IEEE:  # fp32 inputs: no TF32 rounding, so the result matches the fp32 reference
             acc = tl.dot(x.to(DOT_DTYPE), y.to(DOT_DTYPE), acc, input_precision="ieee")
         else:  # bf16/fp16 products are exact in fp32, and the tensor cores accumulate in fp32
             acc = tl.dot(x.to(DOT_DTYPE), y.to(DOT_DTYPE), acc)
+        a_ptrs += BK * stride_at
+        b_ptrs += BK * stride_bt
     # write only this tile's masked elements, picked out of the accumulator by position
     flat_acc = tl.reshape(acc, [BM * BN])
     start = tl.load(tile_ptr + pid)
@@ -135,20 +141,22 @@ def _dense_block_kernel(
         cb = tl.load(cb_ptr + offs_j, mask=mask_j, other=0).to(tl.int64)
     else:
         cb = offs_j.to(tl.int64)
-    t_start = pid_t * t_per_split
+    t_start = pid_t.to(tl.int64) * t_per_split
     t_end = tl.minimum(t_start + t_per_split, T)
+    offs_t = tl.arange(0, BK)
+    a_ptrs = a_ptr + ra[:, None] * stride_ar + (t_start + offs_t)[None, :] * stride_at
+    b_ptrs = b_ptr + (t_start + offs_t)[:, None] * stride_bt + cb[None, :] * stride_bc
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for t0 in range(t_start, t_end, BK):
-        offs_t = (t0 + tl.arange(0, BK)).to(tl.int64)
-        mask_t = offs_t < t_end
-        x = tl.load(a_ptr + ra[:, None] * stride_ar + offs_t[None, :] * stride_at,
-                    mask=mask_i[:, None] & mask_t[None, :], other=0.0)
-        y = tl.load(b_ptr + offs_t[:, None] * stride_bt + cb[None, :] * stride_bc,
-                    mask=mask_t[:, None] & mask_j[None, :], other=0.0)
+        mask_t = (t0 + offs_t) < t_end
+        x = tl.load(a_ptrs, mask=mask_i[:, None] & mask_t[None, :], other=0.0)
+        y = tl.load(b_ptrs, mask=mask_t[:, None] & mask_j[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(x.to(DOT_DTYPE), y.to(DOT_DTYPE), acc, input_precision="ieee")
         else:
             acc = tl.dot(x.to(DOT_DTYPE), y.to(DOT_DTYPE), acc)
+        a_ptrs += BK * stride_at
+        b_ptrs += BK * stride_bt
     out = out_ptr + (pid_t.to(tl.int64) * n_i + offs_i[:, None]) * n_j + offs_j[None, :]
     tl.store(out, acc, mask=mask_i[:, None] & mask_j[None, :])
 
@@ -184,6 +192,15 @@ def _split_t(T: int, programs: int, block_t: int) -> tuple[int, int]:
     return triton.cdiv(T, t_per_split), t_per_split
 
 
+def _dot_config(a: Tensor, b: Tensor) -> dict:
+    """Launch settings of the tl.dot kernels: the operand dtype, IEEE fp32 or tensor cores, and a
+    T block small enough that fp32 operands (CUDA-core dots) do not spill registers."""
+    dot_dtype, ieee = _dot_dtype(a, b)
+    if ieee:
+        return dict(DOT_DTYPE=dot_dtype, IEEE=True, BK=16, num_warps=4, num_stages=2)
+    return dict(DOT_DTYPE=dot_dtype, IEEE=False, BK=32, num_warps=4, num_stages=3)
+
+
 def _dot_dtype(a: Tensor, b: Tensor) -> tuple[tl.dtype, bool]:
     """The dtype both tl.dot operands are cast to in registers, and whether it is fp32 (ieee)."""
     common = torch.promote_types(a.dtype, b.dtype)
@@ -215,7 +232,7 @@ def sddmm(a: Tensor, b: Tensor, indices: Tensor, ncols: int) -> Tensor:
     if nnz == 0 or T == 0:
         return torch.zeros(nnz, dtype=torch.float32, device=a.device)
     k_blocks = triton.cdiv(nnz, _BLOCK_K)
-    split, t_per_split = _split_t(T, k_blocks, _BLOCK_T)
+    split, t_per_split = _split_t(T, k_blocks, _SPLIT_GRANULE)
     out = torch.empty(split, nnz, dtype=torch.float32, device=a.device)
     with torch.cuda.device(_device(a)):
         _gather_dot_kernel[(k_blocks, split)](
@@ -241,15 +258,14 @@ def sddmm_tiles(
     n_tiles = tile_ids.shape[0]
     if m == 0 or T == 0 or n_tiles == 0:
         return torch.zeros(m, dtype=torch.float32, device=a.device)
-    split, t_per_split = _split_t(T, n_tiles, _BLOCK_T)
+    split, t_per_split = _split_t(T, n_tiles, _SPLIT_GRANULE)
     out = torch.empty(split, m, dtype=torch.float32, device=a.device)
-    dot_dtype, ieee = _dot_dtype(a, b)
     with torch.cuda.device(_device(a)):
         _tile_kernel[(n_tiles, split)](
             a, b, flat.contiguous(), tile_ptr.contiguous(), tile_ids.contiguous(), out,
             m, T, a.shape[1], ncols, triton.cdiv(ncols, TILE),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), t_per_split,
-            BM=TILE, BN=TILE, BK=_BLOCK_T, BE=_BLOCK_E, DOT_DTYPE=dot_dtype, IEEE=ieee,
+            BM=TILE, BN=TILE, BE=_BLOCK_E, **_dot_config(a, b),
         )
     return out[0] if split == 1 else out.sum(0)
 
@@ -266,9 +282,8 @@ def dense_block(a: Tensor, b: Tensor, rows: Tensor | None = None, cols: Tensor |
     if n_i == 0 or n_j == 0 or T == 0:
         return torch.zeros(n_i, n_j, dtype=torch.float32, device=a.device)
     grid_mn = (triton.cdiv(n_i, TILE), triton.cdiv(n_j, TILE))
-    split, t_per_split = _split_t(T, grid_mn[0] * grid_mn[1], _BLOCK_T)
+    split, t_per_split = _split_t(T, grid_mn[0] * grid_mn[1], _SPLIT_GRANULE)
     out = torch.empty(split, n_i, n_j, dtype=torch.float32, device=a.device)
-    dot_dtype, ieee = _dot_dtype(a, b)
     # where nothing is gathered the kernel never reads the pointer; one int64 placeholder keeps
     # the launch signatures few
     unused = torch.zeros(1, dtype=torch.int64, device=a.device)
@@ -279,7 +294,7 @@ def dense_block(a: Tensor, b: Tensor, rows: Tensor | None = None, cols: Tensor |
             a, b, ra, cb, out, n_i, n_j, T,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), t_per_split,
             GATHER_A=rows is not None, GATHER_B=cols is not None,
-            BM=TILE, BN=TILE, BK=_BLOCK_T, DOT_DTYPE=dot_dtype, IEEE=ieee,
+            BM=TILE, BN=TILE, **_dot_config(a, b),
         )
     return out[0] if split == 1 else out.sum(0)
 
