@@ -2,9 +2,16 @@
 one would write without them, judged against the machine's copy bandwidth.
 
 (a) Masked gradient (SDDMM): `grad[k] = sum_t grad_y[t, row_k] * x[t, col_k]` for a square
-    (N, N) weight. shira_fx runs `kernels.sddmm` (Triton) on CUDA and `kernels.sddmm_cpu`
-    (`torch.sparse.sampled_addmm`) on CPU, the same choice `shira_fx.ops.masked_grad` makes.
-    The dense alternative forms dW = grad_y.T @ x (N x N) and gathers it at the indices.
+    (N, N) weight, for a random mask (SHiRA-rand) and a struct mask (whole rows plus the
+    diagonal, SHiRA-struct), at each density and each T. Side by side, in one run:
+    `shira_fx.kernels.masked_grad` with its plan and the path its cost model picks ("auto"),
+    every path forced in turn (on CPU: the Inductor row-dot, the banded GEMM, plain gathers;
+    on CUDA: the Triton gather-dot with and without the plan's tile order, the Triton tile
+    kernel), `torch.sparse.sampled_addmm` on the sorted mask (`sddmm_cpu`, the CPU baseline),
+    the dense `grad_y.T @ x` + gather, and for struct masks a plain GEMM over just the mask's
+    dense rows (`grad_y[:, rows].T @ x`, what the struct path should cost). Timings are
+    interleaved (every method once per round, the median over rounds), so a shared machine's
+    noise hits every method alike.
 (b) Scatter: `W.flat[idx] = base + delta` over `--layers` weights of N x N. shira_fx's
     `ops.scatter_weights_` (one Triton `scatter_fused_` launch on CUDA; `index_copy_` split
     over threads on CPU) vs a loop of `index_copy_` (int64 indices prepared beforehand), a
@@ -17,9 +24,12 @@ one op: SDDMM reads grad_y and x once (T x N each), the int32 indices and writes
 results; the scatter reads int32 indices, base and delta (nnz each) and reads and writes every
 distinct cache line (64 B; 32 B sectors on CUDA) of the weights it touches. "x copy" divides
 by the bandwidth of `dst.copy_(src)` on 256 MiB buffers (1 GiB on CUDA) measured in the same
-run. Times: `triton.testing.do_bench` (median) on CUDA, median of `--repeat` after warm-up on CPU.
+run. GFLOP/s counts the useful 2 T nnz flops of every method (so the dense product's rate is
+its share of useful work). Times: median of `--repeat` interleaved rounds after a warm-up
+call on CPU, `triton.testing.do_bench` (median) on CUDA.
 
-    python bench/kernels.py              # N = 1024..4096 on CPU (..8192 on CUDA), 4 densities
+    python bench/kernels.py              # N = 512..4096, 3 densities, T = 1024 (CPU)
+    python bench/kernels.py --tokens 256,512,1024,2048 --ops sddmm
     python bench/kernels.py --smoke      # tiny shapes, a few seconds
 """
 
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -43,18 +54,24 @@ from common import (  # noqa: E402
     machine,
     markdown_table,
     median_ms,
+    sync,
     write_json,
 )
 
-from shira_fx.kernels import sddmm, sddmm_cpu  # noqa: E402
+from shira_fx.kernels import choose_path, masked_grad, plan_mask, sddmm_cpu  # noqa: E402
+from shira_fx.masks import _struct_mask  # noqa: E402
 from shira_fx.ops import scatter_weights_  # noqa: E402
 
-DENSITIES = (0.005, 0.01, 0.02, 0.05)
-
-
-def masked_grad_kernel(device: torch.device) -> Callable:
-    """The SDDMM shira_fx.ops.masked_grad runs on this device."""
-    return sddmm if device.type == "cuda" else sddmm_cpu
+DENSITIES = (0.002, 0.01, 0.03)
+MASKS = ("rand", "struct")
+CPU_PATHS = ("inductor_rowdot", "dense_bands", "torch_gather")
+CUDA_PATHS = ("triton_gather", "triton_tiles")
+# plain gathers hold T x nnz products: skip them beyond this many elements
+GATHER_LIMIT = 1 << 24
+AUTO = "shira_fx masked_grad"
+BASELINE = "sampled_addmm (sddmm_cpu, sorted mask)"
+DENSE = "dense grad_y.T @ x + gather"
+ROWS_GEMM = "GEMM over the mask's dense rows"
 
 
 def random_indices(perm: torch.Tensor, nnz: int) -> torch.Tensor:
@@ -68,44 +85,128 @@ def lines_touched(idx: torch.Tensor, element_size: int, line: int) -> int:
     return int(torch.unique(idx.long() * element_size // line).numel())
 
 
-def sddmm_rows(n: int, densities: list[float], tokens: int, dtype: torch.dtype,
+def mask_indices(kind: str, n: int, nnz: int, perm: torch.Tensor) -> torch.Tensor:
+    """The sorted int32 offsets of an nnz-element mask of this kind on an (n, n) weight: random
+    (SHiRA-rand) or rows at a stride plus the diagonal (SHiRA-struct, as `build_masks` makes it)."""
+    if kind == "rand":
+        return random_indices(perm, nnz)
+    return _struct_mask(n, n, nnz, 0, False).to(perm.device)
+
+
+def interleaved_ms(fns: dict[str, Callable], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median ms per method over `rounds` rounds that each call every method once (after one
+    warm-up call each); on CUDA, do_bench per method."""
+    if device.type == "cuda":
+        return {k: median_ms(f, rounds, device=device) for k, f in fns.items()}
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(1, rounds)):
+        for k, f in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def sddmm_methods(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, n: int, plan: list[torch.Tensor],
+                  kind: str, device: torch.device) -> dict[str, tuple[Callable, str]]:
+    """name -> (call, path): masked_grad as chosen and on every path, and the alternatives."""
+    T = a.shape[0]
+    m = plan[2].shape[0] if plan else idx.shape[0]
+    chosen = choose_path(device, a.dtype, b.dtype, T, n, n, m, plan[5].shape[0] if plan else None)
+    methods: dict[str, tuple[Callable, str]] = {
+        f"{AUTO} (auto: {chosen})": (lambda: masked_grad(a, b, idx, n, plan), chosen)}
+    for path in CUDA_PATHS if device.type == "cuda" else CPU_PATHS:
+        if path == "torch_gather" and m * T > GATHER_LIMIT:
+            continue
+        call = lambda path=path: masked_grad(a, b, idx, n, plan, path=path)  # noqa: E731
+        methods[f"{AUTO} (path {path})"] = (call, path)
+    if device.type == "cuda":
+        methods[f"{AUTO} (path triton_gather, no plan)"] = (
+            lambda: masked_grad(a, b, idx, n, [], path="triton_gather"), "triton_gather")
+    else:
+        methods[BASELINE] = (lambda: sddmm_cpu(a, b, idx, n), "sampled_addmm")
+    idx64 = idx.long()
+    methods[DENSE] = (lambda: (a.t() @ b).float().view(-1).index_select(0, idx64), "dense")
+    if kind == "struct" and plan and plan[0].numel():
+        rows = plan[0]
+        methods[ROWS_GEMM] = (lambda: a.index_select(1, rows).t() @ b, "gemm")
+    return methods
+
+
+def sddmm_rows(n: int, densities: list[float], tokens: list[int], masks: list[str], dtype: torch.dtype,
                device: torch.device, repeat: int, bandwidth: float) -> list[dict]:
-    """Time the masked gradient and the dense alternative at each density for one N."""
+    """Time every masked-gradient method for one N at each mask kind, density and T."""
     g = torch.Generator(device="cpu").manual_seed(n)
-    grad_y = torch.randn(tokens, n, generator=g, dtype=dtype).to(device)
-    x = torch.randn(tokens, n, generator=g, dtype=dtype).to(device)
     perm = torch.randperm(n * n, generator=g).to(device)
-    ours = masked_grad_kernel(device)
     rows = []
-    for d in densities:
-        nnz = max(1, round(d * n * n))
-        idx = random_indices(perm, nnz)
-        idx64 = idx.long()  # prepared once: the dense path gets its best case
-
-        def run_ours(idx=idx):
-            return ours(grad_y, x, idx, n)
-
-        def run_dense(idx64=idx64):
-            return (grad_y.t() @ x).float().view(-1).index_select(0, idx64)
-
-        err = (run_ours() - run_dense()).abs().max().item()
-        scale = run_dense().abs().max().item() or 1.0
-        must = tokens * 2 * n * grad_y.element_size() + nnz * 4 + nnz * 4
-        for method, fn, flops in (
-            ("shira_fx masked_grad (" + ("Triton sddmm" if device.type == "cuda"
-                                         else "sddmm_cpu: sampled_addmm") + ")", run_ours, 2 * tokens * nnz),
-            ("dense grad_y.T @ x + gather", run_dense, 2 * tokens * n * n),
-        ):
-            ms = median_ms(fn, repeat, warmup=1, device=device)
-            gbs = must / (ms / 1e3) / 1e9
-            rows.append({"op": "sddmm", "size": n, "density": d, "nnz": nnz, "tokens": tokens,
-                         "method": method, "median_ms": ms, "bytes": must, "GB_per_s": gbs,
-                         "x_copy_bandwidth": gbs * 1e9 / bandwidth, "GFLOP_per_s": flops / (ms / 1e3) / 1e9,
-                         "max_rel_err": err / scale})
-        dense_ms = rows[-1]["median_ms"]
-        for r in rows[-2:]:
-            r["vs_dense"] = r["median_ms"] / dense_ms
+    for T in tokens:
+        grad_y = torch.randn(T, n, generator=g, dtype=dtype).to(device)
+        x = torch.randn(T, n, generator=g, dtype=dtype).to(device)
+        dense_ref = (grad_y.float().t() @ x.float()).view(-1)
+        for kind in masks:
+            for d in densities:
+                nnz = max(1, round(d * n * n))
+                idx = mask_indices(kind, n, nnz, perm)
+                plan = plan_mask(idx, n, n)
+                methods = sddmm_methods(grad_y, x, idx, n, plan, kind, device)
+                ref = dense_ref[idx.long()]
+                scale = ref.abs().max().item() or 1.0
+                errs = {}
+                for name, (fn, _) in methods.items():
+                    out = fn().reshape(-1)
+                    want = ref if out.numel() == ref.numel() else (
+                        dense_ref.view(n, n)[plan[0]].reshape(-1))
+                    errs[name] = (out.float() - want).abs().max().item() / scale
+                ms = interleaved_ms({k: f for k, (f, _) in methods.items()}, repeat, device)
+                must = T * 2 * n * grad_y.element_size() + nnz * 4 + nnz * 4
+                dense_ms = ms[DENSE]
+                base_ms = ms.get(BASELINE)
+                for name, (_, path) in methods.items():
+                    t = ms[name]
+                    rows.append({
+                        "op": "sddmm", "size": n, "mask": kind, "density": d, "nnz": nnz, "tokens": T,
+                        "method": name, "path": path, "median_ms": t, "bytes": must,
+                        "GB_per_s": must / (t / 1e3) / 1e9, "x_copy_bandwidth": must / (t / 1e3) / bandwidth,
+                        "GFLOP_per_s": 2 * T * nnz / (t / 1e3) / 1e9, "max_rel_err": errs[name],
+                        "vs_dense": t / dense_ms,
+                        "speedup_vs_sampled_addmm": None if base_ms is None else base_ms / t,
+                        "dense_rows": int(plan[0].numel()) if plan else 0,
+                        "vs_rows_gemm": t / ms[ROWS_GEMM] if ROWS_GEMM in ms else None,
+                    })
+                print(f"  N={n} T={T} {kind} {d * 100:g} %: "
+                      + ", ".join(f"{r['path']} {r['median_ms']:.1f}" for r in rows[-len(methods):]),
+                      file=sys.stderr)
     return rows
+
+
+def sddmm_targets(rows: list[dict]) -> list[str]:
+    """The issue's CPU targets, evaluated on the rows: the chosen path at >= 1.5x sampled_addmm's
+    throughput on random 1-3 % masks of 1024^2..4096^2, and struct masks within 1.2x of a GEMM
+    over their dense rows."""
+    out = []
+    auto = [r for r in rows if r["op"] == "sddmm" and r["method"].startswith(f"{AUTO} (auto")]
+    fast = [r for r in auto if r["mask"] == "rand" and 0.01 <= r["density"] <= 0.03
+            and 1024 <= r["size"] <= 4096 and r["speedup_vs_sampled_addmm"] is not None]
+    if fast:
+        worst = min(fast, key=lambda r: r["speedup_vs_sampled_addmm"])
+        ok = worst["speedup_vs_sampled_addmm"] >= 1.5
+        out.append(f"{'pass' if ok else 'MISS'}: chosen CPU path vs sampled_addmm on random 1-3 % masks, "
+                   f"N 1024-4096: {min(r['speedup_vs_sampled_addmm'] for r in fast):.2f}-"
+                   f"{max(r['speedup_vs_sampled_addmm'] for r in fast):.2f}x throughput (target >= 1.5x; "
+                   f"worst N={worst['size']} {worst['density'] * 100:g} % T={worst['tokens']})")
+    struct = [r for r in auto if r["mask"] == "struct" and r["vs_rows_gemm"] is not None]
+    if struct:
+        worst = max(struct, key=lambda r: r["vs_rows_gemm"])
+        ok = worst["vs_rows_gemm"] <= 1.2
+        out.append(f"{'pass' if ok else 'MISS'}: struct masks vs a GEMM over their dense rows: "
+                   f"{min(r['vs_rows_gemm'] for r in struct):.2f}-{worst['vs_rows_gemm']:.2f}x the time "
+                   f"(target <= 1.2x; worst N={worst['size']} {worst['density'] * 100:g} % "
+                   f"T={worst['tokens']})")
+    return out
 
 
 def peft_shira_merge(weights: list[torch.Tensor], indices_2d: list[torch.Tensor],
@@ -180,51 +281,62 @@ def print_tables(result: dict) -> None:
     bw = result["copy_bandwidth_GB_per_s"]
     print(f"\nKernels on {describe(result['machine'])}; {args['dtype']}; copy bandwidth "
           f"{bw:.1f} GB/s (read + write of {args['copy_mib']} MiB)\n")
-    print(f"Masked gradient (SDDMM), T = {args['tokens']} tokens, N x N weight:\n")
-    rows = [[f"{r['size']}", f"{r['density'] * 100:g} %", f"{r['nnz']:,}", r["method"],
-             fmt(r["median_ms"], ".3f"), fmt(r["GB_per_s"], ".1f"), fmt(r["x_copy_bandwidth"], ".2f"),
-             fmt(r["GFLOP_per_s"], ".1f"), fmt(r["vs_dense"], ".3f")]
-            for r in result["rows"] if r["op"] == "sddmm"]
-    print(markdown_table(["N", "density", "nnz", "method", "median ms", "GB/s", "x copy",
-                          "GFLOP/s", "vs dense"], rows, align="rrrlrrrrr"))
-    print(f"\nScatter W.flat[idx] = base + delta over {args['layers']} weights of N x N:\n")
-    rows = [[f"{r['size']}", f"{r['density'] * 100:g} %", f"{r['nnz']:,}", r["method"],
-             fmt(r["median_ms"], ".3f"), fmt(r["bytes"] / 1e6, ".1f"), fmt(r["GB_per_s"], ".1f"),
-             fmt(r["x_copy_bandwidth"], ".2f"), fmt(r["vs_shira_fx"], ".2f")]
-            for r in result["rows"] if r["op"] == "scatter"]
-    print(markdown_table(["N", "density", "nnz (all layers)", "method", "median ms", "MB moved",
-                          "GB/s", "x copy", "vs shira_fx"], rows, align="rrrlrrrrr"))
+    sd = [r for r in result["rows"] if r["op"] == "sddmm"]
+    if sd:
+        print("Masked gradient (SDDMM), N x N weight, T tokens; x sa = sampled_addmm's time / this "
+              "method's time:\n")
+        rows = [[f"{r['size']}", r["mask"], f"{r['density'] * 100:g} %", f"{r['nnz']:,}", f"{r['tokens']}",
+                 r["method"], fmt(r["median_ms"], ".2f"), fmt(r["GFLOP_per_s"], ".2f"),
+                 fmt(r["speedup_vs_sampled_addmm"], ".2f"), fmt(r["vs_dense"], ".3f"),
+                 fmt(r["vs_rows_gemm"], ".2f"), f"{r['max_rel_err']:.1e}"] for r in sd]
+        print(markdown_table(["N", "mask", "density", "nnz", "T", "method", "median ms", "GFLOP/s",
+                              "x sa", "vs dense", "vs rows GEMM", "max rel err"], rows,
+                             align="rlrrrlrrrrrr"))
+    sc = [r for r in result["rows"] if r["op"] == "scatter"]
+    if sc:
+        print(f"\nScatter W.flat[idx] = base + delta over {args['layers']} weights of N x N:\n")
+        rows = [[f"{r['size']}", f"{r['density'] * 100:g} %", f"{r['nnz']:,}", r["method"],
+                 fmt(r["median_ms"], ".3f"), fmt(r["bytes"] / 1e6, ".1f"), fmt(r["GB_per_s"], ".1f"),
+                 fmt(r["x_copy_bandwidth"], ".2f"), fmt(r["vs_shira_fx"], ".2f")] for r in sc]
+        print(markdown_table(["N", "density", "nnz (all layers)", "method", "median ms", "MB moved",
+                              "GB/s", "x copy", "vs shira_fx"], rows, align="rrrlrrrrr"))
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-size", type=int, default=None, help="largest N (default 4096 on CPU, 8192 on CUDA)")
-    p.add_argument("--min-size", type=int, default=1024)
+    p.add_argument("--min-size", type=int, default=512)
     p.add_argument("--densities", default=",".join(map(str, DENSITIES)))
-    p.add_argument("--tokens", type=int, default=None, help="T for SDDMM (default 1024 on CPU, 2048 on CUDA)")
+    p.add_argument("--masks", default=",".join(MASKS), help="SDDMM mask kinds: rand, struct")
+    p.add_argument("--tokens", default=None, help="T values for SDDMM, comma-separated (default 1024 "
+                   "on CPU, 2048 on CUDA)")
     p.add_argument("--layers", type=int, default=4, help="weights per scatter call")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--repeat", type=int, default=7, help="timed calls per point on CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--repeat", type=int, default=7, help="timed rounds per point on CPU")
     p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer size")
     p.add_argument("--ops", default="sddmm,scatter")
     p.add_argument("--json", default=None, help=f"default {default_json('kernels')} (none with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repetitions")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     # PEFT's sparse_coo_tensor warns once about skipped invariant checks; PEFT users see it too
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     cuda = device.type == "cuda"
     if args.smoke:
-        args.min_size, args.max_size, args.tokens, args.repeat = 64, 128, 32, 2
+        args.min_size, args.max_size, args.tokens, args.repeat = 64, 128, "32", 2
         args.densities, args.layers, args.copy_mib = "0.01,0.05", 2, args.copy_mib or 16
     args.max_size = args.max_size or (8192 if cuda else 4096)
-    args.tokens = args.tokens or (2048 if cuda else 1024)
+    args.tokens = args.tokens or ("2048" if cuda else "1024")
     args.copy_mib = args.copy_mib or (1024 if cuda else 256)
     if args.json is None and not args.smoke:
         args.json = default_json("kernels")
     dtype = getattr(torch, args.dtype)
     densities = [float(d) for d in args.densities.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
     sizes, n = [], args.min_size
     while n <= args.max_size:
         sizes.append(n)
@@ -235,27 +347,26 @@ def main(argv: list[str] | None = None) -> dict:
     ops = args.ops.split(",")
     for n in sizes:
         if "sddmm" in ops:
-            rows += sddmm_rows(n, densities, args.tokens, dtype, device, args.repeat, bandwidth)
-        if "scatter" in ops:
+            rows += sddmm_rows(n, densities, tokens, args.masks.split(","), dtype, device, args.repeat,
+                               bandwidth)
+        if "scatter" in ops and (n >= 1024 or args.smoke):
             rows += scatter_rows(n, args.layers, densities, dtype, device, args.repeat, bandwidth)
         print(f"N={n} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    targets = sddmm_targets(rows)
     result = {"bench": "kernels", "machine": machine(device), "args": vars(args),
               "device": str(device), "copy_bandwidth_GB_per_s": bandwidth / 1e9, "rows": rows,
-              "seconds": time.perf_counter() - t0}
+              "targets": targets, "seconds": time.perf_counter() - t0}
     print_tables(result)
     print()
-    for op, key, what in (("sddmm", "vs_dense", "the dense alternative"),
-                          ("scatter", "vs_shira_fx", "shira_fx")):
-        ours = [r for r in rows if r["op"] == op and r["method"].startswith("shira_fx")]
-        if not ours:
-            continue
-        span = lambda xs: f"{min(xs):.3f}-{max(xs):.3f}x"  # noqa: B023
-        if op == "sddmm":
-            print(f"SDDMM: shira_fx takes {span([r[key] for r in ours])} the time of {what}")
-        else:
-            peft_rows = [r for r in rows if r["op"] == op and r["method"].startswith("PEFT")]
-            print(f"scatter: shira_fx takes {span([1 / r[key] for r in peft_rows])} PEFT SHiRA's merge "
-                  f"time and runs at {span([r['x_copy_bandwidth'] for r in ours])} copy bandwidth")
+    for line in targets:
+        print(line)
+    sc = [r for r in rows if r["op"] == "scatter"]
+    if sc:
+        span = lambda xs: f"{min(xs):.3f}-{max(xs):.3f}x"  # noqa: E731
+        ours = [r for r in sc if r["method"].startswith("shira_fx")]
+        peft_rows = [r for r in sc if r["method"].startswith("PEFT")]
+        print(f"scatter: shira_fx takes {span([1 / r['vs_shira_fx'] for r in peft_rows])} PEFT SHiRA's "
+              f"merge time and runs at {span([r['x_copy_bandwidth'] for r in ours])} copy bandwidth")
     if args.json:
         write_json(args.json, result)
     return result

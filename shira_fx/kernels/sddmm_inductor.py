@@ -14,6 +14,7 @@ length static so that its loop is unrolled); `available()` says whether that wor
 """
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.fx.experimental._config as fx_config
@@ -118,12 +119,33 @@ def sddmm_rowdot(a: Tensor, b: Tensor, flat: Tensor, ncols: int) -> Tensor:
     acc = torch.zeros(m, dtype=torch.float32)
     at = torch.empty(A, CHUNK, dtype=torch.float32)
     bt = torch.empty(B, CHUNK, dtype=torch.float32)
+    # torch transposes on one thread: with more, a's chunk is transposed beside b's
+    pool = _pool() if torch.get_num_threads() > 1 else None
     for t0 in range(0, T, CHUNK):
-        n = min(CHUNK, T - t0)
-        if n < CHUNK:  # the last, short chunk: zeros add nothing
-            at[:, n:].zero_()
-            bt[:, n:].zero_()
-        at[:, :n].copy_(a[t0 : t0 + n].t())
-        bt[:, :n].copy_(b[t0 : t0 + n].t())
+        if pool is None:
+            _fill(at, a, t0)
+            _fill(bt, b, t0)
+        else:
+            pending = pool.submit(_fill, at, a, t0)
+            _fill(bt, b, t0)
+            pending.result()
         acc = _call(kernel, acc, at, bt, rows, cols)
     return acc
+
+
+def _fill(buf: Tensor, x: Tensor, t0: int) -> None:
+    """buf[:, :n] = x[t0 : t0 + n].T in fp32, zeros after a short last chunk (they add nothing)."""
+    n = min(CHUNK, x.shape[0] - t0)
+    if n < CHUNK:
+        buf[:, n:].zero_()
+    if x.dtype == torch.float32 or n < CHUNK:
+        buf[:, :n].copy_(x[t0 : t0 + n].t())
+    else:  # transposing within the dtype takes torch's blocked transpose, then a plain upcast
+        buf.copy_(x[t0 : t0 + n].t().contiguous())
+
+
+def _pool() -> ThreadPoolExecutor:
+    with _LOCK:
+        if "pool" not in _STATE:
+            _STATE["pool"] = ThreadPoolExecutor(1, thread_name_prefix="shira_fx-sddmm")
+        return _STATE["pool"]
