@@ -44,7 +44,7 @@ from common import (  # noqa: E402
 )
 from kernels import AUTO, DENSE, ROWS_GEMM, mask_indices, sddmm_methods  # noqa: E402
 
-from shira_fx.kernels import plan_mask  # noqa: E402
+from shira_fx.kernels import PLAN_FIELDS, plan_mask  # noqa: E402
 
 DENSITIES = (0.002, 0.01, 0.03)
 
@@ -93,17 +93,18 @@ def kernel_rows(n: int, T: int, dtype: torch.dtype, masks: list[str], densities:
     read_roof_ms = 2 * T * n * grad_y.element_size() / (roof["copy_GB_per_s"] * 1e9 / 2) * 1e3
     rows = []
     for kind in masks:
-        for d in densities if kind == "rand" else densities[1:2]:
-            nnz = max(1, round(d * n * n))
-            idx = mask_indices(kind, n, nnz, perm)
+        for d in densities if kind == "rand" else densities[len(densities) // 2:][:1]:
+            idx = mask_indices(kind, n, max(1, round(d * n * n)), perm)
+            nnz = idx.shape[0]
             plan = plan_mask(idx, n, n)
+            parts = dict(zip(PLAN_FIELDS, plan, strict=True)) if plan else {}
             methods = sddmm_methods(grad_y, x, idx, n, plan, kind, device)
             ref = dense_ref[idx.long()]
             scale = ref.abs().max().item() or 1.0
             ms, errs = {}, {}
             for name, (fn, _) in methods.items():
                 out = fn().reshape(-1).float()
-                want = ref if out.numel() == ref.numel() else dense_ref.view(n, n)[plan[0]].reshape(-1)
+                want = ref if out.numel() == ref.numel() else dense_ref.view(n, n)[parts["rows"]].reshape(-1)
                 errs[name] = (out - want).abs().max().item() / scale
                 ms[name] = median_ms(fn, repeat, device=device)
             paths = {name: p for name, (_, p) in methods.items()}
@@ -113,7 +114,7 @@ def kernel_rows(n: int, T: int, dtype: torch.dtype, masks: list[str], densities:
             for name in methods:
                 rows.append({
                     "size": n, "tokens": T, "dtype": str(dtype).replace("torch.", ""), "mask": kind,
-                    "density": d, "nnz": nnz, "tiles": int(plan[5].numel()) if plan else None,
+                    "density": d, "nnz": nnz, "tiles": int(parts["tile_ids"].numel()) if plan else None,
                     "method": name, "path": paths[name], "median_ms": ms[name], "max_rel_err": errs[name],
                     "vs_dense": ms[name] / ms[DENSE], "vs_dense_roofline": ms[name] / dense_roof_ms,
                     "vs_read_roofline": ms[name] / read_roof_ms,
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sizes", default="4096,8192", help="square weight sides N")
     p.add_argument("--tokens", default="2048,8192", help="T values")
     p.add_argument("--dtypes", default="bfloat16,float32")
-    p.add_argument("--masks", default="rand,struct")
+    p.add_argument("--masks", default="rand,struct,rows")
     p.add_argument("--densities", default=",".join(map(str, DENSITIES)))
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--budget-s", type=float, default=420, help="stop starting new bench points after this")

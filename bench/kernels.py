@@ -2,14 +2,15 @@
 one would write without them, judged against the machine's copy bandwidth.
 
 (a) Masked gradient (SDDMM): `grad[k] = sum_t grad_y[t, row_k] * x[t, col_k]` for a square
-    (N, N) weight, for a random mask (SHiRA-rand) and a struct mask (whole rows plus the
-    diagonal, SHiRA-struct), at each density and each T. Side by side, in one run:
+    (N, N) weight, for a random mask (SHiRA-rand), a struct mask (whole rows plus the
+    diagonal, SHiRA-struct) and its whole rows alone ("rows"), at each density and each T.
+    Side by side, in one run:
     `shira_fx.kernels.masked_grad` with its plan and the path its cost model picks ("auto"),
     every path forced in turn (on CPU: the Inductor row-dot, the banded GEMM, plain gathers;
     on CUDA: the Triton gather-dot with and without the plan's tile order, the Triton tile
     kernel), `torch.sparse.sampled_addmm` on the sorted mask (`sddmm_cpu`, the CPU baseline),
-    the dense `grad_y.T @ x` + gather, and for struct masks a plain GEMM over just the mask's
-    dense rows (`grad_y[:, rows].T @ x`, what the struct path should cost). Timings are
+    the dense `grad_y.T @ x` + gather, and for struct and rows masks a plain GEMM over just the
+    mask's dense rows (`grad_y[:, rows].T @ x`, what the struct path should cost). Timings are
     interleaved (every method once per round, the median over rounds), so a shared machine's
     noise hits every method alike.
 (b) Scatter: `W.flat[idx] = base + delta` over `--layers` weights of N x N. shira_fx's
@@ -58,12 +59,12 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from shira_fx.kernels import choose_path, masked_grad, plan_mask, sddmm_cpu  # noqa: E402
+from shira_fx.kernels import PLAN_FIELDS, choose_path, masked_grad, plan_mask, sddmm_cpu  # noqa: E402
 from shira_fx.masks import _struct_mask  # noqa: E402
 from shira_fx.ops import scatter_weights_  # noqa: E402
 
 DENSITIES = (0.002, 0.01, 0.03)
-MASKS = ("rand", "struct")
+MASKS = ("rand", "struct", "rows")
 CPU_PATHS = ("inductor_rowdot", "dense_bands", "torch_gather")
 CUDA_PATHS = ("triton_gather", "triton_tiles")
 # plain gathers hold T x nnz products: skip them beyond this many elements
@@ -86,16 +87,22 @@ def lines_touched(idx: torch.Tensor, element_size: int, line: int) -> int:
 
 
 def mask_indices(kind: str, n: int, nnz: int, perm: torch.Tensor) -> torch.Tensor:
-    """The sorted int32 offsets of an nnz-element mask of this kind on an (n, n) weight: random
-    (SHiRA-rand) or rows at a stride plus the diagonal (SHiRA-struct, as `build_masks` makes it)."""
+    """The sorted int32 offsets of an about nnz-element mask of this kind on an (n, n) weight:
+    random (SHiRA-rand), rows at a stride plus the diagonal (SHiRA-struct, as `build_masks`
+    makes it), or just the whole rows at a stride ("rows": struct's dense part alone)."""
     if kind == "rand":
         return random_indices(perm, nnz)
+    if kind == "rows":
+        rows = torch.arange(0, n, max(1, round(n * n / nnz)), device=perm.device)
+        return (rows[:, None] * n + torch.arange(n, device=perm.device)).view(-1).to(torch.int32)
     return _struct_mask(n, n, nnz, 0, False).to(perm.device)
 
 
-def interleaved_ms(fns: dict[str, Callable], rounds: int, device: torch.device) -> dict[str, float]:
+def interleaved_ms(fns: dict[str, Callable], rounds: int, device: torch.device,
+                   clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median ms per method over `rounds` rounds that each call every method once (after one
-    warm-up call each); on CUDA, do_bench per method."""
+    warm-up call each); on CUDA, do_bench per method. `clock` may be time.thread_time on one
+    thread: the CPU time of this thread, which time slices lost to other processes leave out."""
     if device.type == "cuda":
         return {k: median_ms(f, rounds, device=device) for k, f in fns.items()}
     for f in fns.values():
@@ -104,10 +111,10 @@ def interleaved_ms(fns: dict[str, Callable], rounds: int, device: torch.device) 
     for _ in range(max(1, rounds)):
         for k, f in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
             sync(device)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
@@ -115,8 +122,9 @@ def sddmm_methods(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, n: int, p
                   kind: str, device: torch.device) -> dict[str, tuple[Callable, str]]:
     """name -> (call, path): masked_grad as chosen and on every path, and the alternatives."""
     T = a.shape[0]
-    m = plan[2].shape[0] if plan else idx.shape[0]
-    chosen = choose_path(device, a.dtype, b.dtype, T, n, n, m, plan[5].shape[0] if plan else None)
+    parts = dict(zip(PLAN_FIELDS, plan, strict=True)) if plan else {}
+    m = parts["rest"].shape[0] if plan else idx.shape[0]
+    chosen = choose_path(device, a.dtype, b.dtype, T, n, n, m, parts["tile_ids"].shape[0] if plan else None)
     methods: dict[str, tuple[Callable, str]] = {
         f"{AUTO} (auto: {chosen})": (lambda: masked_grad(a, b, idx, n, plan), chosen)}
     for path in CUDA_PATHS if device.type == "cuda" else CPU_PATHS:
@@ -131,14 +139,15 @@ def sddmm_methods(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, n: int, p
         methods[BASELINE] = (lambda: sddmm_cpu(a, b, idx, n), "sampled_addmm")
     idx64 = idx.long()
     methods[DENSE] = (lambda: (a.t() @ b).float().view(-1).index_select(0, idx64), "dense")
-    if kind == "struct" and plan and plan[0].numel():
-        rows = plan[0]
+    if kind in ("struct", "rows") and plan and parts["rows"].numel():
+        rows = parts["rows"]
         methods[ROWS_GEMM] = (lambda: a.index_select(1, rows).t() @ b, "gemm")
     return methods
 
 
 def sddmm_rows(n: int, densities: list[float], tokens: list[int], masks: list[str], dtype: torch.dtype,
-               device: torch.device, repeat: int, bandwidth: float) -> list[dict]:
+               device: torch.device, repeat: int, bandwidth: float,
+               clock: Callable[[], float] = time.perf_counter) -> list[dict]:
     """Time every masked-gradient method for one N at each mask kind, density and T."""
     g = torch.Generator(device="cpu").manual_seed(n)
     perm = torch.randperm(n * n, generator=g).to(device)
@@ -149,9 +158,10 @@ def sddmm_rows(n: int, densities: list[float], tokens: list[int], masks: list[st
         dense_ref = (grad_y.float().t() @ x.float()).view(-1)
         for kind in masks:
             for d in densities:
-                nnz = max(1, round(d * n * n))
-                idx = mask_indices(kind, n, nnz, perm)
+                idx = mask_indices(kind, n, max(1, round(d * n * n)), perm)
+                nnz = idx.shape[0]
                 plan = plan_mask(idx, n, n)
+                dense_rows = plan[PLAN_FIELDS.index("rows")] if plan else idx[:0]
                 methods = sddmm_methods(grad_y, x, idx, n, plan, kind, device)
                 ref = dense_ref[idx.long()]
                 scale = ref.abs().max().item() or 1.0
@@ -159,9 +169,9 @@ def sddmm_rows(n: int, densities: list[float], tokens: list[int], masks: list[st
                 for name, (fn, _) in methods.items():
                     out = fn().reshape(-1)
                     want = ref if out.numel() == ref.numel() else (
-                        dense_ref.view(n, n)[plan[0]].reshape(-1))
+                        dense_ref.view(n, n)[dense_rows].reshape(-1))  # the rows GEMM
                     errs[name] = (out.float() - want).abs().max().item() / scale
-                ms = interleaved_ms({k: f for k, (f, _) in methods.items()}, repeat, device)
+                ms = interleaved_ms({k: f for k, (f, _) in methods.items()}, repeat, device, clock)
                 must = T * 2 * n * grad_y.element_size() + nnz * 4 + nnz * 4
                 dense_ms = ms[DENSE]
                 base_ms = ms.get(BASELINE)
@@ -174,7 +184,7 @@ def sddmm_rows(n: int, densities: list[float], tokens: list[int], masks: list[st
                         "GFLOP_per_s": 2 * T * nnz / (t / 1e3) / 1e9, "max_rel_err": errs[name],
                         "vs_dense": t / dense_ms,
                         "speedup_vs_sampled_addmm": None if base_ms is None else base_ms / t,
-                        "dense_rows": int(plan[0].numel()) if plan else 0,
+                        "dense_rows": int(dense_rows.numel()),
                         "vs_rows_gemm": t / ms[ROWS_GEMM] if ROWS_GEMM in ms else None,
                     })
                 print(f"  N={n} T={T} {kind} {d * 100:g} %: "
@@ -198,14 +208,16 @@ def sddmm_targets(rows: list[dict]) -> list[str]:
                    f"N 1024-4096: {min(r['speedup_vs_sampled_addmm'] for r in fast):.2f}-"
                    f"{max(r['speedup_vs_sampled_addmm'] for r in fast):.2f}x throughput (target >= 1.5x; "
                    f"worst N={worst['size']} {worst['density'] * 100:g} % T={worst['tokens']})")
-    struct = [r for r in auto if r["mask"] == "struct" and r["vs_rows_gemm"] is not None]
-    if struct:
-        worst = max(struct, key=lambda r: r["vs_rows_gemm"])
-        ok = worst["vs_rows_gemm"] <= 1.2
-        out.append(f"{'pass' if ok else 'MISS'}: struct masks vs a GEMM over their dense rows: "
-                   f"{min(r['vs_rows_gemm'] for r in struct):.2f}-{worst['vs_rows_gemm']:.2f}x the time "
-                   f"(target <= 1.2x; worst N={worst['size']} {worst['density'] * 100:g} % "
-                   f"T={worst['tokens']})")
+    for kind, what in (("rows", "the plan's dense rows (whole-row masks)"),
+                       ("struct", "struct masks (dense rows + diagonal + a partial row)")):
+        struct = [r for r in auto if r["mask"] == kind and r["vs_rows_gemm"] is not None]
+        if struct:
+            worst = max(struct, key=lambda r: r["vs_rows_gemm"])
+            ok = worst["vs_rows_gemm"] <= 1.2
+            out.append(f"{'pass' if ok else 'MISS'}: {what} vs a plain GEMM over the same rows: "
+                       f"{min(r['vs_rows_gemm'] for r in struct):.2f}-{worst['vs_rows_gemm']:.2f}x the time "
+                       f"(target <= 1.2x; worst N={worst['size']} {worst['density'] * 100:g} % "
+                       f"T={worst['tokens']})")
     return out
 
 
@@ -308,13 +320,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-size", type=int, default=None, help="largest N (default 4096 on CPU, 8192 on CUDA)")
     p.add_argument("--min-size", type=int, default=512)
     p.add_argument("--densities", default=",".join(map(str, DENSITIES)))
-    p.add_argument("--masks", default=",".join(MASKS), help="SDDMM mask kinds: rand, struct")
+    p.add_argument("--masks", default=",".join(MASKS), help="SDDMM mask kinds: rand, struct, rows")
     p.add_argument("--tokens", default=None, help="T values for SDDMM, comma-separated (default 1024 "
                    "on CPU, 2048 on CUDA)")
     p.add_argument("--layers", type=int, default=4, help="weights per scatter call")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--repeat", type=int, default=7, help="timed rounds per point on CPU")
+    p.add_argument("--timer", default="wall", choices=["wall", "thread"],
+                   help="CPU SDDMM clock: wall time, or this thread's CPU time (needs --threads 1; "
+                   "immune to time slices other processes take)")
     p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer size")
     p.add_argument("--ops", default="sddmm,scatter")
     p.add_argument("--json", default=None, help=f"default {default_json('kernels')} (none with --smoke)")
@@ -323,6 +338,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.timer == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        p.error("--timer thread measures one CPU thread: use it with --threads 1 on CPU")
+    clock = time.thread_time if args.timer == "thread" else time.perf_counter
     # PEFT's sparse_coo_tensor warns once about skipped invariant checks; PEFT users see it too
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     cuda = device.type == "cuda"
@@ -348,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n in sizes:
         if "sddmm" in ops:
             rows += sddmm_rows(n, densities, tokens, args.masks.split(","), dtype, device, args.repeat,
-                               bandwidth)
+                               bandwidth, clock)
         if "scatter" in ops and (n >= 1024 or args.smoke):
             rows += scatter_rows(n, args.layers, densities, dtype, device, args.repeat, bandwidth)
         print(f"N={n} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)

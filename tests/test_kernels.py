@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from shira_fx.kernels import (
     PATHS,
+    PLAN_FIELDS,
     choose_path,
     dense_block,
     masked_grad,
@@ -145,7 +146,9 @@ def test_rowdot_and_plan_over_several_chunks_and_cpu_tiles(dtype):
     a = torch.randn(t, rows, generator=g).to(dtype)
     b = torch.randn(t, cols, generator=g).to(dtype)
     plan = plan_mask(idx, rows, cols)
-    assert plan and plan[0].numel() == len(range(0, rows, 40)) and plan[1].numel() == 0
+    p = _fields(plan)
+    assert p["rows"].numel() == len(range(0, rows, 40)) and p["cols"].numel() == 0
+    assert p["diag"].numel() == min(rows, cols) and p["rest"].numel() > 0
     expected = sddmm_reference(a, b, idx, cols)
     for p in (plan, []):
         for path in ("inductor_rowdot", "dense_bands", "sampled_addmm"):
@@ -153,12 +156,16 @@ def test_rowdot_and_plan_over_several_chunks_and_cpu_tiles(dtype):
     _assert_close_to_oracle(sddmm_rowdot(a, b, idx, cols), expected, a, b, idx, cols)
 
 
+def _fields(plan) -> dict:
+    return dict(zip(PLAN_FIELDS, plan, strict=True))
+
+
 def _positions(plan, nrows, ncols):
-    """The flat offset each position of cat(row block, col block, rest) stands for."""
-    rows, cols, rest = plan[0], plan[1], plan[2].long()
-    row_part = (rows[:, None] * ncols + torch.arange(ncols)).reshape(-1)
-    col_part = (torch.arange(nrows)[:, None] * ncols + cols).reshape(-1)
-    return torch.cat([row_part, col_part, rest])
+    """The flat offset each position of cat(row block, col block, diagonals, rest) stands for."""
+    p = _fields(plan)
+    row_part = (p["rows"][:, None] * ncols + torch.arange(ncols)).reshape(-1)
+    col_part = (torch.arange(nrows)[:, None] * ncols + p["cols"]).reshape(-1)
+    return torch.cat([row_part, col_part, p["diag"], p["rest"].long()])
 
 
 @pytest.mark.parametrize("kind, rows, cols", [("rows", 70, 90), ("cols", 90, 70), ("rand", 300, 260),
@@ -167,21 +174,28 @@ def test_plan_splits_dense_lines_and_orders_the_rest_tile_by_tile(kind, rows, co
     g = torch.Generator().manual_seed(4)
     idx, (nrows, ncols) = _mask(kind, rows, cols, 0.05, torch.int32, g)
     plan = plan_mask(idx, nrows, ncols, min_nnz=0)
-    assert len(plan) == 6
-    dense_rows, dense_cols, rest, perm, tile_ptr, tile_ids = plan
-    assert perm.dtype == torch.int64 and rest.dtype == idx.dtype
-    assert tile_ptr.dtype == tile_ids.dtype == torch.int32
+    assert len(plan) == len(PLAN_FIELDS)
+    p = _fields(plan)
+    assert p["perm"].dtype == torch.int64 and p["rest"].dtype == idx.dtype
+    assert p["tile_ptr"].dtype == p["tile_ids"].dtype == torch.int32
     # the parts gathered by perm are the mask, in its order
-    assert torch.equal(_positions(plan, nrows, ncols)[perm], idx.long())
-    if kind == "rows":
-        assert torch.equal(dense_rows, torch.arange(0, nrows, round(1 / 0.05)))
+    assert torch.equal(_positions(plan, nrows, ncols)[p["perm"]], idx.long())
+    main_diagonal = torch.arange(min(nrows, ncols)) * (ncols + 1)
+    if kind == "rows":  # struct: whole rows, the diagonal, nothing left
+        assert torch.equal(p["rows"], torch.arange(0, nrows, round(1 / 0.05)))
+        assert torch.equal(p["diag"], main_diagonal) and p["rest"].numel() == 0
     if kind == "cols":  # struct on a transposed layout: whole stored columns
-        assert torch.equal(dense_cols, torch.arange(0, ncols, round(1 / 0.05)))
-    if kind in ("rand", "diagonal"):
-        assert dense_rows.numel() == dense_cols.numel() == 0 and rest.numel() == idx.numel()
+        assert torch.equal(p["cols"], torch.arange(0, ncols, round(1 / 0.05)))
+        assert torch.equal(p["diag"], main_diagonal) and p["rest"].numel() == 0
+    if kind == "diagonal":
+        assert torch.equal(p["diag"], main_diagonal) and p["rest"].numel() == 0
+    if kind == "rand":
+        assert p["rows"].numel() == p["cols"].numel() == p["diag"].numel() == 0
+        assert p["rest"].numel() == idx.numel()
     if kind in ("all", "one"):  # every row is whole
-        assert torch.equal(dense_rows, torch.arange(nrows)) and rest.numel() == 0
+        assert torch.equal(p["rows"], torch.arange(nrows)) and p["rest"].numel() == 0
     # each tile's run of the rest lies in that tile, sorted inside it; runs cover the rest
+    rest, tile_ptr, tile_ids = p["rest"], p["tile_ptr"], p["tile_ids"]
     assert tile_ptr[0] == 0 and tile_ptr[-1] == rest.numel()
     assert torch.all(tile_ptr[1:] > tile_ptr[:-1])
     r, c = rest.long() // ncols, rest.long() % ncols
@@ -192,6 +206,13 @@ def test_plan_splits_dense_lines_and_orders_the_rest_tile_by_tile(kind, rows, co
         assert torch.all(rest[start + 1 : end] > rest[start : end - 1])
 
 
+def test_plan_makes_dense_rows_of_a_partial_row_beside_struct_rows():
+    # struct's budget top-up leaves part of one more row: a GEMM row, not a transpose of a and b
+    idx = torch.cat([_struct_indices(200, 300, 50, False, torch.int64), 150 * 300 + torch.arange(40)])
+    p = _fields(plan_mask(idx.unique(), 200, 300))
+    assert p["rows"].tolist() == [0, 50, 100, 150] and p["rest"].numel() == 0
+
+
 def test_plan_is_empty_without_structure_worth_using():
     g = torch.Generator().manual_seed(5)
     assert plan_mask(torch.zeros(0, dtype=torch.int32), 10, 10) == []
@@ -199,9 +220,9 @@ def test_plan_is_empty_without_structure_worth_using():
     assert plan_mask(small, 300, 300) == []
     assert plan_mask(_random_indices(50 * 60, 0.2, torch.int64, g), 50, 60) == []  # one tile
     big = _random_indices(600 * 500, 0.05, torch.int32, g)
-    assert len(plan_mask(big, 600, 500)) == 6  # tile order pays from MIN_PLANNED_NNZ on
+    assert len(plan_mask(big, 600, 500)) == len(PLAN_FIELDS)  # tile order pays from MIN_PLANNED_NNZ
     # dense lines are structure at any size
-    assert len(plan_mask(torch.arange(0, 12, dtype=torch.int32), 3, 4)) == 6
+    assert len(plan_mask(torch.arange(0, 12, dtype=torch.int32), 3, 4)) == len(PLAN_FIELDS)
 
 
 def test_plan_rejects_unsorted_duplicated_or_out_of_range_indices():
@@ -219,7 +240,7 @@ def test_masked_grad_rejects_a_plan_or_path_that_does_not_fit():
     a, b, idx = torch.randn(4, 3), torch.randn(4, 5), torch.tensor([0, 7, 14])
     with pytest.raises(ValueError, match="path must be one of"):
         masked_grad(a, b, idx, 5, [], path="magic")
-    with pytest.raises(ValueError, match="plan holds 6 tensors"):
+    with pytest.raises(ValueError, match="plan holds 7 tensors"):
         masked_grad(a, b, idx, 5, [idx])
     plan = plan_mask(torch.arange(15), 3, 5)
     with pytest.raises(ValueError, match="made for 15 indices, found 3"):
@@ -235,6 +256,8 @@ def test_cost_model_picks_by_shape_and_device():
     assert choose_path("cpu", f32, f32, 16, 64, 64, 40, None) == "torch_gather"
     sparse = "inductor_rowdot" if sddmm_inductor.available() else "sampled_addmm"
     assert choose_path("cpu", f32, f32, 1024, 4096, 4096, 4096 * 41, 1024) == sparse
+    # a few elements on a big matrix: gathering them beats transposing a and b
+    assert choose_path("cpu", f32, f32, 1024, 4096, 4096, 300, 10) == "torch_gather"
     assert choose_path("cpu", bf16, bf16, 1024, 1024, 1024, 1024 * 512, 256) == "dense_bands"
     # CUDA: no tile lists without a plan; the tile kernel wherever tiles hold enough elements
     assert choose_path("cuda", bf16, bf16, 2048, 4096, 4096, 4096 * 41, None) == "triton_gather"
@@ -273,7 +296,7 @@ def test_masked_grad_makes_no_activation_sized_copy(path, dtype):
     idx = torch.cat([_struct_indices(rows, cols, 300, False, torch.int64),
                      _random_indices(rows * cols, 0.01, torch.int64, g)]).unique()
     plan = plan_mask(idx, rows, cols)
-    assert plan and plan[0].numel() == 3
+    assert plan and _fields(plan)["rows"].numel() == 3
     sddmm_inductor.available()  # compile before measuring
     out = masked_grad(a, b, idx, cols, plan, path=path)
     largest = _largest_allocation(lambda: masked_grad(a, b, idx, cols, plan, path=path))
@@ -312,12 +335,11 @@ def test_triton_kernels_sum_split_t_partials_deterministically():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, 9, generator=g), torch.randn(300, 7, generator=g)
     idx = _random_indices(63, 0.3, torch.int32, g)
-    plan = plan_mask(idx, 9, 7, min_fill=2.0, min_nnz=0)  # tile lists only
+    p = {k: v.to(DEVICE) for k, v in _fields(plan_mask(idx, 9, 7, min_fill=2.0, min_nnz=0)).items()}
     rows = torch.tensor([1, 4])
     calls = {
         "gather": lambda a, b, i: sddmm(a, b, i, 7),
-        "tiles": lambda a, b, i: sddmm_tiles(a, b, plan[2].to(a.device), 7, plan[4].to(a.device),
-                                             plan[5].to(a.device))[plan[3].to(a.device)],
+        "tiles": lambda a, b, i: sddmm_tiles(a, b, p["rest"], 7, p["tile_ptr"], p["tile_ids"])[p["perm"]],
         "dense": lambda a, b, i: dense_block(a, b, rows=rows.to(a.device)).view(-1),
     }
     for name, call in calls.items():

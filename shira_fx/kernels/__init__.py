@@ -4,10 +4,11 @@ and the masked gradient's plan and dispatcher."""
 from .scatter import scatter_fused_, scatter_fused_reference_
 from .sddmm import dense_block, sddmm, sddmm_cpu, sddmm_reference, sddmm_tiles
 from .sddmm_inductor import sddmm_rowdot
-from .sddmm_plan import PATHS, choose_path, masked_grad, plan_mask
+from .sddmm_plan import PATHS, PLAN_FIELDS, choose_path, masked_grad, plan_mask
 
 __all__ = [
     "PATHS",
+    "PLAN_FIELDS",
     "choose_path",
     "dense_block",
     "masked_grad",

@@ -27,8 +27,12 @@ from .sddmm import (
     sddmm_tiles,
 )
 
-# plan = [rows, cols, rest, perm, tile_ptr, tile_ids]
-PLAN_LEN = 6
+PLAN_FIELDS = ("rows", "cols", "diag", "rest", "perm", "tile_ptr", "tile_ids")
+# at most this many dense diagonals are planned (struct masks have one), each at least this long
+MAX_DIAGONALS = 8
+_MIN_DIAGONAL = 16
+# a rest left in this many rows beside dense lines becomes dense rows too
+_FEW_LINES = 2
 CPU_TILE = 256
 # Without dense rows or columns a mask is planned (put in tile order) only from this size on:
 # smaller ones run as fast in sorted order.
@@ -44,11 +48,15 @@ _CPU_ROWDOT_MACS = 6e9  # Inductor row-dot, per masked element and step of T
 _CPU_SAMPLED_MACS = 1.5e9  # sampled_addmm, the same
 _CPU_GEMM_MACS = 4e10  # torch.mm over whole row bands
 _CPU_TRANSPOSE = 1e9  # elements of a and b transposed into chunk buffers
+_CPU_GATHER = 2e8  # elements gathered from columns of a and b by index_select
+_CPU_CALL = 1e-4  # seconds per compiled row-dot call (one per chunk of T)
 _TINY_WORK = 1 << 18  # masked elements x T below which plain gathers win (and nothing compiles)
 # CUDA cost model: tile kernel FLOP/s by dot dtype, gather-dot bytes/s of strided gathers.
 _GPU_TILE_FLOPS = {torch.float32: 2e13, torch.bfloat16: 3e14, torch.float16: 3e14}
 _GPU_GATHER_BYTES = 1e12
 _UPCAST_CHUNK = 128
+# elements of the temporaries a streamed part (diagonals, gathers) holds at a time
+_STREAM_ELEMS = 1 << 18
 
 
 def _check_indices(name: str, indices: Tensor, nrows: int, ncols: int) -> None:
@@ -84,43 +92,81 @@ def plan_mask(
     """The structure of a sorted unique index set on the (nrows, ncols) matrix as stored, for
     `masked_grad`; `[]` when there is none worth using.
 
-    Returns `[rows, cols, rest, perm, tile_ptr, tile_ids]` on the indices' device:
+    Returns `[rows, cols, diag, rest, perm, tile_ptr, tile_ids]` (PLAN_FIELDS) on the indices'
+    device:
 
     - `rows` (int64): rows holding at least `min_fill` of their elements, computed as one GEMM;
     - `cols` (int64): columns holding at least `min_fill` of their elements outside `rows`;
+    - `diag` (int64): the flat offsets of whole diagonals (up to MAX_DIAGONALS) holding at least
+      `min_fill` of their elements outside those rows and columns, one diagonal after another
+      (struct's diagonal): each is a column-wise dot of two column slices of a and b;
     - `rest` (the indices' dtype): the other flat offsets, CPU_TILE×CPU_TILE block by block and
       TILE×TILE block by block inside those, sorted inside each TILE block;
-    - `perm` (int64, nnz): `cat(row_block.flatten(), col_block.flatten(), rest_values)[perm]`
-      is the gradient in the order of `indices` (row_block is (len(rows), ncols), col_block
-      (nrows, len(cols)));
+    - `perm` (int64, nnz): `cat(row_block.flatten(), col_block.flatten(), diag_values,
+      rest_values)[perm]` is the gradient in the order of `indices` (row_block is
+      (len(rows), ncols), col_block (nrows, len(cols)));
     - `tile_ptr`, `tile_ids` (int32): `rest[tile_ptr[i]:tile_ptr[i + 1]]` lie in TILE block
       `tile_ids[i]`, numbered row-major.
 
-    A plan without dense rows or columns is made only for at least `min_nnz` elements on a
-    matrix larger than one tile (`min_nnz=0`: always; `min_fill > 1`: no dense lines).
-    O(nnz + nrows + ncols) time and memory; run it once per mask (it checks that the indices
-    are sorted, unique and in range).
+    A plan without dense lines is made only for at least `min_nnz` elements on a matrix larger
+    than one tile (`min_nnz=0`: always; `min_fill > 1`: no dense lines). O(nnz + nrows + ncols)
+    time and memory; run it once per mask (it checks that the indices are sorted, unique and in
+    range).
     """
     _check_indices("plan_mask", indices, nrows, ncols)
     nnz = indices.shape[0]
     if nnz == 0:
         return []
     idx = indices.long()
+    dev = idx.device
     r = idx // ncols
     c = idx - r * ncols
     dense_row = torch.bincount(r, minlength=nrows) >= _fill_count(min_fill, ncols)
-    in_row = dense_row[r]
-    nr = int(dense_row.sum())
-    free_rows = nrows - nr
-    col_count = torch.bincount(c[~in_row], minlength=ncols)
-    dense_col = col_count >= _fill_count(min_fill, free_rows)
-    in_col = dense_col[c] & ~in_row
-    nc = int(dense_col.sum())
-    rest_sel = ~(in_row | in_col)
+    dense_col = None
+    for _ in range(2):
+        in_row = dense_row[r]
+        nr = int(dense_row.sum())
+        if dense_col is None:
+            dense_col = torch.bincount(c[~in_row], minlength=ncols) >= _fill_count(min_fill, nrows - nr)
+        in_col = dense_col[c] & ~in_row
+        nc = int(dense_col.sum())
+        # diagonals c - r = delta, numbered delta + nrows - 1, of length
+        # min(nrows, ncols - delta) - max(0, -delta)
+        free = ~(in_row | in_col)
+        delta = torch.arange(1 - nrows, ncols, device=dev)
+        length = torch.minimum(torch.full_like(delta, nrows), ncols - delta) - (-delta).clamp(min=0)
+        count = torch.bincount((c - r + nrows - 1)[free], minlength=nrows + ncols - 1)
+        need = length + 1 if min_fill > 1 else (length * min_fill).ceil().long().clamp(min=1)
+        score = torch.where((count >= need) & (length >= _MIN_DIAGONAL), count, 0)
+        top = torch.topk(score, min(MAX_DIAGONALS, score.numel())).indices
+        dense_diag = torch.zeros_like(score, dtype=torch.bool)
+        dense_diag[top[score[top] > 0]] = True
+        in_diag = free & dense_diag[c - r + nrows - 1]
+        rest_sel = free & ~in_diag
+        # a rest within a line or two beside dense lines (struct's partial row, or column when
+        # transposed) joins them: a GEMM line costs less than transposing a and b for it
+        if min_fill > 1 or not (nr or nc or bool(in_diag.any())) or not bool(rest_sel.any()):
+            break
+        rest_rows, rest_cols = r[rest_sel].unique(), c[rest_sel].unique()
+        if rest_rows.numel() <= _FEW_LINES:
+            dense_row[rest_rows] = True
+        elif rest_cols.numel() <= _FEW_LINES:
+            dense_col[rest_cols] = True
+        else:
+            break
     m = int(rest_sel.sum())
     one_tile = nrows <= TILE and ncols <= TILE
-    if nr == 0 and nc == 0 and min_nnz > 0 and (m < min_nnz or one_tile):
+    if nr == 0 and nc == 0 and not bool(in_diag.any()) and min_nnz > 0 and (m < min_nnz or one_tile):
         return []
+    # the dense diagonals' elements, one whole diagonal after another
+    diag_ids = dense_diag.nonzero().view(-1)
+    diag_len = length[diag_ids]
+    diag_start = torch.cumsum(diag_len, 0) - diag_len
+    which = torch.repeat_interleave(torch.arange(diag_ids.numel(), device=dev), diag_len)
+    step = torch.arange(int(diag_len.sum()), device=dev) - diag_start[which]
+    d = delta[diag_ids][which]
+    diag_r = (-d).clamp(min=0) + step
+    diag = diag_r * ncols + diag_r + d
     # the rest, block by block
     rr, cc = r[rest_sel], c[rest_sel]
     sub = CPU_TILE // TILE
@@ -129,20 +175,46 @@ def plan_mask(
     order = torch.sort(key, stable=True).indices
     rest = indices[rest_sel][order]
     # where each element of the sorted mask sits among the concatenated parts
-    perm = torch.empty(nnz, dtype=torch.int64, device=idx.device)
+    perm = torch.empty(nnz, dtype=torch.int64, device=dev)
     row_rank = torch.cumsum(dense_row, 0) - 1
     col_rank = torch.cumsum(dense_col, 0) - 1
     perm[in_row] = row_rank[r[in_row]] * ncols + c[in_row]
-    perm[in_col] = nr * ncols + r[in_col] * nc + col_rank[c[in_col]]
-    rank = torch.empty(m, dtype=torch.int64, device=idx.device)
-    rank[order] = torch.arange(m, device=idx.device)
-    perm[rest_sel] = nr * ncols + nrows * nc + rank
+    base = nr * ncols
+    perm[in_col] = base + r[in_col] * nc + col_rank[c[in_col]]
+    base += nrows * nc
+    diag_rank = torch.cumsum(dense_diag, 0) - 1
+    on = (c - r + nrows - 1)[in_diag]
+    perm[in_diag] = base + diag_start[diag_rank[on]] + r[in_diag] - (-delta[on]).clamp(min=0)
+    base += diag.numel()
+    rank = torch.empty(m, dtype=torch.int64, device=dev)
+    rank[order] = torch.arange(m, device=dev)
+    perm[rest_sel] = base + rank
     # the TILE blocks holding rest elements, each one run in `rest`
     tile = (rr[order] // TILE) * math.ceil(ncols / TILE) + cc[order] // TILE
     tile_ids, counts = torch.unique_consecutive(tile, return_counts=True)
     tile_ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    return [dense_row.nonzero().view(-1), dense_col.nonzero().view(-1), rest, perm,
+    return [dense_row.nonzero().view(-1), dense_col.nonzero().view(-1), diag, rest, perm,
             tile_ptr.int(), tile_ids.int()]
+
+
+def _diagonals(a: Tensor, b: Tensor, diag: Tensor, ncols: int) -> Tensor:
+    """fp32 values at the plan's `diag` offsets (whole diagonals, one after another): per
+    diagonal c = r + delta, `sum_t a[t, r0:r1] * b[t, r0 + delta:r1 + delta]`, streamed over T
+    in chunks whose products stay small; no gathers, no transposes."""
+    f = diag.long().cpu()
+    r = f // ncols
+    deltas, lengths = torch.unique_consecutive(f - r * ncols - r, return_counts=True)
+    parts, start = [], 0
+    for d, n in zip(deltas.tolist(), lengths.tolist(), strict=True):
+        r0 = int(r[start])
+        x, y = a[:, r0 : r0 + n], b[:, r0 + d : r0 + d + n]
+        acc = torch.zeros(n, dtype=torch.float32, device=a.device)
+        step = max(1, _STREAM_ELEMS // n)
+        for t0 in range(0, a.shape[0], step):
+            acc += (x[t0 : t0 + step].float() * y[t0 : t0 + step].float()).sum(0)
+        parts.append(acc)
+        start += n
+    return torch.cat(parts)
 
 
 def _mm_t(x: Tensor, y: Tensor) -> Tensor:
@@ -173,10 +245,18 @@ def _dense_bands(a: Tensor, b: Tensor, flat: Tensor, ncols: int) -> Tensor:
 
 
 def _torch_gather(a: Tensor, b: Tensor, flat: Tensor, ncols: int) -> Tensor:
-    """Plain gathers and one fp32 vecdot, for problems too small for anything else to pay."""
+    """Plain gathers and fp32 vecdots, a block of elements at a time (bounded temporaries): for
+    problems too small, or elements too few, for transposing a and b to pay."""
     f = flat.long()
     rows = f // ncols
-    return torch.linalg.vecdot(a[:, rows].float(), b[:, f - rows * ncols].float(), dim=0)
+    cols = f - rows * ncols
+    out = torch.empty(f.shape[0], dtype=torch.float32, device=a.device)
+    step = max(1, _STREAM_ELEMS // max(1, a.shape[0]))
+    for s in range(0, f.shape[0], step):
+        x = a.index_select(1, rows[s : s + step]).float()
+        y = b.index_select(1, cols[s : s + step]).float()
+        out[s : s + step] = torch.linalg.vecdot(x, y, dim=0)
+    return out
 
 
 def _sampled_addmm(a: Tensor, b: Tensor, flat: Tensor, ncols: int) -> Tensor:
@@ -207,12 +287,15 @@ def choose_path(
     work = m * T
     if work <= _TINY_WORK:
         return "torch_gather"
-    bands = min(math.ceil(A / CPU_TILE), m) * CPU_TILE * B * T / _CPU_GEMM_MACS
     rowdot = sddmm_inductor.available()
-    sparse = work / (_CPU_ROWDOT_MACS if rowdot else _CPU_SAMPLED_MACS) + T * (A + B) / _CPU_TRANSPOSE
-    if bands < sparse:
-        return "dense_bands"
-    return "inductor_rowdot" if rowdot else "sampled_addmm"
+    costs = {
+        "torch_gather": 2 * work / _CPU_GATHER,
+        "dense_bands": min(math.ceil(A / CPU_TILE), m) * CPU_TILE * B * T / _CPU_GEMM_MACS,
+        "inductor_rowdot" if rowdot else "sampled_addmm": (
+            work / (_CPU_ROWDOT_MACS if rowdot else _CPU_SAMPLED_MACS) + T * (A + B) / _CPU_TRANSPOSE
+            + math.ceil(T / sddmm_inductor.CHUNK) * _CPU_CALL),
+    }
+    return min(costs, key=costs.get)
 
 
 def _remaining(a: Tensor, b: Tensor, flat: Tensor, ncols: int, tiles: tuple[Tensor, Tensor] | None,
@@ -256,21 +339,21 @@ def masked_grad(
     check_args("masked_grad", a, b, indices, ncols)
     _check_path(path, a)
     nnz, T = indices.shape[0], a.shape[0]
-    if plan and len(plan) != PLAN_LEN:
-        raise ValueError(f"masked_grad: a plan holds {PLAN_LEN} tensors (plan_mask), found {len(plan)}")
-    if plan and plan[3].shape[0] != nnz:
-        raise ValueError(
-            f"masked_grad: the plan was made for {plan[3].shape[0]} indices, found {nnz}"
-        )
+    if plan and len(plan) != len(PLAN_FIELDS):
+        raise ValueError(f"masked_grad: a plan holds {len(PLAN_FIELDS)} tensors {PLAN_FIELDS} "
+                         f"(plan_mask), found {len(plan)}")
+    planned = plan[PLAN_FIELDS.index("perm")].shape[0] if plan else nnz
+    if planned != nnz:
+        raise ValueError(f"masked_grad: the plan was made for {planned} indices, found {nnz}")
     if nnz == 0 or T == 0:
         return torch.zeros(nnz, dtype=torch.float32, device=a.device)
     if not plan and path == "triton_tiles":  # tile lists, without dense parts
         plan = plan_mask(indices, a.shape[1], ncols, min_fill=2.0, min_nnz=0)
     if plan:
-        rows, cols, rest, perm, tile_ptr, tile_ids = plan
+        rows, cols, diag, rest, perm, tile_ptr, tile_ids = plan
         tiles = (tile_ptr, tile_ids)
     else:
-        rows = cols = None
+        rows = cols = diag = None
         rest, perm, tiles = indices, None, None
     chosen = path or choose_path(a.device, a.dtype, b.dtype, T, a.shape[1], b.shape[1], rest.shape[0],
                                  None if tiles is None else tiles[1].shape[0])
@@ -282,6 +365,9 @@ def masked_grad(
     if cols is not None and cols.numel():
         block = dense_block(a, b, cols=cols) if on_triton else _mm_t(a, b.index_select(1, cols))
         parts.append(block.view(-1))
+    if diag is not None and diag.numel():
+        # coalesced reads for the gather kernel; column slices streamed on CPU
+        parts.append(sddmm(a, b, diag, ncols) if on_triton or a.is_cuda else _diagonals(a, b, diag, ncols))
     if rest.numel():
         parts.append(_remaining(a, b, rest, ncols, tiles, chosen))
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
