@@ -3,12 +3,12 @@ dispatcher over every SDDMM path.
 
 A plan splits a mask into dense rows and dense columns of the stored (nrows, ncols) matrix
 (struct masks' rows, or columns on a transposed layout; computed as GEMMs over just those
-rows or columns) and the remaining elements, put in tile order: CPU_TILE×CPU_TILE blocks,
-and TILE×TILE blocks inside them, so that both the CPU row-dot (which wants the rows one
-block touches to stay in cache) and the GPU tile kernel (which wants each tile's elements
-together) find what they need. `masked_grad` computes each part by the fastest exact path
-for its shape and device (a cost model, below) and gathers the parts back into the sorted
-order of the indices.
+rows or columns), dense diagonals (struct's; column-wise dots of two column slices) and the
+remaining elements, put in tile order: CPU_TILE×CPU_TILE blocks, and TILE×TILE blocks inside
+them, so that both the CPU row-dot (which wants the rows one block touches to stay in cache)
+and the GPU tile kernel (which wants each tile's elements together) find what they need.
+`masked_grad` computes each part by the fastest exact path for its shape and device (a cost
+model, below) and gathers the parts back into the sorted order of the indices.
 """
 
 import math
@@ -42,8 +42,8 @@ CPU_PATHS = ("inductor_rowdot", "sampled_addmm", "dense_bands", "torch_gather")
 TRITON_PATHS = ("triton_gather", "triton_tiles")
 PATHS = CPU_PATHS + TRITON_PATHS
 
-# CPU cost model, in elements per second on the 2-thread machine of bench/RESULTS.md; only
-# their ratios matter (the path with the smallest estimate wins).
+# CPU cost model: rough rates per second, calibrated with bench/kernels.py (bench/RESULTS.md);
+# only their ratios matter, the path with the smallest estimate wins.
 _CPU_ROWDOT_MACS = 6e9  # Inductor row-dot, per masked element and step of T
 _CPU_SAMPLED_MACS = 1.5e9  # sampled_addmm, the same
 _CPU_GEMM_MACS = 4e10  # torch.mm over whole row bands
@@ -51,7 +51,9 @@ _CPU_TRANSPOSE = 1e9  # elements of a and b transposed into chunk buffers
 _CPU_GATHER = 2e8  # elements gathered from columns of a and b by index_select
 _CPU_CALL = 1e-4  # seconds per compiled row-dot call (one per chunk of T)
 _TINY_WORK = 1 << 18  # masked elements x T below which plain gathers win (and nothing compiles)
-# CUDA cost model: tile kernel FLOP/s by dot dtype, gather-dot bytes/s of strided gathers.
+# CUDA cost model, not yet calibrated on a GPU (bench/gpu.py measures every path and reports
+# where this pick was not the fastest): tile-kernel FLOP/s by dot dtype (fp32: IEEE, no tensor
+# cores), gather-dot bytes/s of gathered reads.
 _GPU_TILE_FLOPS = {torch.float32: 2e13, torch.bfloat16: 3e14, torch.float16: 3e14}
 _GPU_GATHER_BYTES = 1e12
 _UPCAST_CHUNK = 128
@@ -280,7 +282,7 @@ def choose_path(
         if n_tiles is None:
             return "triton_gather"
         dot_dtype = torch.promote_types(dtype_a, dtype_b)
-        tiles = 2 * n_tiles * TILE * TILE * T / _GPU_TILE_FLOPS[dot_dtype]
+        tiles = 2 * n_tiles * TILE * TILE * T / _GPU_TILE_FLOPS.get(dot_dtype, _GPU_TILE_FLOPS[torch.float32])
         size = torch.finfo(dtype_a).bits // 8 + torch.finfo(dtype_b).bits // 8
         gather = m * T * size / _GPU_GATHER_BYTES
         return "triton_tiles" if tiles < gather else "triton_gather"
