@@ -45,9 +45,9 @@ PATHS = CPU_PATHS + TRITON_PATHS
 # CPU cost model: rough rates per second, calibrated with bench/kernels.py (bench/RESULTS.md);
 # only their ratios matter, the path with the smallest estimate wins.
 _CPU_ROWDOT_MACS = 6e9  # Inductor row-dot, per masked element and step of T
-_CPU_SAMPLED_MACS = 1.5e9  # sampled_addmm, the same
-_CPU_GEMM_MACS = 4e10  # torch.mm over whole row bands
-_CPU_TRANSPOSE = 1e9  # elements of a and b transposed into chunk buffers
+_CPU_SAMPLED_MACS = 2e9  # sampled_addmm, the same
+_CPU_GEMM_MACS = 2.5e10  # torch.mm over whole row bands
+_CPU_TRANSPOSE = 3e8  # elements of a and b transposed into chunk buffers (from memory)
 _CPU_GATHER = 2e8  # elements gathered from columns of a and b by index_select
 _CPU_CALL = 1e-4  # seconds per compiled row-dot call (one per chunk of T)
 _TINY_WORK = 1 << 18  # masked elements x T below which plain gathers win (and nothing compiles)
