@@ -125,6 +125,8 @@ def sddmm_methods(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, n: int, p
     parts = dict(zip(PLAN_FIELDS, plan, strict=True)) if plan else {}
     m = parts["rest"].shape[0] if plan else idx.shape[0]
     chosen = choose_path(device, a.dtype, b.dtype, T, n, n, m, parts["tile_ids"].shape[0] if plan else None)
+    # with nothing left beside dense lines and diagonals, no path is chosen
+    chosen = chosen if m else "dense parts only"
     methods: dict[str, tuple[Callable, str]] = {
         f"{AUTO} (auto: {chosen})": (lambda: masked_grad(a, b, idx, n, plan), chosen)}
     for path in CUDA_PATHS if device.type == "cuda" else CPU_PATHS:

@@ -283,8 +283,9 @@ def _largest_allocation(fn) -> int:
     return max([e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0], default=0)
 
 
-@pytest.mark.parametrize("path", ["inductor_rowdot", "dense_bands", "sampled_addmm", None])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path, dtype", [
+    ("inductor_rowdot", torch.float32), ("inductor_rowdot", torch.bfloat16), ("dense_bands", torch.bfloat16),
+    ("sampled_addmm", torch.float32), (None, torch.float32)])
 def test_masked_grad_makes_no_activation_sized_copy(path, dtype):
     # a and b hold T * 768 elements each; nothing but sampled_addmm (the baseline, which
     # transposes both in fp32) may allocate half of that in fp32: the banded GEMM holds a

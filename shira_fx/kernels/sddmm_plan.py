@@ -213,7 +213,7 @@ def _diagonals(a: Tensor, b: Tensor, diag: Tensor, ncols: int) -> Tensor:
         acc = torch.zeros(n, dtype=torch.float32, device=a.device)
         step = max(1, _STREAM_ELEMS // n)
         for t0 in range(0, a.shape[0], step):
-            acc += (x[t0 : t0 + step].float() * y[t0 : t0 + step].float()).sum(0)
+            acc += torch.linalg.vecdot(x[t0 : t0 + step].float(), y[t0 : t0 + step].float(), dim=0)
         parts.append(acc)
         start += n
     return torch.cat(parts)
