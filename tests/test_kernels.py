@@ -42,7 +42,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 INDEX_DTYPES = st.sampled_from([torch.int32, torch.int64])
 RTOL = 1e-5
-MASK_KINDS = ["rand", "rows", "cols", "diagonal", "empty", "one", "all"]
+MASK_KINDS = ["rand", "rows", "cols", "partial", "diagonal", "empty", "one", "all"]
 # the CPU-only paths run on CPU tensors whatever the test device
 CPU_ONLY = {"inductor_rowdot", "sampled_addmm"}
 
@@ -71,6 +71,11 @@ def _mask(kind: str, rows: int, cols: int, density: float, dtype: torch.dtype, g
         stride = max(1, round(1 / max(density, 1e-3)))
         shape = (cols, rows) if kind == "cols" else (rows, cols)
         return _struct_indices(rows, cols, stride, kind == "cols", dtype), shape
+    if kind == "partial":  # struct's budget top-up: part of one more row
+        stride = max(2, round(1 / max(density, 1e-3)))
+        extra = (stride // 2) % rows * cols + torch.arange(max(1, cols // 3))
+        flat = torch.cat([_struct_indices(rows, cols, stride, False, torch.int64), extra])
+        return flat.unique().to(dtype), (rows, cols)
     if kind == "diagonal":
         d = torch.arange(min(rows, cols))
         return (d * cols + d).to(dtype), (rows, cols)

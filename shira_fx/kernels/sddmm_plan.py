@@ -125,7 +125,8 @@ def plan_mask(
     c = idx - r * ncols
     dense_row = torch.bincount(r, minlength=nrows) >= _fill_count(min_fill, ncols)
     dense_col = None
-    for _ in range(2):
+    promoted = False
+    while True:  # a second pass only after promoting a leftover line (below)
         in_row = dense_row[r]
         nr = int(dense_row.sum())
         if dense_col is None:
@@ -147,7 +148,7 @@ def plan_mask(
         rest_sel = free & ~in_diag
         # a rest within a line or two beside dense lines (struct's partial row, or column when
         # transposed) joins them: a GEMM line costs less than transposing a and b for it
-        if min_fill > 1 or not (nr or nc or bool(in_diag.any())) or not bool(rest_sel.any()):
+        if promoted or min_fill > 1 or not (nr or nc or bool(in_diag.any())) or not bool(rest_sel.any()):
             break
         rest_rows, rest_cols = r[rest_sel].unique(), c[rest_sel].unique()
         if rest_rows.numel() <= _FEW_LINES:
@@ -156,6 +157,7 @@ def plan_mask(
             dense_col[rest_cols] = True
         else:
             break
+        promoted = True
     m = int(rest_sel.sum())
     one_tile = nrows <= TILE and ncols <= TILE
     if nr == 0 and nc == 0 and not bool(in_diag.any()) and min_nnz > 0 and (m < min_nnz or one_tile):
