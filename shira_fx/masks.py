@@ -31,6 +31,8 @@ _SCRATCH_FRACTION = 4
 _RANDPERM_FRACTION = 4
 _INT32_MAX = 2**31 - 1
 
+WEIGHT_FREE_MASKS = ("rand", "struct")  # the kinds that need only the weights' shapes
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Pairs = list[tuple[torch.Tensor, torch.Tensor]]
 

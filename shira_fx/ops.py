@@ -18,6 +18,10 @@ from .kernels import scatter_fused_, scatter_fused_reference_, sddmm, sddmm_cpu
 
 
 def _dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
+    """The layer's own linear, computed in x's dtype (under autocast x arrives already cast;
+    the weight is cast here, so backward keeps the weight itself, not a cast copy)."""
+    weight = weight.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
     if not transposed:
         return F.linear(x, weight, bias)
     y = x.reshape(-1, x.shape[-1]) @ weight
@@ -58,12 +62,34 @@ def _(x, weight, bias, values, indices, transposed):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+def _autocast_kernel(device_type: str):
+    """Autocast for `sparse_linear`: x is cast to the autocast dtype of the moment (bf16 or
+    fp16, whichever the user's autocast region asks for), the weight stays as it is (the op
+    casts it), and the values stay fp32 so their gradient is accumulated in fp32."""
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def kernel(_keyset, x, weight, bias, values, indices, transposed):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            if x.is_floating_point() and x.device.type == device_type and x.dtype != dtype:
+                x = x.to(dtype)
+            return torch.ops.shira_fx.sparse_linear.default(x, weight, bias, values, indices, transposed)
+
+    return kernel
+
+
+_LIB = torch.library.Library("shira_fx", "IMPL")
+for _device_type in ("cpu", "cuda"):
+    _LIB.impl("sparse_linear", _autocast_kernel(_device_type),
+              "Autocast" + torch._C._dispatch_key_for_device(_device_type), with_keyset=True)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, values, indices, transposed = inputs
     ctx.save_for_backward(x, weight, indices)
     ctx.transposed = transposed
     ctx.values_dtype = values.dtype
-    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_y: Tensor):
@@ -74,8 +100,8 @@ def _backward(ctx, grad_y: Tensor):
     grad_x = grad_bias = grad_values = None
     if needs_x:
         # grad_x = grad_y @ W for (out, in) storage, grad_y @ W.T for (in, out) storage
-        w = weight.t() if ctx.transposed else weight
-        grad_x = (gy @ w).reshape(x.shape)
+        w = (weight.t() if ctx.transposed else weight).to(gy.dtype)
+        grad_x = (gy @ w).reshape(x.shape).to(x.dtype)
     if needs_values:
         x2 = x.reshape(-1, x.shape[-1])
         if ctx.transposed:
@@ -83,8 +109,8 @@ def _backward(ctx, grad_y: Tensor):
         else:
             grad_values = masked_grad(gy, x2, indices, x2.shape[1])
         grad_values = grad_values.to(ctx.values_dtype)
-    if needs_bias and ctx.has_bias:
-        grad_bias = gy.sum(0)
+    if needs_bias and ctx.bias_dtype is not None:
+        grad_bias = gy.sum(0).to(ctx.bias_dtype)
     return grad_x, None, grad_bias, grad_values, None, None
 
 

@@ -107,6 +107,12 @@ def find_targets(model: nn.Module, cfg: ShiraConfig) -> list[TargetLayer]:
         if not is_linear_like(m):
             if tm is None:
                 continue
+            if hasattr(m, "base_layer"):  # a PEFT tuner layer (LoRA, ...) wrapping the linear
+                raise ShiraConfigError(
+                    f"ShiraConfig.target_modules matches {name!r}, a PEFT {type(m).__name__} layer: "
+                    "this model is wrapped by PEFT; prepare the base model before "
+                    "peft.get_peft_model, or merge the PEFT adapter first (merge_and_unload())"
+                )
             raise ShiraConfigError(
                 f"ShiraConfig.target_modules matches {name!r}, a {type(m).__name__}; only "
                 "nn.Linear and transformers Conv1D layers can carry a SHiRA adapter"
