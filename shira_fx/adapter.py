@@ -124,14 +124,16 @@ class ShiraLayer:
         weight = self.weight
         if weight.is_meta:
             return
+        # a sharded (FSDP2) weight is gathered once here: every rank keeps the whole base
+        full = weight.full_tensor() if registry.is_dtensor(weight) else weight
         if self.pending is not None:
-            idx = self.pending.to(weight.device)
+            idx = self.pending.to(full.device)
             self.module._buffers[INDICES] = idx
-            self.module._buffers[BASE] = weight.detach().view(-1)[idx.long()].clone()
+            self.module._buffers[BASE] = full.detach().reshape(-1)[idx.long()].clone()
             self.values.zero_()
             self.pending = None
         else:
-            fused = weight.detach().view(-1)[self.indices.long()]
+            fused = full.detach().reshape(-1)[self.indices.long()]
             self.values.copy_(fused.to(self.values.dtype) - self.base.to(self.values.dtype))
         registry.register(weight, self)
         registry.register(self.values, self)
