@@ -207,7 +207,8 @@ def test_the_hf_trainer_example_runs_and_saves_the_adapter_with_each_checkpoint(
 
     if iu.find_spec("accelerate") is None:
         pytest.skip("HF Trainer needs accelerate")
-    spec = iu.spec_from_file_location("hf_trainer", Path(__file__).parent.parent / "examples" / "hf_trainer.py")
+    script = Path(__file__).parent.parent / "examples" / "hf_trainer.py"
+    spec = iu.spec_from_file_location("hf_trainer", script)
     example = iu.module_from_spec(spec)
     spec.loader.exec_module(example)
     result = example.main(["--smoke", "--out", str(tmp_path / "out")])
