@@ -52,6 +52,7 @@ class ShiraLayer:
     name: str
     module: nn.Module
     transposed: bool
+    param: str = "weight"  # which parameter of the module (e.g. "gate_up_proj" of MoE experts)
     # who writes `base + values` when the weight is not a plain tensor of this process
     # (shira_fx.distributed.fully_shard installs one for FSDP2's sharded weights)
     writer: Writer | None = field(default=None, repr=False)
@@ -61,21 +62,26 @@ class ShiraLayer:
     removed: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
     loading: bool = field(default=False, repr=False)  # a state dict with this weight is loading
 
+    def attr(self, kind: str) -> str:
+        """The module attribute holding this layer's `kind` (VALUES, INDICES or BASE): a
+        module with several adapted parameters keeps them apart by parameter name."""
+        return kind if self.param == "weight" else f"{self.param}_{kind}"
+
     @property
     def weight(self) -> Tensor:
-        return self.module.weight
+        return self.module._parameters[self.param]
 
     @property
     def values(self) -> nn.Parameter:
-        return self.removed[0] if self.removed else self.module._parameters[VALUES]
+        return self.removed[0] if self.removed else self.module._parameters[self.attr(VALUES)]
 
     @property
     def indices(self) -> Tensor:
-        return self.removed[1] if self.removed else self.module._buffers[INDICES]
+        return self.removed[1] if self.removed else self.module._buffers[self.attr(INDICES)]
 
     @property
     def base(self) -> Tensor:
-        return self.removed[2] if self.removed else self.module._buffers[BASE]
+        return self.removed[2] if self.removed else self.module._buffers[self.attr(BASE)]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -128,8 +134,8 @@ class ShiraLayer:
         full = weight.full_tensor() if registry.is_dtensor(weight) else weight
         if self.pending is not None:
             idx = self.pending.to(full.device)
-            self.module._buffers[INDICES] = idx
-            self.module._buffers[BASE] = full.detach().reshape(-1)[idx.long()].clone()
+            self.module._buffers[self.attr(INDICES)] = idx
+            self.module._buffers[self.attr(BASE)] = full.detach().reshape(-1)[idx.long()].clone()
             self.values.zero_()
             self.pending = None
         else:
@@ -150,24 +156,99 @@ def _sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
     otherwise the module's own dense forward. Compiled, Dynamo lifts the values and indices
     as graph inputs like any parameter, so one graph serves every block of the same shape."""
     values = self.shira_values
+    weight = self._parameters["weight"]  # the fused weight itself, not the `weight` property
     if not torch.compiler.is_compiling():
         self.__dict__["_shira_layer"].check_ready()
         autocast = torch.is_autocast_enabled(x.device.type)
-        if x.dtype != self.weight.dtype and not autocast:  # as the layer itself would refuse
+        if x.dtype != weight.dtype and not autocast:  # as the layer itself would refuse
             return type(self).forward(self, x)
     if torch.is_grad_enabled() and values.requires_grad:
-        return ops.sparse_linear(x, self.weight, self.bias, values, self.shira_indices,
-                                 self._shira_transposed)
+        return ops.sparse_linear(x, weight, self.bias, values, self.shira_indices, self._shira_transposed)
     return type(self).forward(self, x)
 
 
-def _drop_values_key(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    state_dict.pop(prefix + VALUES, None)
+class _ParamWithValues(torch.autograd.Function):
+    """An adapted weight read by the model's own code (a 3-D experts parameter in a loop of
+    per-expert matmuls or a grouped GEMM; a linear's weight read outside its forward, e.g.
+    `dt_proj.weight @ x` or `F.multi_head_attention_forward(..., out_proj.weight)`): the fused
+    weight as it is, whose gradient at the mask goes to the values. Autograd forms the
+    dense gradient of that use and this gathers it at the indices (the backend's pass turns
+    the usual forms, `x @ W.T`, `W @ y`, `F.linear`, back into the sparse op)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+        ctx.save_for_backward(indices)
+        ctx.values_dtype = values.dtype
+        return weight.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (indices,) = ctx.saved_tensors
+        return None, grad.reshape(-1)[indices.long()].to(ctx.values_dtype), None
+
+
+def _adapted_parameter(name: str) -> property:
+    """The property reading parameter `name` of a prepared module (names fixed per parameter:
+    compiled code touches no per-layer Python object, so blocks share their graph)."""
+    values_attr = VALUES if name == "weight" else f"{name}_{VALUES}"
+    indices_attr = INDICES if name == "weight" else f"{name}_{INDICES}"
+
+    def read(self: nn.Module) -> Tensor:
+        weight = self._parameters[name]
+        values = self._parameters[values_attr]
+        if torch.is_grad_enabled() and values.requires_grad:
+            return _ParamWithValues.apply(weight, values, self._buffers[indices_attr])
+        return weight
+
+    return property(read, doc=f"{name}, with its SHiRA values in the autograd graph")
+
+
+def _expose(module: nn.Module, layer: ShiraLayer) -> None:
+    """Route every read of an adapted parameter through `_ParamWithValues`: the module's class
+    becomes a subclass with a property per adapted parameter (one subclass per class and set
+    of parameters, shared by every block); the state dict and the parameter stay as they were."""
+    params = module.__dict__.setdefault("_shira_params", {})
+    if not params:
+        module.__dict__["_shira_class"] = type(module)
+    params[layer.param] = layer
+    module.__class__ = _with_properties(module.__dict__["_shira_class"], frozenset(params))
+
+
+_SUBCLASSES: dict[tuple[type, frozenset], type] = {}
+
+
+def _with_properties(original: type, params: frozenset) -> type:
+    key = (original, params)
+    if key not in _SUBCLASSES:
+        attrs = {p: _adapted_parameter(p) for p in sorted(params)}
+        _SUBCLASSES[key] = type(original.__name__, (original,),
+                                {**attrs, "__module__": original.__module__,
+                                 "__qualname__": original.__qualname__})
+    return _SUBCLASSES[key]
+
+
+def _unexpose(module: nn.Module, param: str) -> None:
+    params = module.__dict__.get("_shira_params", {})
+    params.pop(param, None)
+    original = module.__dict__.get("_shira_class", type(module))
+    if params:
+        module.__class__ = _with_properties(original, frozenset(params))
+    else:
+        module.__class__ = original
+        module.__dict__.pop("_shira_params", None)
+        module.__dict__.pop("_shira_class", None)
+
+
+def _drop_values_key(layer: ShiraLayer) -> Callable:
+    def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+        state_dict.pop(prefix + layer.attr(VALUES), None)
+
+    return hook
 
 
 def _loading(layer: ShiraLayer) -> Callable:
     def hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-        layer.loading = prefix + "weight" in state_dict
+        layer.loading = prefix + layer.param in state_dict
 
     return hook
 
@@ -175,7 +256,7 @@ def _loading(layer: ShiraLayer) -> Callable:
 def _loaded(layer: ShiraLayer) -> Callable:
     def hook(module: nn.Module, incompatible_keys) -> None:
         missing = incompatible_keys.missing_keys
-        missing[:] = [k for k in missing if k.rpartition(".")[2] != VALUES]
+        missing[:] = [k for k in missing if not k.endswith(VALUES)]
         if layer.loading:
             layer.loading = False
             layer.weight_arrived()
@@ -261,11 +342,13 @@ class SparseAdapter(nn.Module):
         for layer in layers:
             module = layer.module
             layer.removed = (layer.values.detach(), layer.indices, layer.base)
-            module._parameters.pop(VALUES, None)
-            module._buffers.pop(INDICES, None)
-            module._buffers.pop(BASE, None)
-            for attr in ("forward", "_shira_layer", "_shira_transposed"):
-                module.__dict__.pop(attr, None)
+            module._parameters.pop(layer.attr(VALUES), None)
+            module._buffers.pop(layer.attr(INDICES), None)
+            module._buffers.pop(layer.attr(BASE), None)
+            if layer.param == "weight":
+                for attr in ("forward", "_shira_layer", "_shira_transposed"):
+                    module.__dict__.pop(attr, None)
+            _unexpose(module, layer.param)
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -409,7 +492,7 @@ def _check_targets(model: nn.Module, targets: list[TargetLayer], cfg: ShiraConfi
     tuners = _peft_layers(model)
     for t in targets:
         w = t.weight
-        if registry.layer_for(w) is not None or "_shira_layer" in t.module.__dict__:
+        if registry.layer_for(w) is not None or (t.param == "weight" and "_shira_layer" in t.module.__dict__):
             raise ShiraConfigError(
                 f"prepare: {t.name!r} already carries a SHiRA adapter; call adapter.remove() first"
             )
@@ -420,9 +503,10 @@ def _check_targets(model: nn.Module, targets: list[TargetLayer], cfg: ShiraConfi
                 "PEFT; prepare the base model before peft.get_peft_model, or merge the PEFT "
                 "adapter first (merge_and_unload())"
             )
-        if any(hasattr(t.module, attr) for attr in (VALUES, INDICES, BASE)):
+        attrs = [kind if t.param == "weight" else f"{t.param}_{kind}" for kind in (VALUES, INDICES, BASE)]
+        if any(hasattr(t.module, attr) for attr in attrs):
             raise ShiraConfigError(f"prepare: {t.name!r} already has an attribute named like "
-                                   f"shira_fx's own ({VALUES}, {INDICES}, {BASE})")
+                                   f"shira_fx's own ({', '.join(attrs)})")
         if not w.is_floating_point():
             raise ShiraConfigError(f"prepare: the weight of {t.name!r} is {w.dtype}; expected a float dtype")
         if w.numel() == 0:
@@ -487,7 +571,7 @@ def prepare(
     for layer in layers.values():
         module = layer.module
         adapter._hooks += [
-            module.register_state_dict_post_hook(_drop_values_key),
+            module.register_state_dict_post_hook(_drop_values_key(layer)),
             module.register_load_state_dict_pre_hook(_loading(layer)),
             module.register_load_state_dict_post_hook(_loaded(layer)),
         ]
@@ -501,21 +585,27 @@ def _attach(t: TargetLayer, mask: Tensor, cfg: ShiraConfig) -> ShiraLayer:
     """Give one targeted module its adapter state and the SHiRA forward."""
     module, w = t.module, t.weight
     idx = mask.to(dtype=torch.int32)
-    layer = ShiraLayer(t.name, module, t.transposed)
-    if w.is_meta:  # no data yet: the indices wait on the CPU for the weights to arrive
+    layer = ShiraLayer(t.name, module, t.transposed, t.param)
+    # on meta (no data yet) the adapter's state waits on the CPU for the weights to arrive: a
+    # CPU parameter keeps its identity through `to_empty` (a meta one would be replaced, and
+    # with it whatever holds it: the registry, an optimizer, FSDP2's gradient hooks)
+    device = torch.device("cpu") if w.is_meta else w.device
+    if w.is_meta:
         layer.pending = idx
-        base = torch.empty(idx.numel(), dtype=w.dtype, device=w.device)
+        base = torch.zeros(idx.numel(), dtype=w.dtype)
     else:
-        idx = idx.to(w.device)
+        idx = idx.to(device)
         base = w.detach().view(-1)[idx.long()].clone()
-    values = nn.Parameter(torch.zeros(idx.numel(), dtype=cfg.torch_values_dtype, device=w.device))
-    module.register_parameter(VALUES, values)
-    module.register_buffer(INDICES, idx.to(w.device), persistent=False)
-    module.register_buffer(BASE, base, persistent=False)
-    module._shira_layer = layer
-    module._shira_transposed = t.transposed
-    module.forward = types.MethodType(_sparse_forward, module)
+    values = nn.Parameter(torch.zeros(idx.numel(), dtype=cfg.torch_values_dtype, device=device))
+    module.register_parameter(layer.attr(VALUES), values)
+    module.register_buffer(layer.attr(INDICES), idx.to(device), persistent=False)
+    module.register_buffer(layer.attr(BASE), base, persistent=False)
+    if t.param == "weight":
+        module._shira_layer = layer
+        module._shira_transposed = t.transposed
+        module.forward = types.MethodType(_sparse_forward, module)
+    _expose(module, layer)
+    registry.register(values, layer)
     if not w.is_meta:
         registry.register(w, layer)
-        registry.register(values, layer)
     return layer

@@ -24,7 +24,7 @@ from . import ops
 from .adapter import SparseAdapter
 from .adapter_files import StoredAdapter, fingerprint, load_adapter
 from .errors import ShiraAdapterError
-from .targets import is_linear_like, is_transposed
+from .targets import resolve_weight
 
 
 @dataclass
@@ -124,7 +124,6 @@ class AdapterBank:
         self.model = model
         self.keep_on_device = keep_on_device
         self.max_plans = max_plans
-        self._modules = dict(model.named_modules())
         self._adapters: dict[str, dict[str, _Slot]] = {}
         self._active: dict[str, float] | None = None
         self._current: _Plan | None = None
@@ -221,12 +220,11 @@ class AdapterBank:
             stored = load_adapter(source)
         slots = {}
         for layer_name, spec in stored.layers.items():
-            module = self._modules.get(layer_name)
-            if module is None or not layer_name or not is_linear_like(module):
-                raise stored.error("no linear layer of this name in the model (an adapter for "
-                                   "another model?)", layer_name)
-            w = module.weight
-            transposed = is_transposed(module)
+            found = resolve_weight(self.model, layer_name)
+            if found is None:
+                raise stored.error("no linear layer (or 3-D parameter) of this name in the model "
+                                   "(an adapter for another model?)", layer_name)
+            w, transposed = found
             if spec.shape is not None and tuple(w.shape) != spec.shape:
                 raise stored.error(f"weight shape {spec.shape} in the adapter, "
                                    f"{tuple(w.shape)} in the model", layer_name)
@@ -309,7 +307,7 @@ class AdapterBank:
         layer_names = sorted({ln for n in names for ln in self._adapters[n]})
         plan = _Plan([], [], [], [])
         for ln in layer_names:
-            w = self._modules[ln].weight
+            w = resolve_weight(self.model, ln)[0]
             parts = [(self._adapters[n][ln], spec[n]) for n in names if ln in self._adapters[n]]
             if len(parts) == 1:
                 slot, weight = parts[0]

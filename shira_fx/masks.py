@@ -57,6 +57,12 @@ def build_masks(
             )
     kind = cfg.mask
     pairs: dict[str, Pairs] = {}
+    stacked = [t.name for t in targets if t.param != "weight"]
+    if kind in ("grad", "snip") and stacked:
+        raise ShiraConfigError(
+            f"build_masks: mask={kind!r} calibrates on linear layers' inputs and outputs; the 3-D "
+            f"parameters {stacked[:3]} take mask='rand', 'struct' or 'wm'"
+        )
     if kind in ("grad", "snip"):
         if calib is None:
             raise ShiraConfigError(
@@ -68,15 +74,33 @@ def build_masks(
     masks = {}
     for t in tqdm(targets, desc=f"shira {kind} masks", unit="layer", disable=not progress):
         k = cfg.budget(t.out_features, t.in_features)
-        if kind == "rand":
+        if t.param != "weight":  # stacked experts: a mask over each expert's matrix
+            masks[t.name] = _stacked_mask(t, k, cfg)
+        elif kind == "rand":
             masks[t.name] = _rand_mask(t.weight.numel(), k, cfg.seed, t.name)
         elif kind == "struct":
             masks[t.name] = _struct_mask(t.out_features, t.in_features, k, cfg.seed, t.transposed)
         elif kind == "wm":
-            masks[t.name] = _top_k(_magnitude(t), k)
+            masks[t.name] = _top_k(_magnitude(t.weight, t.name), k)
         else:
             masks[t.name] = _top_k(_gradient_score(t, pairs.pop(t.name), kind), k)
     return masks
+
+
+def _stacked_mask(t: TargetLayer, k: int, cfg: ShiraConfig) -> torch.Tensor:
+    """k positions in each expert's (out, in) matrix of a 3-D parameter, as flat offsets into
+    the whole parameter (expert e's offsets shifted by e * out * in), sorted."""
+    size = t.out_features * t.in_features
+    parts = []
+    for e in range(t.experts):
+        if cfg.mask == "rand":
+            local = _rand_mask(size, k, cfg.seed, f"{t.name}[{e}]")
+        elif cfg.mask == "struct":
+            local = _struct_mask(t.out_features, t.in_features, k, cfg.seed, False)
+        else:
+            local = _top_k(_magnitude(t.weight[e], f"{t.name}[{e}]"), k)
+        parts.append(local.long() + e * size)
+    return torch.cat(parts).to(torch.int32)
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -191,12 +215,12 @@ def _score_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.promote_types(w.dtype, torch.float32)
 
 
-def _magnitude(t: TargetLayer) -> torch.Tensor:
+def _magnitude(weight: torch.Tensor, name: str) -> torch.Tensor:
     """|W| in fp32 (fp64 for fp64 weights): one weight-sized tensor, whatever the weight dtype."""
-    w = t.weight.detach()
+    w = weight.detach()
     score = w.to(_score_dtype(w), copy=True).abs_()
     if not torch.isfinite(score.max()):  # a NaN or inf shows in the max of |W|
-        raise ShiraConfigError(f"build_masks: mask='wm': the weight of {t.name!r} is not finite")
+        raise ShiraConfigError(f"build_masks: mask='wm': the weight of {name!r} is not finite")
     return score
 
 

@@ -40,6 +40,7 @@ class RewriteReport:
     recomputed: int = 0  # joint-graph nodes tagged
     checkpointed: list[str] = field(default_factory=list)  # inside a checkpointed body
     direct: list[str] = field(default_factory=list)  # weight uses outside the module rewritten
+    dense: list[str] = field(default_factory=list)  # stacked parameters: a dense gradient, gathered
     # read off the partitioned graph (None/empty when the partitioner was not shira_fx's):
     # layer -> what backward does with its input x
     inputs: dict[str, str] = field(default_factory=dict)
@@ -63,7 +64,9 @@ class RewriteReport:
         for name in self.rewritten:
             fate = self.inputs.get(name)
             lines.append(f"  + {name}" + (f": x {fate}" if fate else "")
-                         + (" (its weight read directly too: rewritten)" if name in self.direct else ""))
+                         + (" (its weight read directly too: rewritten)" if name in self.direct else "")
+                         + (" (its weight read by the model's own code: a dense gradient there, "
+                            "gathered at the mask)" if name in self.dense else ""))
         lines += [f"  - {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -175,10 +178,29 @@ def _rank(node: object) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
-def _direct_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, layer: ShiraLayer, slot: _Inputs):
+ALIAS = torch.ops.higher_order.autograd_function_apply
+
+
+def _alias_of(node: fx.Node, weight: fx.Node, slot: _Inputs) -> fx.Node | None:
+    """The output of `_ParamWithValues` (the adapter's property read of a weight outside its
+    module's forward) when `node` is that call on this layer's weight, values and indices."""
+    if node.op != "call_function" or node.target is not ALIAS or len(node.args) != 5:
+        return None
+    if node.args[2:] != (weight, slot.values, slot.indices):
+        return None
+    outs = list(node.users)
+    if len(outs) == 1 and outs[0].target is operator.getitem and outs[0].args[1] == 0:
+        return outs[0]
+    return None
+
+
+def _direct_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, layer: ShiraLayer, slot: _Inputs,
+                raw: fx.Node | None = None):
     """Rewrite one use of a prepared weight outside its module's forward to `sparse_linear`
-    (with this graph's values and indices of the layer); returns None when done, else the
-    reason it cannot be."""
+    (with this graph's values and indices of the layer; `raw` is the weight placeholder when
+    `weight` is the adapter's property read of it); returns None when done, else the reason
+    it cannot be."""
+    raw = weight if raw is None else raw
     target = use.target if use.op == "call_function" else use.target if use.op == "call_method" else None
     name = getattr(target, "__name__", str(target))
     if slot.values is None or slot.indices is None:
@@ -189,7 +211,7 @@ def _direct_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, layer: ShiraLaye
         with graph.inserting_before(at):
             if transpose_in:
                 x = graph.call_method("transpose", (x, -1, -2))
-            out = graph.call_function(SPARSE_LINEAR, (x, weight, bias, slot.values, slot.indices,
+            out = graph.call_function(SPARSE_LINEAR, (x, raw, bias, slot.values, slot.indices,
                                                       layer.transposed))
             out.meta["custom"] = {"shira_layer": layer.name}
             if transpose_out:
@@ -258,6 +280,10 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
         if not layer.values.requires_grad:
             report.skipped[layer.name] = "values do not require grad: dense linear kept"
             continue
+        if layer.param != "weight":  # read through its property, with the values in autograd
+            report.rewritten.append(layer.name)
+            report.dense.append(layer.name)
+            continue
         for weight in slot.weight:
             for use in list(weight.users):
                 if use.op == "call_function" and use.target is SPARSE_LINEAR and use.args[1] is weight:
@@ -267,10 +293,20 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
                     inner = [n for n in body.graph.nodes if n.op == "placeholder"] if body else []
                     slots = [i for i, a in enumerate(use.args[1:]) if a is weight]
                     if body is not None and all(
-                            all(u.target is SPARSE_LINEAR and u.args[1] is inner[i] for u in inner[i].users)
-                            for i in slots):
+                            all(u.target in (SPARSE_LINEAR, ALIAS) for u in inner[i].users) for i in slots):
                         continue
                     why = "its weight is used inside a checkpointed region other than by its module"
+                elif (alias := _alias_of(use, weight, slot)) is not None:
+                    # read through the adapter's property: correct as it is (a dense gradient
+                    # at that use); the usual forms become the sparse op
+                    left = [u for u in list(alias.users)
+                            if _direct_use(gm.graph, u, alias, layer, slot, raw=weight) is not None]
+                    if not left:
+                        gm.graph.erase_node(alias)
+                        gm.graph.erase_node(use)
+                    elif layer.name not in report.dense:
+                        report.dense.append(layer.name)
+                    why = None
                 else:
                     why = _direct_use(gm.graph, use, weight, layer, slot)
                 if why is None:

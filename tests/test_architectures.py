@@ -6,9 +6,9 @@ The oracle is the unprepared twin (a deep copy taken before `prepare`, holding t
 weights): each layer's values' gradient must equal the twin's dense weight gradient gathered
 at the layer's indices.
 
-Cases that fail on main are strict xfails whose reason names the cause, so each flips to an
-XPASS (a failure) once fixed. The sweep takes ~9 minutes on 2 CPU cores, almost all of it
-compiling the aot_eager cases (~8-20 s each).
+MoE models also adapt their experts' 3-D parameters (`target_parameters`). A case that fails
+is a strict xfail whose reason names the cause (none today). The sweep takes ~9 minutes on 2
+CPU cores, almost all of it compiling the aot_eager cases (~8-20 s each).
 """
 
 import copy
@@ -33,12 +33,28 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]  # the 3-D expert parameters of MoE models
+
+
+def config_for(arch: Arch) -> shira_fx.ShiraConfig:
+    """Default targets; MoE models also adapt their experts."""
+    experts = {"target_parameters": EXPERTS} if arch.family == "moe" or arch.name == "jamba" else {}
+    return shira_fx.ShiraConfig(**CONFIG, **experts)
+
+
+def twin_weight(twin: nn.Module, layer) -> Tensor:
+    """The unprepared twin's tensor of an adapted layer: a linear's weight or a 3-D parameter."""
+    if layer.param == "weight":
+        return dict(twin.named_modules())[layer.name].weight
+    return twin.get_parameter(layer.name)
+
+
 def prepared_with_twin(arch: Arch) -> tuple[nn.Module, nn.Module, shira_fx.SparseAdapter]:
     """(prepared model, unprepared twin with the same fused weights, adapter). The values are
     non-zero, so the gradient is taken at base + values, not at the base."""
     model = arch.build()
     twin = copy.deepcopy(model)
-    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(**CONFIG), progress=False)
+    adapter = shira_fx.prepare(model, config_for(arch), progress=False)
     with torch.no_grad():
         for layer in adapter.layers.values():
             layer.values.normal_(0, 0.05)
@@ -52,10 +68,9 @@ def masked_dense_grads(twin: nn.Module, adapter, arch: Arch, batch: dict) -> dic
     for p in twin.parameters():
         p.requires_grad_(True)
     arch.loss(twin, batch).backward()
-    modules = dict(twin.named_modules())
-    unused = [name for name in adapter.layers if modules[name].weight.grad is None]
+    unused = [name for name, layer in adapter.layers.items() if twin_weight(twin, layer).grad is None]
     assert not unused, f"the batch never reaches {unused}: the table entry should use them"
-    return {name: modules[name].weight.grad.view(-1)[layer.indices.long()]
+    return {name: twin_weight(twin, layer).grad.view(-1)[layer.indices.long()]
             for name, layer in adapter.layers.items()}
 
 
@@ -72,36 +87,10 @@ def gradient_faults(adapter, expected: dict[str, Tensor], status: dict[str, str]
     return faults
 
 
-# ---- expected failures on main: each names its cause -----------------------------------------
+# ---- expected failures: each names its cause (none today) ------------------------------------
 
-DT_PROJ = ("the mixer multiplies by `dt_proj.weight` directly (`dt_proj.weight @ time_step`, and the "
-           "CUDA path hands the weight to mamba_inner_fn), never calling the prepared nn.Linear: "
-           "dt_proj's values get no gradient (compiled, the pass skips it: 'weight used by matmul "
-           "(not a plain linear)')")
-SIGLIP_POOLING = ("the vision pooling head's nn.MultiheadAttention passes `out_proj.weight` to "
-                  "F.multi_head_attention_forward, never calling the prepared out_proj: "
-                  "head.attention.out_proj's values get no gradient (compiled, the pass skips it: "
-                  "'weight used by multi_head_attention_forward (not a plain linear)')")
-FALCON_LINEAR = ("FalconLinear (an nn.Linear subclass) has its own forward, `input @ self.weight.T`: "
-                 "compiled, the pass finds no linear on the weight (skipped: 'weight used by getattr "
-                 "(not a plain linear)'), so no layer's values reach the loss and none gets a gradient; "
-                 "eager is fine, prepare's forward replaces FalconLinear.forward")
-MOE_EXPERTS = ("the experts are 3-D nn.Parameters (`experts.gate_up_proj`, `experts.down_proj`) and "
-               "the router a bare 2-D Parameter read by F.linear, not nn.Linear modules: default "
-               "targets never reach them")
-
-GRADIENT_XFAILS = {
-    ("mamba", "eager"): DT_PROJ, ("mamba", "aot_eager"): DT_PROJ,
-    ("jamba", "eager"): DT_PROJ, ("jamba", "aot_eager"): DT_PROJ,
-    ("siglip", "eager"): SIGLIP_POOLING, ("siglip", "aot_eager"): SIGLIP_POOLING,
-    ("falcon", "aot_eager"): FALCON_LINEAR,
-}
-COVERAGE_XFAILS = {
-    "mixtral": MOE_EXPERTS, "qwen2_moe": MOE_EXPERTS, "qwen3_moe": MOE_EXPERTS,
-    "deepseek_v3": MOE_EXPERTS, "jamba": MOE_EXPERTS,
-    "siglip": ("the vision pooling head's nn.MultiheadAttention keeps its q/k/v projection as a "
-               "bare `in_proj_weight` Parameter, not an nn.Linear: default targets never reach it"),
-}
+GRADIENT_XFAILS: dict[tuple[str, str], str] = {}
+COVERAGE_XFAILS: dict[str, str] = {}
 
 
 def case(arch: Arch, *more: str, xfail: str | None) -> pytest.param:
@@ -141,7 +130,9 @@ def test_values_grad_equals_masked_dense_grad(arch: Arch, mode: str, fresh_dynam
     faults = gradient_faults(adapter, expected, status)
     assert not faults, f"{arch.name} ({mode}), {len(faults)}/{len(adapter.layers)} layers:\n" + \
         "\n".join(faults)
-    assert all(p.grad is None for p in model.parameters()), "the frozen base got a gradient"
+    values = {id(la.values) for la in adapter.layers.values()}
+    assert all(p.grad is None for p in model.parameters() if id(p) not in values), \
+        "the frozen base got a gradient"
 
 
 # ---- coverage: the default targets reach every weight the forward multiplies by --------------
@@ -178,20 +169,26 @@ def multiplied_parameters(model: nn.Module, arch: Arch, batch: dict) -> dict[int
             if p.dim() >= 2 and _storage(p) in seen.storages}
 
 
-def unprepared_linear_weights(model: nn.Module, adapter) -> set[int]:
-    """Storages of the linear layers the default targets leave out on purpose (output heads,
-    weights tied to an embedding)."""
+def left_out_on_purpose(model: nn.Module, adapter) -> set[int]:
+    """Storages of the weights the default targets leave out on purpose: linears the rule leaves
+    out (output heads and task heads, weights tied to an embedding), every weight of a pooler
+    (`*Pooler`, `*PoolingHead`) and the routers of MoE models (`*Router`: a few hundred
+    numbers that pick the experts, not what an adapter is for)."""
     adapted = {id(layer.module) for layer in adapter.layers.values()}
-    return {_storage(m.weight) for m in model.modules()
-            if is_linear_like(m) and id(m) not in adapted}
+    out = {_storage(m._parameters["weight"]) for m in model.modules()
+           if is_linear_like(m) and id(m) not in adapted}
+    for m in model.modules():
+        if type(m).__name__.endswith(("Pooler", "PoolingHead", "Router")):
+            out |= {_storage(p) for p in m.parameters()}
+    return out
 
 
 @pytest.mark.parametrize("arch", COVERAGE_CASES)
 def test_default_targets_reach_every_multiplied_weight(arch: Arch):
     model = arch.build()
     multiplied = multiplied_parameters(model, arch, arch.batch())
-    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(**CONFIG), progress=False)
+    adapter = shira_fx.prepare(model, config_for(arch), progress=False)
     reached = {_storage(layer.weight) for layer in adapter.layers.values()}
-    heads = unprepared_linear_weights(model, adapter)
+    heads = left_out_on_purpose(model, adapter)
     missed = sorted(name for storage, name in multiplied.items() if storage not in reached | heads)
     assert not missed, f"{arch.name}: the forward multiplies by weights no layer adapts: {missed}"
