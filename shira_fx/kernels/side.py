@@ -43,7 +43,7 @@ _INTS = (torch.int32, torch.int64)
 _TILE = 2048
 # the CPU path multiplies S by slices of the transposed input whose bytes fit in a core's L2
 # cache, since each nonzero reads one row of that slice
-_CPU_SLICE_BYTES = 1 << 19
+_CPU_SLICE_BYTES = 1 << 18
 _CPU_MIN_SLICE = 16
 
 
@@ -60,8 +60,11 @@ def _spmm_kernel(
 ):
     """out_t[r, t] = sum over row r's nonzeros k of val[k] * src_t[col[k], t], for the tokens
     t of one tile, with the CSR matrix of the tile's adapter (crow row `adapter`)."""
-    r = tl.program_id(0)
-    tile = tl.program_id(1)
+    # one flat grid (no 65535 limit on a second axis); consecutive programs take consecutive
+    # rows of one tile, so the tile's tokens are read from cache after the first rows
+    pid = tl.program_id(0)
+    tile = pid // n_rows
+    r = pid % n_rows
     t0 = tl.load(tile_t0_ptr + tile)
     t1 = tl.load(tile_t1_ptr + tile)
     adapter = tl.load(tile_adapter_ptr + tile)
@@ -150,7 +153,7 @@ def _spmm_triton(
         col = col.to(torch.int32)
     # triton launches on the current CUDA device, not on the tensors' one
     with torch.cuda.device(src.device.index if src.is_cuda else -1):
-        _spmm_kernel[(n_rows, t0.shape[0])](
+        _spmm_kernel[(n_rows * t0.shape[0],)](
             src_t, crow, col, val, out_t, t0, t1, adapter,
             n_rows, src_t.stride(0), out_t.stride(0),
             BLOCK_K=_TILE // block_t, BLOCK_T=block_t,
@@ -217,19 +220,27 @@ def _cpu_slice(n_cols: int) -> int:
 def _spmm_cpu_into(out: Tensor, src: Tensor, crow: Tensor, col: Tensor, val: Tensor,
                    n_rows: int) -> None:
     """out (T, n_rows) = src (T, n_cols) @ M.T for one CSR matrix M, by `torch.sparse.mm` on
-    slices of tokens; bf16/fp16 inputs are multiplied in fp32 and rounded once at the end."""
+    slices of tokens; bf16/fp16 inputs are multiplied in fp32 and rounded once at the end.
+
+    Each slice is transposed into one reused (n_cols, slice) buffer and multiplied into
+    another with beta = 0, so no slice allocates or zero-fills."""
     n_cols = src.shape[1]
+    step = min(_cpu_slice(n_cols), src.shape[0])
+    part = torch.empty(n_cols, step, dtype=torch.float32)
+    prod = torch.empty(n_rows, step, dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         m = torch.sparse_csr_tensor(
             crow, col, val.to(torch.float32), (n_rows, n_cols), check_invariants=False
         )
-        step = _cpu_slice(n_cols)
         for t in range(0, src.shape[0], step):
-            rows = src[t : t + step]
-            # one pass: transposed to (n_cols, rows) row-major and cast to fp32
-            part = torch.empty(n_cols, rows.shape[0], dtype=torch.float32).copy_(rows.t())
-            out[t : t + step] = torch.sparse.mm(m, part).t()
+            n = min(step, src.shape[0] - t)
+            if n < step:  # the last, shorter slice: fresh contiguous buffers
+                part, prod = part[:, :n].contiguous(), prod[:, :n].contiguous()
+            # one pass: transposed to (n_cols, n) row-major and cast to fp32
+            part.copy_(src[t : t + n].t())
+            torch.addmm(prod, m, part, beta=0.0, out=prod)
+            out[t : t + n] = prod.t()
 
 
 def _spmm_cpu(
@@ -237,20 +248,23 @@ def _spmm_cpu(
     segments: list[tuple[int, int, int]], dtype: torch.dtype,
 ) -> Tensor:
     """(T, n_rows) in `dtype`: each (start, end, adapter) segment's rows times its adapter's
-    CSR matrix; other rows zero. Segments of one adapter are multiplied together."""
+    CSR matrix, other rows zero; segments in order and disjoint. Segments of one adapter are
+    multiplied together."""
     T = src.shape[0]
-    out = torch.zeros(T, n_rows, dtype=dtype)
+    out = torch.empty(T, n_rows, dtype=dtype)
     by_adapter: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for start, end, a in segments:
         if a >= 0 and end > start:
             by_adapter[a].append((start, end))
     bounds = crow[:, [0, -1]].tolist() if by_adapter else []
+    computed: list[tuple[int, int]] = []
     for a, spans in by_adapter.items():
         lo, hi = bounds[a]
-        if hi == lo:
+        if hi == lo:  # an empty index set: its rows stay zero
             continue
         a_crow = crow[a] - lo
         a_col, a_val = col[lo:hi], val[lo:hi]
+        computed += spans
         if len(spans) == 1:
             start, end = spans[0]
             _spmm_cpu_into(out[start:end], src[start:end], a_crow, a_col, a_val, n_rows)
@@ -262,6 +276,14 @@ def _spmm_cpu(
         for s, e in spans:
             out[s:e] = part[pos : pos + e - s]
             pos += e - s
+    # zero only the rows no product wrote
+    pos = 0
+    for start, end in sorted(computed):
+        if start > pos:
+            out[pos:start].zero_()
+        pos = max(pos, end)
+    if pos < T:
+        out[pos:].zero_()
     return out
 
 
