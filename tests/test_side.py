@@ -150,6 +150,8 @@ def test_dispatchers_pick_the_device_path_and_agree():
 def test_cpu_path_over_several_token_slices(monkeypatch):
     # a slice budget of 64 bytes over 6 fp32 features: 16 tokens per slice, 3 slices here
     monkeypatch.setattr(side, "_CPU_SLICE_BYTES", 64)
+    monkeypatch.setattr(side, "_CPU_WHOLE_BYTES", 64)
+    assert side._cpu_slice(6, 40) == 16
     g = torch.Generator().manual_seed(3)
     idx, vals = _indices(30, 12, torch.int64, g), torch.randn(12, generator=g)
     x = torch.randn(40, 6, generator=g).to(torch.bfloat16)

@@ -42,8 +42,9 @@ _INTS = (torch.int32, torch.int64)
 # elements of the (nonzeros x tokens) tile one program accumulates; BLOCK_K * BLOCK_T
 _TILE = 2048
 # the CPU path multiplies S by slices of the transposed input whose bytes fit in a core's L2
-# cache, since each nonzero reads one row of that slice
+# cache, since each nonzero reads one row of that slice; an input this small is one slice
 _CPU_SLICE_BYTES = 1 << 18
+_CPU_WHOLE_BYTES = 1 << 20
 _CPU_MIN_SLICE = 16
 
 
@@ -212,9 +213,12 @@ def _csr(
 # CPU
 
 
-def _cpu_slice(n_cols: int) -> int:
+def _cpu_slice(n_cols: int, T: int) -> int:
+    """Tokens per slice: a power of two whose fp32 (n_cols, slice) block fits the budget."""
+    if 4 * n_cols * T <= _CPU_WHOLE_BYTES:
+        return max(1, T)
     rows = _CPU_SLICE_BYTES // (4 * max(1, n_cols))
-    return max(_CPU_MIN_SLICE, 1 << max(0, rows.bit_length() - 1))
+    return min(max(1, T), max(_CPU_MIN_SLICE, 1 << max(0, rows.bit_length() - 1)))
 
 
 def _spmm_cpu_into(out: Tensor, src: Tensor, crow: Tensor, col: Tensor, val: Tensor,
@@ -225,7 +229,7 @@ def _spmm_cpu_into(out: Tensor, src: Tensor, crow: Tensor, col: Tensor, val: Ten
     Each slice is transposed into one reused (n_cols, slice) buffer and multiplied into
     another with beta = 0, so no slice allocates or zero-fills."""
     n_cols = src.shape[1]
-    step = min(_cpu_slice(n_cols), src.shape[0])
+    step = _cpu_slice(n_cols, src.shape[0])
     part = torch.empty(n_cols, step, dtype=torch.float32)
     prod = torch.empty(n_rows, step, dtype=torch.float32)
     with warnings.catch_warnings():
@@ -569,7 +573,8 @@ def side_backward_x_segmented_cpu(
 
 
 for _fn, _src in ((side_forward_segmented, "in"), (side_backward_x_segmented, "out")):
-    _fn.__doc__ += _SEGMENT_DOC.format(src=_src)
+    if _fn.__doc__:  # None under python -OO
+        _fn.__doc__ += _SEGMENT_DOC.format(src=_src)
 
 
 def pack_adapters(adapters: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
