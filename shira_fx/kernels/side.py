@@ -139,10 +139,12 @@ def _spmm_triton(
     t's segment (one segment [0, T) with adapter 0 when no segments are given); columns of
     base segments and outside every segment are zero. Nothing is read back to the host."""
     T = src.shape[0]
-    out_t = torch.zeros(n_rows, T, dtype=torch.float32, device=src.device)
     n_segments = 1 if seg_adapters is None else seg_adapters.shape[0]
     if T == 0 or n_rows == 0 or n_segments == 0 or col.shape[0] == 0:
-        return out_t
+        return torch.zeros(n_rows, T, dtype=torch.float32, device=src.device)
+    # one segment covering every token: every element is stored, so nothing to zero first
+    alloc = torch.empty if seg_adapters is None else torch.zeros
+    out_t = alloc(n_rows, T, dtype=torch.float32, device=src.device)
     block_t = _block_t(triton.cdiv(T, n_segments))
     if seg_adapters is None:
         t0, t1, adapter = _tiles_single(T, block_t, src.device)
