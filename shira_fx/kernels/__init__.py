@@ -2,6 +2,25 @@
 
 from .scatter import scatter_fused_, scatter_fused_reference_
 from .sddmm import sddmm, sddmm_cpu, sddmm_reference
+from .side import (
+    pack_adapters,
+    side_backward_x,
+    side_backward_x_cpu,
+    side_backward_x_reference,
+    side_backward_x_segmented,
+    side_backward_x_segmented_cpu,
+    side_backward_x_segmented_reference,
+    side_backward_x_segmented_triton,
+    side_backward_x_triton,
+    side_forward,
+    side_forward_cpu,
+    side_forward_reference,
+    side_forward_segmented,
+    side_forward_segmented_cpu,
+    side_forward_segmented_reference,
+    side_forward_segmented_triton,
+    side_forward_triton,
+)
 
 __all__ = [
     "scatter_fused_",
@@ -9,4 +28,21 @@ __all__ = [
     "sddmm",
     "sddmm_cpu",
     "sddmm_reference",
+    "pack_adapters",
+    "side_backward_x",
+    "side_backward_x_cpu",
+    "side_backward_x_reference",
+    "side_backward_x_segmented",
+    "side_backward_x_segmented_cpu",
+    "side_backward_x_segmented_reference",
+    "side_backward_x_segmented_triton",
+    "side_backward_x_triton",
+    "side_forward",
+    "side_forward_cpu",
+    "side_forward_reference",
+    "side_forward_segmented",
+    "side_forward_segmented_cpu",
+    "side_forward_segmented_reference",
+    "side_forward_segmented_triton",
+    "side_forward_triton",
 ]
