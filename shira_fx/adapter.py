@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from . import ops, registry
+from . import ops, quantized, registry
 from .adapter_files import (
     LayerSpec,
     StoredAdapter,
@@ -53,6 +53,9 @@ class ShiraLayer:
     module: nn.Module
     transposed: bool
     param: str = "weight"  # which parameter of the module (e.g. "gate_up_proj" of MoE experts)
+    # a quantized base (shira_fx.quantized kind): the adapter rides beside it, never fused
+    quantized: str | None = None
+    logical: tuple[int, int] | None = field(default=None, repr=False)  # its (out, in)
     # who writes `base + values` when the weight is not a plain tensor of this process
     # (shira_fx.distributed.fully_shard installs one for FSDP2's sharded weights)
     writer: Writer | None = field(default=None, repr=False)
@@ -84,8 +87,9 @@ class ShiraLayer:
         return self.removed[2] if self.removed else self.module._buffers[self.attr(BASE)]
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape)
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape as the indices address it (a quantized weight's logical one)."""
+        return self.logical if self.quantized else tuple(self.weight.shape)
 
     def check_ready(self) -> None:
         """Refuse to compute with a layer whose weights never arrived (prepared on meta)."""
@@ -118,7 +122,8 @@ class ShiraLayer:
     def spec(self) -> LayerSpec:
         """What an adapter file says about this layer."""
         self.check_ready()
-        return LayerSpec(self.name, self.shape, str(self.weight.dtype).removeprefix("torch."),
+        dtype = self.base.dtype if self.quantized else self.weight.dtype
+        return LayerSpec(self.name, self.shape, str(dtype).removeprefix("torch."),
                          self.transposed, int(self.indices.numel()), self.fingerprint())
 
     @torch.no_grad()
@@ -165,6 +170,14 @@ def _sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
     if torch.is_grad_enabled() and values.requires_grad:
         return ops.sparse_linear(x, weight, self.bias, values, self.shira_indices, self._shira_transposed)
     return type(self).forward(self, x)
+
+
+def _side_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Forward of a prepared quantized module: the quantization library's own layer, plus the
+    adapter beside it, `x @ S.T` (the packed weight cannot hold base + delta)."""
+    y = quantized.base_forward(self, x)
+    side = ops.side_linear(x, self.shira_values, self.shira_indices, y.shape[-1], x.shape[-1])
+    return y + side.to(y.dtype)
 
 
 class _ParamWithValues(torch.autograd.Function):
@@ -334,7 +347,7 @@ class SparseAdapter(nn.Module):
         if self._removed:
             return
         layers = list(self.layers.values())
-        ready = [layer for layer in layers if layer.pending is None]
+        ready = [layer for layer in layers if layer.pending is None and not layer.quantized]
         targets = [layer.write_target() for layer in ready]
         ops.scatter_weights_([t[0] for t in targets], [t[1] for t in targets],
                              [t[2] for t in targets], None)
@@ -348,7 +361,8 @@ class SparseAdapter(nn.Module):
             if layer.param == "weight":
                 for attr in ("forward", "_shira_layer", "_shira_transposed"):
                     module.__dict__.pop(attr, None)
-            _unexpose(module, layer.param)
+            if not layer.quantized:
+                _unexpose(module, layer.param)
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -425,8 +439,9 @@ class SparseAdapter(nn.Module):
 
 @torch.no_grad()
 def sync_layers(layers: Iterable[ShiraLayer]) -> None:
-    """`W.flat[idx] = base + values` for these layers, in one fused scatter."""
-    targets = [layer.write_target() for layer in layers]
+    """`W.flat[idx] = base + values` for these layers, in one fused scatter (a quantized layer
+    has nothing to write: its adapter rides beside the packed weight)."""
+    targets = [layer.write_target() for layer in layers if not layer.quantized]
     if targets:
         ops.scatter_weights_(*([t[i] for t in targets] for i in range(4)))
 
@@ -507,6 +522,12 @@ def _check_targets(model: nn.Module, targets: list[TargetLayer], cfg: ShiraConfi
         if any(hasattr(t.module, attr) for attr in attrs):
             raise ShiraConfigError(f"prepare: {t.name!r} already has an attribute named like "
                                    f"shira_fx's own ({', '.join(attrs)})")
+        unknown = None if t.quantized else quantized.unknown_quantized(t.module)
+        if unknown is not None:
+            raise ShiraConfigError(f"prepare: {t.name!r} is a quantized layer shira_fx does not know "
+                                   f"({unknown}); supported: bitsandbytes 4/8-bit, torchao NF4, int8, int4")
+        if t.quantized:
+            continue
         if not w.is_floating_point():
             raise ShiraConfigError(f"prepare: the weight of {t.name!r} is {w.dtype}; expected a float dtype")
         if w.numel() == 0:
@@ -581,10 +602,34 @@ def prepare(
 
 
 @torch.no_grad()
+def _attach_beside(t: TargetLayer, idx: Tensor, cfg: ShiraConfig) -> ShiraLayer:
+    """A quantized module: the adapter's state beside the packed weight, and the forward that
+    adds the sparse side path to the library's own layer. The base values (for the file's
+    fingerprint) are read from the dequantized weight, one layer at a time."""
+    module = t.module
+    dense = t.dense_weight()
+    device = dense.device
+    idx = idx.to(device)
+    layer = ShiraLayer(t.name, module, False, quantized=t.quantized, logical=tuple(t.shape))
+    values = nn.Parameter(torch.zeros(idx.numel(), dtype=cfg.torch_values_dtype, device=device))
+    module.register_parameter(VALUES, values)
+    module.register_buffer(INDICES, idx, persistent=False)
+    module.register_buffer(BASE, dense.reshape(-1)[idx.long()].clone(), persistent=False)
+    del dense
+    module._shira_layer = layer
+    module.forward = types.MethodType(_side_forward, module)
+    registry.register(values, layer)
+    registry.register(t.weight, layer)
+    return layer
+
+
+@torch.no_grad()
 def _attach(t: TargetLayer, mask: Tensor, cfg: ShiraConfig) -> ShiraLayer:
     """Give one targeted module its adapter state and the SHiRA forward."""
     module, w = t.module, t.weight
     idx = mask.to(dtype=torch.int32)
+    if t.quantized:
+        return _attach_beside(t, idx, cfg)
     layer = ShiraLayer(t.name, module, t.transposed, t.param)
     # on meta (no data yet) the adapter's state waits on the CPU for the weights to arrive: a
     # CPU parameter keeps its identity through `to_empty` (a meta one would be replaced, and

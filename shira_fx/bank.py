@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 import os
 import threading
+import types
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,10 @@ from . import ops
 from .adapter import SparseAdapter
 from .adapter_files import StoredAdapter, fingerprint, load_adapter
 from .errors import ShiraAdapterError
-from .targets import resolve_weight
+from .quantized import base_forward
+from .targets import resolve_layer
+
+SIDE_INDICES, SIDE_VALUES = "shira_side_indices", "shira_side_values"
 
 
 @dataclass
@@ -46,6 +50,32 @@ class _Plan:
     indices: list[Tensor]
     base: list[Tensor]
     fused: list[Tensor]
+    # quantized layers: (module, indices, fp32 delta) set as the module's side path
+    side: list[tuple[nn.Module, Tensor, Tensor]] = field(default_factory=list)
+
+
+def _served_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Forward of a quantized module a bank serves: the library's own layer plus the active
+    adapter beside it (nothing when none is active: exactly the base model's output)."""
+    y = base_forward(self, x)
+    indices = self._buffers[SIDE_INDICES]
+    if indices.numel() == 0:
+        return y
+    side = ops.side_linear(x, self._buffers[SIDE_VALUES], indices, y.shape[-1], x.shape[-1])
+    return y + side.to(y.dtype)
+
+
+def _serve_beside(module: nn.Module) -> None:
+    """Give a quantized module an (empty) side path the bank fills on activation."""
+    if SIDE_INDICES in module._buffers:
+        return
+    if "_shira_layer" in module.__dict__:
+        raise ShiraAdapterError("AdapterBank: a quantized layer of this model carries a training "
+                                "adapter; call adapter.remove() first")
+    device = next((t.device for t in module.parameters()), torch.device("cpu"))
+    module.register_buffer(SIDE_INDICES, torch.empty(0, dtype=torch.int32, device=device), persistent=False)
+    module.register_buffer(SIDE_VALUES, torch.empty(0, dtype=torch.float32, device=device), persistent=False)
+    module.forward = types.MethodType(_served_forward, module)
 
 
 class _Gate:
@@ -219,23 +249,30 @@ class AdapterBank:
         else:
             stored = load_adapter(source)
         slots = {}
+        beside = []
         for layer_name, spec in stored.layers.items():
-            found = resolve_weight(self.model, layer_name)
+            found = resolve_layer(self.model, layer_name)
             if found is None:
                 raise stored.error("no linear layer (or 3-D parameter) of this name in the model "
                                    "(an adapter for another model?)", layer_name)
-            w, transposed = found
-            if spec.shape is not None and tuple(w.shape) != spec.shape:
+            w, transposed, shape = found.weight, found.transposed, tuple(found.shape)
+            if spec.shape is not None and shape != spec.shape:
                 raise stored.error(f"weight shape {spec.shape} in the adapter, "
-                                   f"{tuple(w.shape)} in the model", layer_name)
+                                   f"{shape} in the model", layer_name)
             if spec.shape is not None and spec.transposed != transposed:
                 raise stored.error("weight layout (Linear vs Conv1D) differs from the model's",
                                    layer_name)
-            idx, delta = stored.tensors(layer_name, tuple(w.shape))
-            idx = idx.to(w.device)
-            base = self._true_base(layer_name, w, idx)
+            idx, delta = stored.tensors(layer_name, shape)
+            if found.quantized:  # the packed weight is never written: the base is read dequantized
+                dense = found.dense_weight()
+                idx = idx.to(dense.device)
+                base, w = dense.reshape(-1)[idx].clone(), dense
+                beside.append(found.module)
+            else:
+                idx = idx.to(w.device)
+                base = self._true_base(layer_name, w, idx)
             if check_base and spec.fingerprint is not None:
-                wdtype = str(w.dtype).removeprefix("torch.")
+                wdtype = str(base.dtype).removeprefix("torch.")
                 if spec.dtype != wdtype:
                     raise stored.error(f"trained on {spec.dtype} weights, the model has {wdtype} "
                                        "(pass check_base=False to serve it anyway)", layer_name)
@@ -245,6 +282,8 @@ class AdapterBank:
                                        "not its base: an adapter still fused by training? "
                                        "call adapter.remove() first)", layer_name)
             slots[layer_name] = self._keep(_Slot(idx, base, delta.to(w.device)))
+        for module in beside:
+            _serve_beside(module)
         self._adapters[name] = slots
 
     def _keep(self, slot: _Slot) -> _Slot:
@@ -307,8 +346,11 @@ class AdapterBank:
         layer_names = sorted({ln for n in names for ln in self._adapters[n]})
         plan = _Plan([], [], [], [])
         for ln in layer_names:
-            w = resolve_weight(self.model, ln)[0]
+            found = resolve_layer(self.model, ln)
+            w = found.weight
             parts = [(self._adapters[n][ln], spec[n]) for n in names if ln in self._adapters[n]]
+            if found.quantized:  # nothing is written into it: only a device and dtype are read
+                w = parts[0][0].delta
             if len(parts) == 1:
                 slot, weight = parts[0]
                 idx, base = slot.indices.to(w.device), slot.base.to(w.device)
@@ -321,6 +363,9 @@ class AdapterBank:
                 delta.index_add_(0, inverse, torch.cat([s.delta.to(w.device) * wt for s, wt in parts]))
                 base = torch.empty(idx.numel(), dtype=w.dtype, device=w.device)
                 base.scatter_(0, inverse, torch.cat([s.base.to(w.device) for s, _ in parts]))
+            if found.quantized:
+                plan.side.append((found.module, idx.to(torch.int32), delta.float()))
+                continue
             plan.weights.append(w)
             plan.indices.append(idx)
             plan.base.append(base)
@@ -345,6 +390,8 @@ class AdapterBank:
         plan = self._plan(spec)  # built (and validated) before any weight changes
         self._restore()
         ops.scatter_weights_(plan.weights, plan.indices, plan.fused, None)
+        for module, idx, delta in plan.side:
+            module._buffers[SIDE_INDICES], module._buffers[SIDE_VALUES] = idx, delta
         self._current, self._active = plan, spec
 
     @torch.no_grad()
@@ -352,6 +399,8 @@ class AdapterBank:
         cur = self._current
         if cur is not None:
             ops.scatter_weights_(cur.weights, cur.indices, cur.base, None)
+            for module, idx, delta in cur.side:
+                module._buffers[SIDE_INDICES], module._buffers[SIDE_VALUES] = idx[:0], delta[:0]
         self._current, self._active = None, None
 
     def deactivate(self) -> None:
@@ -385,3 +434,35 @@ class AdapterBank:
 
     def __repr__(self) -> str:
         return f"AdapterBank(adapters={self.names}, active={self._active})"
+
+
+@torch.no_grad()
+def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """For deployment: replace, in place, every quantized linear by a plain `nn.Linear` in
+    `dtype` holding its dequantized weight plus the adapter riding beside it (a training
+    adapter's values or the bank's active adapter), so the model runs anywhere at the base
+    model's cost. Returns `model`; the quantized layers are gone afterwards."""
+    from .quantized import dequantized_weight, logical_shape, quantized_kind
+
+    swaps = []
+    for name, module in model.named_modules():
+        if quantized_kind(module) is None:
+            continue
+        weight = dequantized_weight(module).float()
+        if "_shira_layer" in module.__dict__:
+            idx, vals = module._buffers["shira_indices"], module._parameters["shira_values"]
+        else:
+            idx, vals = module._buffers.get(SIDE_INDICES), module._buffers.get(SIDE_VALUES)
+        if idx is not None and idx.numel():
+            weight.view(-1).index_add_(0, idx.long(), vals.detach().float())
+        out_f, in_f = logical_shape(module)
+        bias = getattr(module, "bias", None)
+        dense = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=dtype)
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias.detach())
+        swaps.append((name, dense))
+    for name, dense in swaps:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, dense)
+    return model

@@ -50,9 +50,10 @@ def build_masks(
     grad/snip run `loss_fn(model, batch)` (default: `default_loss`) over `calib` first.
     """
     for t in targets:
-        if t.weight.numel() > _INT32_MAX:
+        numel = math.prod(t.shape)
+        if numel > _INT32_MAX:
             raise ShiraConfigError(
-                f"build_masks: the weight of {t.name!r} has {t.weight.numel()} elements; "
+                f"build_masks: the weight of {t.name!r} has {numel} elements; "
                 f"int32 flat offsets reach at most {_INT32_MAX}"
             )
     kind = cfg.mask
@@ -77,11 +78,11 @@ def build_masks(
         if t.param != "weight":  # stacked experts: a mask over each expert's matrix
             masks[t.name] = _stacked_mask(t, k, cfg)
         elif kind == "rand":
-            masks[t.name] = _rand_mask(t.weight.numel(), k, cfg.seed, t.name)
+            masks[t.name] = _rand_mask(math.prod(t.shape), k, cfg.seed, t.name)
         elif kind == "struct":
             masks[t.name] = _struct_mask(t.out_features, t.in_features, k, cfg.seed, t.transposed)
         elif kind == "wm":
-            masks[t.name] = _top_k(_magnitude(t.weight, t.name), k)
+            masks[t.name] = _top_k(_magnitude(t.dense_weight(), t.name), k)
         else:
             masks[t.name] = _top_k(_gradient_score(t, pairs.pop(t.name), kind), k)
     return masks
@@ -280,13 +281,18 @@ def _calibrate(
     what a frozen backward saves, per batch): keep the calibration set small. Every
     requires_grad flag is restored and every hook removed on the way out, even on error."""
     flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
-    flags.update({id(t.weight): (t.weight, t.weight.requires_grad) for t in targets})
+    flags.update({id(t.weight): (t.weight, t.weight.requires_grad) for t in targets if not t.quantized})
+    # a quantized weight cannot require grad: its output gets a zero that does, so dL/dy exists
+    probe = torch.zeros((), requires_grad=True)
     calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (target, x, y) in this batch
 
     def recorder(i: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor | None:
             x = args[0] if args else next(iter(kwargs.values()))
+            if targets[i].quantized:
+                out = out + probe.to(out.dtype)
             calls.append((i, x.detach(), out))
+            return out if targets[i].quantized else None
 
         return hook
 
@@ -297,7 +303,8 @@ def _calibrate(
         for p, _ in flags.values():
             p.requires_grad_(False)
         for t in targets:
-            t.weight.requires_grad_(True)
+            if not t.quantized:
+                t.weight.requires_grad_(True)
         handles = [
             t.module.register_forward_hook(recorder(i), with_kwargs=True)
             for i, t in enumerate(targets)
@@ -367,7 +374,7 @@ def _gradient_score(t: TargetLayer, pairs: Pairs, kind: str) -> torch.Tensor:
             f"build_masks: mask={kind!r}: {t.name!r} did not reach the loss in any calibration "
             "batch, so it has no gradient statistic"
         )
-    w = t.weight.detach()
+    w = t.dense_weight().detach()
     dtype = _score_dtype(w)
     rows, cols = w.shape
     step = max(1, min(-(-rows // _SCRATCH_FRACTION), _SCRATCH_ELEMS // cols))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import scatter_fused_, scatter_fused_reference_, sddmm, sddmm_cpu
+from .kernels import scatter_fused_, scatter_fused_reference_, sddmm, sddmm_cpu, side_backward_x, side_forward
 
 
 def _dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
@@ -205,3 +205,40 @@ def scatter_(
 @scatter_.register_fake
 def _(weights, indices, base, delta, scale) -> None:
     return None
+
+
+@torch.library.custom_op("shira_fx::side_linear", mutates_args=())
+def side_linear(x: Tensor, values: Tensor, indices: Tensor, out_features: int, in_features: int) -> Tensor:
+    """`x @ S.T` for the sparse delta S (`S.flat[indices] = values`, an (out, in) matrix): the
+    adapter's path beside a layer whose weight cannot hold it (a quantized base). Costs
+    nnz * tokens multiply-adds; the values' gradient is the same masked gradient as always."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = side_forward(x2, indices, values, out_features, in_features)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@side_linear.register_fake
+def _(x, values, indices, out_features, in_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _side_setup(ctx, inputs, output) -> None:
+    x, values, indices, out_features, in_features = inputs
+    ctx.save_for_backward(x, values, indices)
+    ctx.shape = (out_features, in_features)
+
+
+def _side_backward(ctx, grad_y: Tensor):
+    x, values, indices = ctx.saved_tensors
+    needs_x, needs_values = ctx.needs_input_grad[:2]
+    out_features, in_features = ctx.shape
+    gy = grad_y.reshape(-1, out_features)
+    grad_x = grad_values = None
+    if needs_x:
+        grad_x = side_backward_x(gy, indices, values, out_features, in_features).reshape(x.shape).to(x.dtype)
+    if needs_values:
+        grad_values = masked_grad(gy, x.reshape(-1, in_features), indices, in_features).to(values.dtype)
+    return grad_x, grad_values, None, None, None
+
+
+side_linear.register_autograd(_side_backward, setup_context=_side_setup)

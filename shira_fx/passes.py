@@ -41,6 +41,7 @@ class RewriteReport:
     checkpointed: list[str] = field(default_factory=list)  # inside a checkpointed body
     direct: list[str] = field(default_factory=list)  # weight uses outside the module rewritten
     dense: list[str] = field(default_factory=list)  # stacked parameters: a dense gradient, gathered
+    side: list[str] = field(default_factory=list)  # quantized bases: the sparse side path beside them
     # read off the partitioned graph (None/empty when the partitioner was not shira_fx's):
     # layer -> what backward does with its input x
     inputs: dict[str, str] = field(default_factory=dict)
@@ -66,7 +67,9 @@ class RewriteReport:
             lines.append(f"  + {name}" + (f": x {fate}" if fate else "")
                          + (" (its weight read directly too: rewritten)" if name in self.direct else "")
                          + (" (its weight read by the model's own code: a dense gradient there, "
-                            "gathered at the mask)" if name in self.dense else ""))
+                            "gathered at the mask)" if name in self.dense else "")
+                         + (" (quantized base: the adapter rides beside it, x @ S.T)"
+                            if name in self.side else ""))
         lines += [f"  - {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -284,6 +287,11 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
             report.rewritten.append(layer.name)
             report.dense.append(layer.name)
             continue
+        if layer.quantized:  # the library's own layer, and the sparse side path beside it
+            if slot.values is not None:
+                report.rewritten.append(layer.name)
+                report.side.append(layer.name)
+            continue
         for weight in slot.weight:
             for use in list(weight.users):
                 if use.op == "call_function" and use.target is SPARSE_LINEAR and use.args[1] is weight:
@@ -366,7 +374,9 @@ def tag_sparse_linear_inputs(graph: fx.Graph) -> int:
     from torch.utils.checkpoint import CheckpointPolicy
 
     tagged: set[fx.Node] = set()
-    for node in graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default):
+    ops_with_x = [*graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default),
+                  *graph.find_nodes(op="call_function", target=torch.ops.shira_fx.side_linear.default)]
+    for node in ops_with_x:
         stack = [node.args[0]]
         while stack:
             n = stack.pop()

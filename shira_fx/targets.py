@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import quantized
 from .config import ShiraConfig
 from .errors import ShiraConfigError
 
@@ -32,23 +33,35 @@ class TargetLayer:
     module: nn.Module
     transposed: bool  # True when the weight is stored (in, out), as in GPT-2's Conv1D
     param: str = "weight"
+    quantized: str | None = None  # the kind of a quantized base (shira_fx.quantized)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.module._parameters[self.param]
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape as the adapter addresses it (a quantized weight's logical one)."""
+        if self.quantized:
+            return quantized.logical_shape(self.module)
+        return tuple(self.weight.shape)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as floats (a quantized one dequantized: one layer at a time)."""
+        return quantized.dequantized_weight(self.module) if self.quantized else self.weight
+
+    @property
     def experts(self) -> int:
         """How many (out, in) matrices the weight stacks (1 for a linear)."""
-        return self.weight.shape[0] if self.weight.dim() == 3 else 1
+        return self.shape[0] if len(self.shape) == 3 else 1
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[-2 if not self.transposed else -1]
+        return self.shape[-2 if not self.transposed else -1]
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[-1 if not self.transposed else -2]
+        return self.shape[-1 if not self.transposed else -2]
 
 
 def is_transposed(module: nn.Module) -> bool:
@@ -141,7 +154,8 @@ def find_targets(model: nn.Module, cfg: ShiraConfig) -> list[TargetLayer]:
                 f"ShiraConfig.target_modules matches {name!r}, a {type(m).__name__}; only "
                 "nn.Linear and transformers Conv1D layers can carry a SHiRA adapter"
             )
-        found.append(TargetLayer(name, m, transposed=is_transposed(m)))
+        found.append(TargetLayer(name, m, transposed=is_transposed(m),
+                                 quantized=quantized.quantized_kind(m)))
     if isinstance(tm, list):
         missing = [p for p in tm if p not in used_patterns]
         if missing:
@@ -186,15 +200,23 @@ def _parameter_targets(model: nn.Module, cfg: ShiraConfig) -> list[TargetLayer]:
 
 def resolve_weight(model: nn.Module, name: str) -> tuple[torch.Tensor, bool] | None:
     """(weight, transposed) of the layer an adapter names: a linear-like module's weight, or a
-    3-D parameter named in full; None when the model has no such layer."""
+    3-D parameter named in full; None when the model has no such layer (or a quantized one:
+    see `resolve_layer`)."""
+    found = resolve_layer(model, name)
+    return None if found is None or found.quantized else (found.weight, found.transposed)
+
+
+def resolve_layer(model: nn.Module, name: str) -> TargetLayer | None:
+    """The layer an adapter names, as a TargetLayer: a linear-like module (quantized or not)
+    or a 3-D parameter named in full; None when the model has no such layer."""
     modules = dict(model.named_modules())
     module = modules.get(name)
     if name and module is not None and is_linear_like(module):
-        return module._parameters["weight"], is_transposed(module)
+        return TargetLayer(name, module, is_transposed(module), quantized=quantized.quantized_kind(module))
     owner, _, attr = name.rpartition(".")
     module = modules.get(owner)
     if module is not None and attr in module._parameters:
         p = module._parameters[attr]
         if isinstance(p, torch.Tensor) and p.dim() == 3:
-            return p, False
+            return TargetLayer(name, module, False, param=attr)
     return None
