@@ -184,17 +184,20 @@ def _rank(node: object) -> int | None:
 ALIAS = torch.ops.higher_order.autograd_function_apply
 
 
-def _alias_of(node: fx.Node, weight: fx.Node, slot: _Inputs) -> fx.Node | None:
-    """The output of `_ParamWithValues` (the adapter's property read of a weight outside its
-    module's forward) when `node` is that call on this layer's weight, values and indices."""
+def _alias_of(node: fx.Node, weight: fx.Node, slot: _Inputs) -> fx.Node | bool:
+    """For a call of `_ParamWithValues` (the adapter's property read of a weight outside its
+    module's forward) on this layer's weight, values and indices: its output node, or True
+    when nothing uses it (a read for `.dtype` or `.shape`); False for any other node."""
     if node.op != "call_function" or node.target is not ALIAS or len(node.args) != 5:
-        return None
+        return False
     if node.args[2:] != (weight, slot.values, slot.indices):
-        return None
+        return False
     outs = list(node.users)
+    if all(o.target is operator.getitem and not o.users for o in outs):
+        return True
     if len(outs) == 1 and outs[0].target is operator.getitem and outs[0].args[1] == 0:
         return outs[0]
-    return None
+    return False
 
 
 def _direct_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, layer: ShiraLayer, slot: _Inputs,
@@ -217,8 +220,8 @@ def _direct_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, layer: ShiraLaye
             out = graph.call_function(SPARSE_LINEAR, (x, raw, bias, slot.values, slot.indices,
                                                       layer.transposed))
             out.meta["custom"] = {"shira_layer": layer.name}
-            if transpose_out:
-                out = graph.call_method("transpose", (out, -1, -2))
+            if transpose_out:  # contiguous, as the matmul it replaces returns
+                out = graph.call_method("contiguous", (graph.call_method("transpose", (out, -1, -2)),))
         return out
 
     args = use.args
@@ -304,7 +307,12 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
                             all(u.target in (SPARSE_LINEAR, ALIAS) for u in inner[i].users) for i in slots):
                         continue
                     why = "its weight is used inside a checkpointed region other than by its module"
-                elif (alias := _alias_of(use, weight, slot)) is not None:
+                elif (alias := _alias_of(use, weight, slot)) is True:  # read, never used: drop it
+                    for out in list(use.users):
+                        gm.graph.erase_node(out)
+                    gm.graph.erase_node(use)
+                    continue
+                elif alias is not False:
                     # read through the adapter's property: correct as it is (a dense gradient
                     # at that use); the usual forms become the sparse op
                     left = [u for u in list(alias.users)
