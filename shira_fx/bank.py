@@ -14,7 +14,7 @@ import os
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -29,6 +29,8 @@ from .quantized import base_forward
 from .targets import resolve_layer
 
 SIDE_INDICES, SIDE_VALUES = "shira_side_indices", "shira_side_values"
+# a mixed batch (`per_request`): every table adapter's correction, packed, and each row's entry
+REQUEST = ("shira_request_indices", "shira_request_values", "shira_request_offsets", "shira_request_rows")
 
 
 @dataclass
@@ -55,27 +57,55 @@ class _Plan:
 
 
 def _served_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """Forward of a quantized module a bank serves: the library's own layer plus the active
-    adapter beside it (nothing when none is active: exactly the base model's output)."""
+    """Forward of a module a bank serves beside its weight: the layer's own forward (for a
+    quantized base, the library's op), plus the active adapter beside it when the weight cannot
+    hold it, plus each row's own correction inside `per_request`; with neither, exactly the
+    base layer's output."""
     y = base_forward(self, x)
     indices = self._buffers[SIDE_INDICES]
-    if indices.numel() == 0:
-        return y
-    side = ops.side_linear(x, self._buffers[SIDE_VALUES], indices, y.shape[-1], x.shape[-1])
-    return y + side.to(y.dtype)
+    if indices.numel():
+        y = y + ops.side_linear(x, self._buffers[SIDE_VALUES], indices, y.shape[-1], x.shape[-1]).to(y.dtype)
+    rows = self._buffers[REQUEST[3]]
+    if rows.numel():
+        if x.shape[0] != rows.numel():
+            raise ShiraAdapterError(f"per_request: a served layer got an input of shape {tuple(x.shape)}; "
+                                    f"expected the batch's {rows.numel()} rows first")
+        x2 = x.reshape(-1, x.shape[-1])
+        seg_starts = torch.arange(rows.numel() + 1, device=x.device) * (x2.shape[0] // rows.numel())
+        side = ops.side_segmented(x2, seg_starts, rows, self._buffers[REQUEST[0]], self._buffers[REQUEST[1]],
+                                  self._buffers[REQUEST[2]], y.shape[-1], x.shape[-1],
+                                  self.__dict__["_shira_served_transposed"])
+        y = y + side.reshape(y.shape).to(y.dtype)
+    return y
 
 
-def _serve_beside(module: nn.Module) -> None:
-    """Give a quantized module an (empty) side path the bank fills on activation."""
+def _serve_beside(module: nn.Module, transposed: bool = False) -> None:
+    """Give a module the (empty) side paths the bank fills: the active adapter's for a
+    quantized base, each row's correction in a mixed batch."""
     if SIDE_INDICES in module._buffers:
         return
     if "_shira_layer" in module.__dict__:
-        raise ShiraAdapterError("AdapterBank: a quantized layer of this model carries a training "
-                                "adapter; call adapter.remove() first")
+        raise ShiraAdapterError("AdapterBank: a layer of this model carries a training adapter; "
+                                "call adapter.remove() first")
     device = next((t.device for t in module.parameters()), torch.device("cpu"))
-    module.register_buffer(SIDE_INDICES, torch.empty(0, dtype=torch.int32, device=device), persistent=False)
-    module.register_buffer(SIDE_VALUES, torch.empty(0, dtype=torch.float32, device=device), persistent=False)
+    empty = dict(dtype=torch.int32, device=device)
+    module.register_buffer(SIDE_INDICES, torch.empty(0, **empty), persistent=False)
+    module.register_buffer(SIDE_VALUES, torch.empty(0, device=device), persistent=False)
+    for name, dtype in zip(REQUEST, (torch.int32, torch.float32, torch.int64, torch.int64), strict=True):
+        module.register_buffer(name, torch.empty(0, dtype=dtype, device=device), persistent=False)
+    module.__dict__["_shira_served_transposed"] = transposed
     module.forward = types.MethodType(_served_forward, module)
+
+
+def _delta(parts: list[tuple[Tensor, Tensor, float]], device) -> tuple[Tensor, Tensor]:
+    """Σ weight · delta over (indices, delta, weight) parts: sorted unique int64 indices and
+    the fp32 sum there (in the order given: the same order a dense reference adds them)."""
+    if not parts:
+        return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, device=device)
+    idx, inverse = torch.unique(torch.cat([i.to(device).long() for i, _, _ in parts]), return_inverse=True)
+    total = torch.zeros(idx.numel(), dtype=torch.float32, device=device)
+    total.index_add_(0, inverse, torch.cat([d.to(device).float() * w for _, d, w in parts]))
+    return idx, total
 
 
 class _Gate:
@@ -158,6 +188,7 @@ class AdapterBank:
         self._active: dict[str, float] | None = None
         self._current: _Plan | None = None
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+        self._fusions: list[dict[str, float]] = []  # fusions per_request has served
         self._gate = _Gate()
 
     @contextmanager
@@ -431,6 +462,60 @@ class AdapterBank:
             if other is not None:
                 shared += int(torch.isin(slot.indices, other.indices.to(slot.indices.device)).sum())
         return shared
+
+    def _parts(self, spec: Mapping[str, float], layer: str) -> list[tuple[Tensor, Tensor, float]]:
+        return [(self._adapters[n][layer].indices, self._adapters[n][layer].delta, w)
+                for n, w in sorted(spec.items()) if layer in self._adapters[n]]
+
+    @contextmanager
+    def per_request(self, names: Sequence[str | Mapping[str, float] | None]) -> Iterator[nn.Module]:
+        """A mixed batch: row i of the batch (its first dimension) computes with `names[i]`, an
+        adapter, a `{name: weight}` fusion, or None for the base, without fusing any: the fused
+        weights keep the active adapter, and each row adds its own correction (its adapter
+        minus the active one) through a sparse side path, nnz · tokens multiply-adds per layer.
+        Which adapter a row uses is data: a new list of names compiles nothing (a fusion not
+        seen before, or an adapter loaded since, adds a table entry once). The weights stay as
+        they are; another thread's switch, request or mixed batch waits for the block to end."""
+        if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+            raise ShiraAdapterError(f"per_request: expected a non-empty list with one adapter (or None) "
+                                    f"per batch row, found {names!r}")
+        specs = [None if n is None else self._normalise(n) for n in names]
+        with self._exclusive("per_request"):
+            active = self._active or {}
+            for spec in specs:  # fusions stay in the table, so it keeps its shape across calls
+                if spec is not None and len(spec) > 1 and spec not in self._fusions:
+                    self._fusions.append(spec)
+            table: list[dict[str, float]] = [{}] + [{n: 1.0} for n in self.names] + [
+                f for f in self._fusions if all(n in self._adapters for n in f)]
+            for spec in specs:
+                if spec is not None and spec not in table:  # a single adapter with another weight
+                    table.append(spec)
+            rows = [(0 if spec is None else table.index(spec)) for spec in specs]
+            layers = sorted({ln for slots in self._adapters.values() for ln in slots})
+            served = []
+            for ln in layers:
+                found = resolve_layer(self.model, ln)
+                if found.param != "weight":
+                    raise ShiraAdapterError(f"per_request: {ln!r} is a 3-D parameter (MoE experts); "
+                                            "mixed batches serve linear layers only")
+                _serve_beside(found.module, found.transposed)
+                device = found.module._buffers[SIDE_INDICES].device
+                minus_active = [(i, d, -w) for i, d, w in self._parts(active, ln)]
+                packed = [_delta(self._parts(spec, ln) + minus_active, device) for spec in table]
+                module = found.module
+                module._buffers[REQUEST[0]] = torch.cat([i for i, _ in packed]).to(torch.int32)
+                module._buffers[REQUEST[1]] = torch.cat([v for _, v in packed])
+                sizes = torch.tensor([0] + [i.numel() for i, _ in packed], device=device)
+                module._buffers[REQUEST[2]] = sizes.cumsum(0)
+                module._buffers[REQUEST[3]] = torch.tensor(
+                    [-1 if table[r] == active else r for r in rows], dtype=torch.int64, device=device)
+                served.append(module)
+            try:
+                yield self.model
+            finally:
+                for module in served:
+                    for name in REQUEST:
+                        module._buffers[name] = module._buffers[name][:0]
 
     def __repr__(self) -> str:
         return f"AdapterBank(adapters={self.names}, active={self._active})"

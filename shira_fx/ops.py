@@ -14,7 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import scatter_fused_, scatter_fused_reference_, sddmm, sddmm_cpu, side_backward_x, side_forward
+from .kernels import (
+    scatter_fused_,
+    scatter_fused_reference_,
+    sddmm,
+    sddmm_cpu,
+    side_backward_x,
+    side_backward_x_segmented,
+    side_forward,
+    side_forward_segmented,
+)
 
 
 def _dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
@@ -242,3 +251,22 @@ def _side_backward(ctx, grad_y: Tensor):
 
 
 side_linear.register_autograd(_side_backward, setup_context=_side_setup)
+
+
+@torch.library.custom_op("shira_fx::side_segmented", mutates_args=())
+def side_segmented(x: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
+                   offsets: Tensor, out_features: int, in_features: int, transposed: bool) -> Tensor:
+    """A mixed batch's side path, for inference: rows `[seg_starts[i], seg_starts[i+1])` of the
+    2-D `x` get `x @ S_a.T` with adapter a = `seg_adapters[i]` (-1: none), adapter a's delta
+    being `indices/values[offsets[a]:offsets[a+1]]`. Which adapter each row uses is data, not
+    shape: a new list of requests compiles nothing. `transposed`: a weight stored (in, out)."""
+    if transposed:  # S stored (in, out): x @ S (the side backward's product, roles swapped)
+        return side_backward_x_segmented(x, seg_starts, seg_adapters, indices, values, offsets,
+                                         in_features, out_features)
+    return side_forward_segmented(x, seg_starts, seg_adapters, indices, values, offsets,
+                                  out_features, in_features)
+
+
+@side_segmented.register_fake
+def _(x, seg_starts, seg_adapters, indices, values, offsets, out_features, in_features, transposed):
+    return x.new_empty(x.shape[0], out_features)
