@@ -54,7 +54,8 @@ def variant(arch: str, method: str, args):
         return model, list(shira_fx.prepare(model, cfg, progress=False).parameters())
     import peft
 
-    lora = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=ATTENTION, target_parameters=EXPERTS)
+    lora = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=ATTENTION,
+                           target_parameters=EXPERTS)
     model = peft.get_peft_model(model, lora)
     return model, [p for p in model.parameters() if p.requires_grad]
 
