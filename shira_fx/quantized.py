@@ -1,26 +1,12 @@
 """Quantized base layers: which ones shira_fx knows, their logical shape, their dequantized
-weight and their own forward, without ever writing their packed weights.
-
-A quantized weight cannot hold base + delta (its packed storage has no room for it), so a
-SHiRA adapter on such a layer runs beside it: `y = base_forward(layer, x) + x @ S.T`
-(`kernels.side`). Known kinds (`quantized_kind`):
-
-- `bnb_nf4`, `bnb_fp4`: `bitsandbytes.nn.Linear4bit` (transformers' `load_in_4bit`); a
-  `Params4bit` weight, packed uint8 bytes plus a `quant_state`.
-- `bnb_int8`: `bitsandbytes.nn.Linear8bitLt` (transformers' `load_in_8bit`); an `Int8Params`
-  weight, int8 rows `CB` plus row scales `SCB`.
-- `torchao_nf4`: an `nn.Linear` whose weight is a torchao `NF4Tensor` (`to_nf4`).
-- `torchao_int8`: an `nn.Linear` whose weight is a torchao `Int8Tensor`
-  (`quantize_(model, Int8WeightOnlyConfig())`).
-- `torchao_int4`: an `nn.Linear` whose weight is a torchao `Int4Tensor` or one of its packing
-  variants (`Int4WeightOnlyConfig`).
-
-Any other layer that looks quantized (a non-float weight, an unknown tensor subclass, GPTQ/AWQ
-style `qweight` storage, packed params) is named by `unknown_quantized`, so callers can refuse
-it by name rather than train on a weight they cannot read.
-
-bitsandbytes and torchao are optional and not imported by this module: a layer of theirs can
-only exist once its library has been imported, so the checks look it up in `sys.modules`.
+weight and their own forward, without ever writing their packed weights (an adapter on such a
+layer rides beside it, `y = base_forward(layer, x) + x @ S.T`). Known kinds
+(`quantized_kind`): `bnb_nf4`/`bnb_fp4` (bitsandbytes `Linear4bit`), `bnb_int8`
+(`Linear8bitLt`), and an `nn.Linear` whose weight is a torchao `NF4Tensor` (`torchao_nf4`),
+`Int8Tensor` (`torchao_int8`) or Int4 tensor (`torchao_int4`). Any other quantized-looking
+layer is named by `unknown_quantized`, so callers refuse it by name. bitsandbytes and torchao
+are optional and never imported here: a layer of theirs exists only once its library is
+imported, so the checks look it up in `sys.modules`.
 """
 
 from __future__ import annotations

@@ -1,30 +1,17 @@
-"""Sparse side path: the SHiRA delta applied beside a base linear instead of fused into it.
-
-Where the delta cannot be written into the weight (a quantized base: the packed weight cannot
-hold base + delta; a mixed batch: each request's rows use their own adapter), the layer computes
-`y = base_linear(x) + x @ S.T`, S the sparse (out, in) delta given by sorted flat offsets
-`indices` (row-major into the logical (out, in) weight) and `values`. This module computes the
-two sparse products with S, never forming it densely:
-
-- forward `x @ S.T` (T, in) -> (T, out) and input gradient `grad_y @ S` (T, out) -> (T, in),
-  nnz * T multiply-adds each; the values' gradient is the masked gradient (`sddmm`);
-- segmented versions for a mixed batch: contiguous segments of rows, each with its own adapter
-  (or none), the adapters packed into one index and one value tensor with per-adapter offsets
-  (Punica/S-LoRA's SGMV idea, for sparse deltas). Which adapter a segment uses is data in a
-  tensor, never a shape, so a new request mix does not recompile a compiled caller.
-
-Both products are one sparse-times-dense kernel on a CSR matrix: the forward uses S by rows,
-the input gradient S.T by rows (S's columns, found by a sort). Every public function checks
-shapes, dtypes and devices (metadata only: nothing here synchronises a GPU); the indices must
-be sorted and unique within each adapter, as `masks` builds them and
-`adapter_files.check_layer_tensors` validates them, which is not re-checked per call.
-
-Paths: a Triton kernel on CUDA (on CPU tensors only under TRITON_INTERPRET=1), `torch.sparse.mm`
-on a CSR matrix on CPU, and a dense torch reference per function (the test oracle).
+"""Sparse side path: the SHiRA delta applied beside a base linear instead of fused into it,
+`y = base_linear(x) + x @ S.T` (S the sparse (out, in) delta: sorted flat `indices`, `values`),
+for a quantized base (the packed weight cannot hold base + delta) and a mixed batch (segments
+of rows, each with its own adapter, packed with per-adapter offsets: which adapter a segment
+uses is data, never a shape). Forward `x @ S.T` and input gradient `grad_y @ S` cost nnz * T
+multiply-adds each, one sparse-times-dense kernel on a CSR matrix (S by rows, or S.T by rows
+through a sort); the values' gradient is the masked gradient (`sddmm`). Indices must be sorted
+and unique per adapter (validated where adapters enter, not per call). Paths: Triton on CUDA
+(CPU only under TRITON_INTERPRET=1), `torch.sparse.mm` on CPU, a dense reference per function.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import defaultdict
@@ -520,58 +507,32 @@ _SEGMENT_DOC = """
 
 def side_forward_segmented(
     x: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
-    adapter_offsets: Tensor, out_features: int, in_features: int,
+    adapter_offsets: Tensor, out_features: int, in_features: int, path: str | None = None,
 ) -> Tensor:
     """`x[rows] @ S_a.T` per segment of rows, a mixed batch's side path: (T, in) -> (T, out)
-    in x's dtype. The Triton kernel on CUDA, `torch.sparse.mm` per adapter on CPU."""
-    return _segmented("side_forward_segmented", x, seg_starts, seg_adapters, indices, values,
-                      adapter_offsets, out_features, in_features, False, _path(x))
-
-
-def side_forward_segmented_triton(
-    x: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
-    adapter_offsets: Tensor, out_features: int, in_features: int,
-) -> Tensor:
-    """`side_forward_segmented` by the Triton kernel (CUDA; CPU under TRITON_INTERPRET=1)."""
-    return _segmented("side_forward_segmented_triton", x, seg_starts, seg_adapters, indices, values,
-                      adapter_offsets, out_features, in_features, False, "triton")
-
-
-def side_forward_segmented_cpu(
-    x: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
-    adapter_offsets: Tensor, out_features: int, in_features: int,
-) -> Tensor:
-    """`side_forward_segmented` by `torch.sparse.mm`, one call per adapter used (CPU tensors)."""
-    return _segmented("side_forward_segmented_cpu", x, seg_starts, seg_adapters, indices, values,
-                      adapter_offsets, out_features, in_features, False, "cpu")
+    in x's dtype. The Triton kernel on CUDA, `torch.sparse.mm` per adapter on CPU (`path`:
+    "triton" or "cpu" forces one)."""
+    name = "side_forward_segmented" + (f"_{path}" if path else "")
+    return _segmented(name, x, seg_starts, seg_adapters, indices, values,
+                      adapter_offsets, out_features, in_features, False, path or _path(x))
 
 
 def side_backward_x_segmented(
     grad_y: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
-    adapter_offsets: Tensor, out_features: int, in_features: int,
+    adapter_offsets: Tensor, out_features: int, in_features: int, path: str | None = None,
 ) -> Tensor:
     """`grad_y[rows] @ S_a` per segment, the input gradient of `side_forward_segmented`:
-    (T, out) -> (T, in) in grad_y's dtype."""
-    return _segmented("side_backward_x_segmented", grad_y, seg_starts, seg_adapters, indices, values,
-                      adapter_offsets, out_features, in_features, True, _path(grad_y))
+    (T, out) -> (T, in) in grad_y's dtype (`path` as there)."""
+    name = "side_backward_x_segmented" + (f"_{path}" if path else "")
+    return _segmented(name, grad_y, seg_starts, seg_adapters, indices, values,
+                      adapter_offsets, out_features, in_features, True, path or _path(grad_y))
 
 
-def side_backward_x_segmented_triton(
-    grad_y: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
-    adapter_offsets: Tensor, out_features: int, in_features: int,
-) -> Tensor:
-    """`side_backward_x_segmented` by the Triton kernel (CUDA; CPU under TRITON_INTERPRET=1)."""
-    return _segmented("side_backward_x_segmented_triton", grad_y, seg_starts, seg_adapters, indices,
-                      values, adapter_offsets, out_features, in_features, True, "triton")
-
-
-def side_backward_x_segmented_cpu(
-    grad_y: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
-    adapter_offsets: Tensor, out_features: int, in_features: int,
-) -> Tensor:
-    """`side_backward_x_segmented` by `torch.sparse.mm`, one call per adapter used (CPU tensors)."""
-    return _segmented("side_backward_x_segmented_cpu", grad_y, seg_starts, seg_adapters, indices,
-                      values, adapter_offsets, out_features, in_features, True, "cpu")
+# one path each, for tests and benches
+side_forward_segmented_triton = functools.partial(side_forward_segmented, path="triton")
+side_forward_segmented_cpu = functools.partial(side_forward_segmented, path="cpu")
+side_backward_x_segmented_triton = functools.partial(side_backward_x_segmented, path="triton")
+side_backward_x_segmented_cpu = functools.partial(side_backward_x_segmented, path="cpu")
 
 
 for _fn, _src in ((side_forward_segmented, "in"), (side_backward_x_segmented, "out")):
