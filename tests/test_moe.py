@@ -12,26 +12,19 @@ import torch
 import shira_fx
 from shira_fx import ShiraConfig, ShiraConfigError
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
+from tests.arch_table import ARCHS as _TABLE  # noqa: E402  (the shared table of tiny models)
+
+ARCHS = {arch.name: arch for arch in _TABLE}
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def mixtral(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.MixtralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=32)
-    return transformers.MixtralForCausalLM(cfg)
+    return ARCHS["mixtral"].build(seed)
 
 
 def qwen3_moe(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=16, decoder_sparse_step=1, max_position_embeddings=32)
-    return transformers.Qwen3MoeForCausalLM(cfg)
+    return ARCHS["qwen3_moe"].build(seed)
 
 
 BUILDERS = {"mixtral": mixtral, "qwen3_moe": pytest.param(qwen3_moe, marks=pytest.mark.slow)}
@@ -73,7 +66,7 @@ def test_expert_values_get_the_masked_dense_gradient(build, mode):
     run = model if mode == "eager" else torch.compile(model, backend=shira_fx.backend(inner=mode))
     run(**_batch()).loss.backward()
     experts = [n for n in adapter.layers if "experts" in n]
-    assert len(experts) == 2
+    assert len(experts) == 2 * model.config.num_hidden_layers
     for name, layer in adapter.layers.items():
         tensor = twin.get_parameter(name if layer.param != "weight" else f"{name}.weight")
         want = tensor.grad.view(-1)[layer.indices.long()]
