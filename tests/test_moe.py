@@ -49,7 +49,7 @@ def test_a_mask_per_expert_with_the_budget_of_each_expert_matrix():
 
 
 @pytest.mark.parametrize("build", BUILDERS.values(), ids=BUILDERS.keys())
-@pytest.mark.parametrize("mode", ["eager", "aot_eager"])
+@pytest.mark.parametrize("mode", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow)])
 def test_expert_values_get_the_masked_dense_gradient(build, mode):
     torch._dynamo.reset()
     model = build()

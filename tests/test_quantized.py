@@ -73,7 +73,7 @@ def _dequantized_twin(model, adapter):
     return twin
 
 
-@pytest.mark.parametrize("mode", ["eager", "aot_eager"])
+@pytest.mark.parametrize("mode", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow)])
 def test_the_values_gradient_is_the_dequantized_models_masked_gradient(quantized_model, mode):
     torch._dynamo.reset()
     model = quantized_model
