@@ -169,8 +169,8 @@ def dequantized_weight(module: nn.Module) -> Tensor:
     Allocates one dense weight (one layer at a time: for masks that read weights, tests and
     oracles). bitsandbytes 4-bit: `dequantize_4bit` (in the quant state's dtype); 8-bit:
     `int8_vectorwise_dequant` of the int8 rows and their row scales (fp32); torchao NF4:
-    `get_original_weight`; torchao Int8/Int4: `dequantize()`, or for an Int4 variant without
-    one, the layer's own linear applied to the identity.
+    `get_original_weight`; torchao Int8: `dequantize()`; torchao Int4: the layer's own linear
+    applied to the identity (its packing variants have no dequantize on every device).
     """
     kind = _require_known("dequantized_weight", module)
     weight = module.weight
@@ -188,10 +188,9 @@ def dequantized_weight(module: nn.Module) -> Tensor:
         return bnb_f.dequantize_4bit(weight.data, weight.quant_state)
     if kind == "torchao_nf4":
         return weight.get_original_weight()
-    try:
-        return weight.dequantize()
-    except NotImplementedError:
+    if kind == "torchao_int4":  # its packing variants have no dequantize on every device
         return _probe_weight(module, *logical_shape(module))
+    return weight.dequantize()
 
 
 def base_forward(module: nn.Module, x: Tensor) -> Tensor:
