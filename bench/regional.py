@@ -63,7 +63,7 @@ def measure(method: str, how: str, args) -> dict:
 
     def step() -> float:
         t0 = time.perf_counter()
-        loss = run(input_ids=ids, labels=ids).loss
+        loss = run(input_ids=ids, labels=ids, use_cache=False).loss  # no KV cache: no per-layer guard
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

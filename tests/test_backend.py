@@ -319,3 +319,31 @@ def test_the_pass_rewrites_a_direct_use_on_a_hand_built_graph_with_get_attr_tens
     wref = model[0].weight.detach().clone().requires_grad_()
     torch.nn.functional.linear(ref, wref).pow(2).sum().backward()
     torch.testing.assert_close(layer.values.grad, wref.grad.view(-1)[layer.indices.long()])
+
+
+def test_a_twelve_block_llama_compiled_block_by_block_compiles_two_graphs():
+    """transformers' own Llama, each decoder layer compiled on its own (without a KV cache,
+    whose per-layer state Dynamo would guard on): two graphs serve all twelve blocks, and every
+    layer's values get the masked dense gradient."""
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=12, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32))
+    ref = copy.deepcopy(model)
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    backend = shira_fx.backend(inner="aot_eager")
+    for layer in model.model.layers:
+        layer.compile(backend=backend)
+    counters.clear()
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    ref(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    modules = dict(ref.named_modules())
+    for name, layer in adapter.layers.items():
+        want = modules[name].weight.grad.view(-1)[layer.indices.long()]
+        torch.testing.assert_close(layer.values.grad, want, rtol=1e-5, atol=1e-7, msg=name)
