@@ -3,7 +3,7 @@
 from .adapter import ShiraLayer, SparseAdapter, prepare
 from .adapter_files import StoredAdapter, load_adapter
 from .backend import ShiraBackend, backend, explain
-from .bank import AdapterBank
+from .bank import AdapterBank, export_dense
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError, ShiraError, ShiraTrainingError
@@ -16,6 +16,7 @@ __all__ = [
     "ShiraBackend",
     "prepare",
     "AdapterBank",
+    "export_dense",
     "StoredAdapter",
     "load_adapter",
     "backend",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import stat
@@ -128,7 +129,7 @@ def fingerprint(indices: Tensor, base: Tensor) -> str:
     return h.hexdigest()
 
 
-def check_layer_tensors(idx: Tensor, vals: Tensor, shape: tuple[int, int],
+def check_layer_tensors(idx: Tensor, vals: Tensor, shape: tuple[int, ...],
                         nnz: int | None = None) -> tuple[Tensor, Tensor]:
     """One layer's indices and values as an adapter may hold them: 1-D integer indices, sorted,
     unique and in range for a weight of `shape` (as stored), as many 1-D finite float values
@@ -146,7 +147,9 @@ def check_layer_tensors(idx: Tensor, vals: Tensor, shape: tuple[int, int],
     if idx.numel() != vals.numel():
         raise ValueError(f"{idx.numel()} indices but {vals.numel()} values")
     # ranges are compared as Python ints: a hostile shape may not fit in int64
-    numel = int(shape[0]) * int(shape[1])
+    numel = 1
+    for size in shape:
+        numel *= int(size)
     idx = idx.long()
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
         raise ValueError(f"index out of range [0, {numel}) for a weight of shape {tuple(shape)}")
@@ -157,7 +160,7 @@ def check_layer_tensors(idx: Tensor, vals: Tensor, shape: tuple[int, int],
     return idx, vals
 
 
-def _peft_flat(idx: Tensor, vals: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def _peft_flat(idx: Tensor, vals: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """PEFT's (2, K) rows and columns of an (out, in) weight as sorted flat offsets (the
     values permuted alike)."""
     if idx.shape[0] != 2 or idx.dtype not in INDEX_DTYPES:
@@ -180,7 +183,7 @@ class LayerSpec:
     as stored; PEFT files carry no shape (None until checked against a model)."""
 
     name: str
-    shape: tuple[int, int] | None
+    shape: tuple[int, ...] | None
     dtype: str | None
     transposed: bool
     nnz: int
@@ -208,7 +211,7 @@ class StoredAdapter:
         where = f"layer {layer!r}: " if layer else ""
         return ShiraAdapterError(f"{self.source}: {where}{problem}")
 
-    def tensors(self, name: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def tensors(self, name: str, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Flat int64 indices (sorted, unique, in range for `shape` as stored) and fp32 values
         of one layer, or ShiraAdapterError naming the file, the layer and the problem."""
         spec = self.layers[name]
@@ -267,15 +270,15 @@ def _layer_spec(name: str, d: Any) -> LayerSpec:
     if not isinstance(d, dict):
         raise TypeError(f"expected an object, found {type(d).__name__}")
     shape = d["shape"]
-    if not isinstance(shape, list) or len(shape) != 2:
-        raise TypeError(f"shape must be [out, in], found {shape!r:.60}")
-    shape = (_int(shape[0]), _int(shape[1]))
+    if not isinstance(shape, list) or len(shape) not in (2, 3):
+        raise TypeError(f"shape must be [out, in] (or [experts, out, in]), found {shape!r:.60}")
+    shape = tuple(_int(size) for size in shape)
     dtype, transposed, nnz, fp = d["dtype"], d["transposed"], _int(d["nnz"]), d["fingerprint"]
     if min(shape) < 1 or dtype not in WEIGHT_DTYPES:
         raise ValueError(f"bad shape {shape} or dtype {dtype!r:.30}")
     if not isinstance(transposed, bool):
         raise TypeError(f"transposed must be true or false, found {transposed!r:.30}")
-    if not 1 <= nnz <= shape[0] * shape[1]:
+    if not 1 <= nnz <= math.prod(shape):
         raise ValueError(f"nnz {nnz} outside [1, numel]")
     if not isinstance(fp, str) or len(fp) != 64 or fp.strip("0123456789abcdef"):
         raise ValueError(f"fingerprint must be 64 hex digits, found {fp!r:.80}")
@@ -447,6 +450,9 @@ def write_peft(directory: str | os.PathLike, cfg: ShiraConfig, specs: Mapping[st
         if spec.transposed:
             raise ShiraAdapterError(f"to_peft: layer {name!r} is a transformers Conv1D (weight stored "
                                     "(in, out)); PEFT SHiRA supports only nn.Linear")
+        if len(spec.shape) != 2:
+            raise ShiraAdapterError(f"to_peft: layer {name!r} is a {len(spec.shape)}-D parameter "
+                                    f"{spec.shape}; PEFT SHiRA supports only nn.Linear weights")
     r = peft_rank(specs)
     out = {}
     for name, spec in specs.items():

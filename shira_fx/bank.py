@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 import os
 import threading
+import types
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,12 @@ from . import ops
 from .adapter import SparseAdapter
 from .adapter_files import StoredAdapter, fingerprint, load_adapter
 from .errors import ShiraAdapterError
-from .targets import is_linear_like, is_transposed
+from .quantized import base_forward
+from .targets import resolve_layer
+
+SIDE_INDICES, SIDE_VALUES = "shira_side_indices", "shira_side_values"
+# a mixed batch (`per_request`): every table adapter's correction, packed, and each row's entry
+REQUEST = ("shira_request_indices", "shira_request_values", "shira_request_offsets", "shira_request_rows")
 
 
 @dataclass
@@ -46,6 +52,60 @@ class _Plan:
     indices: list[Tensor]
     base: list[Tensor]
     fused: list[Tensor]
+    # quantized layers: (module, indices, fp32 delta) set as the module's side path
+    side: list[tuple[nn.Module, Tensor, Tensor]] = field(default_factory=list)
+
+
+def _served_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Forward of a module a bank serves beside its weight: the layer's own forward (for a
+    quantized base, the library's op), plus the active adapter beside it when the weight cannot
+    hold it, plus each row's own correction inside `per_request`; with neither, exactly the
+    base layer's output."""
+    y = base_forward(self, x)
+    indices = self._buffers[SIDE_INDICES]
+    if indices.numel():
+        y = y + ops.side_linear(x, self._buffers[SIDE_VALUES], indices, y.shape[-1], x.shape[-1]).to(y.dtype)
+    rows = self._buffers[REQUEST[3]]
+    if rows.numel():
+        if x.shape[0] != rows.numel():
+            raise ShiraAdapterError(f"per_request: a served layer got an input of shape {tuple(x.shape)}; "
+                                    f"expected the batch's {rows.numel()} rows first")
+        x2 = x.reshape(-1, x.shape[-1])
+        seg_starts = torch.arange(rows.numel() + 1, device=x.device) * (x2.shape[0] // rows.numel())
+        side = ops.side_segmented(x2, seg_starts, rows, self._buffers[REQUEST[0]], self._buffers[REQUEST[1]],
+                                  self._buffers[REQUEST[2]], y.shape[-1], x.shape[-1],
+                                  self.__dict__["_shira_served_transposed"])
+        y = y + side.reshape(y.shape).to(y.dtype)
+    return y
+
+
+def _serve_beside(module: nn.Module, transposed: bool = False) -> None:
+    """Give a module the (empty) side paths the bank fills: the active adapter's for a
+    quantized base, each row's correction in a mixed batch."""
+    if SIDE_INDICES in module._buffers:
+        return
+    if "_shira_layer" in module.__dict__:
+        raise ShiraAdapterError("AdapterBank: a layer of this model carries a training adapter; "
+                                "call adapter.remove() first")
+    device = next((t.device for t in module.parameters()), torch.device("cpu"))
+    empty = dict(dtype=torch.int32, device=device)
+    module.register_buffer(SIDE_INDICES, torch.empty(0, **empty), persistent=False)
+    module.register_buffer(SIDE_VALUES, torch.empty(0, device=device), persistent=False)
+    for name, dtype in zip(REQUEST, (torch.int32, torch.float32, torch.int64, torch.int64), strict=True):
+        module.register_buffer(name, torch.empty(0, dtype=dtype, device=device), persistent=False)
+    module.__dict__["_shira_served_transposed"] = transposed
+    module.forward = types.MethodType(_served_forward, module)
+
+
+def _delta(parts: list[tuple[Tensor, Tensor, float]], device) -> tuple[Tensor, Tensor]:
+    """Σ weight · delta over (indices, delta, weight) parts: sorted unique int64 indices and
+    the fp32 sum there (in the order given: the same order a dense reference adds them)."""
+    if not parts:
+        return torch.empty(0, dtype=torch.int64, device=device), torch.empty(0, device=device)
+    idx, inverse = torch.unique(torch.cat([i.to(device).long() for i, _, _ in parts]), return_inverse=True)
+    total = torch.zeros(idx.numel(), dtype=torch.float32, device=device)
+    total.index_add_(0, inverse, torch.cat([d.to(device).float() * w for _, d, w in parts]))
+    return idx, total
 
 
 class _Gate:
@@ -124,11 +184,11 @@ class AdapterBank:
         self.model = model
         self.keep_on_device = keep_on_device
         self.max_plans = max_plans
-        self._modules = dict(model.named_modules())
         self._adapters: dict[str, dict[str, _Slot]] = {}
         self._active: dict[str, float] | None = None
         self._current: _Plan | None = None
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+        self._fusions: list[dict[str, float]] = []  # fusions per_request has served
         self._gate = _Gate()
 
     @contextmanager
@@ -220,24 +280,30 @@ class AdapterBank:
         else:
             stored = load_adapter(source)
         slots = {}
+        beside = []
         for layer_name, spec in stored.layers.items():
-            module = self._modules.get(layer_name)
-            if module is None or not layer_name or not is_linear_like(module):
-                raise stored.error("no linear layer of this name in the model (an adapter for "
-                                   "another model?)", layer_name)
-            w = module.weight
-            transposed = is_transposed(module)
-            if spec.shape is not None and tuple(w.shape) != spec.shape:
+            found = resolve_layer(self.model, layer_name)
+            if found is None:
+                raise stored.error("no linear layer (or 3-D parameter) of this name in the model "
+                                   "(an adapter for another model?)", layer_name)
+            w, transposed, shape = found.weight, found.transposed, tuple(found.shape)
+            if spec.shape is not None and shape != spec.shape:
                 raise stored.error(f"weight shape {spec.shape} in the adapter, "
-                                   f"{tuple(w.shape)} in the model", layer_name)
+                                   f"{shape} in the model", layer_name)
             if spec.shape is not None and spec.transposed != transposed:
                 raise stored.error("weight layout (Linear vs Conv1D) differs from the model's",
                                    layer_name)
-            idx, delta = stored.tensors(layer_name, tuple(w.shape))
-            idx = idx.to(w.device)
-            base = self._true_base(layer_name, w, idx)
+            idx, delta = stored.tensors(layer_name, shape)
+            if found.quantized:  # the packed weight is never written: the base is read dequantized
+                dense = found.dense_weight()
+                idx = idx.to(dense.device)
+                base, w = dense.reshape(-1)[idx].clone(), dense
+                beside.append(found.module)
+            else:
+                idx = idx.to(w.device)
+                base = self._true_base(layer_name, w, idx)
             if check_base and spec.fingerprint is not None:
-                wdtype = str(w.dtype).removeprefix("torch.")
+                wdtype = str(base.dtype).removeprefix("torch.")
                 if spec.dtype != wdtype:
                     raise stored.error(f"trained on {spec.dtype} weights, the model has {wdtype} "
                                        "(pass check_base=False to serve it anyway)", layer_name)
@@ -247,6 +313,8 @@ class AdapterBank:
                                        "not its base: an adapter still fused by training? "
                                        "call adapter.remove() first)", layer_name)
             slots[layer_name] = self._keep(_Slot(idx, base, delta.to(w.device)))
+        for module in beside:
+            _serve_beside(module)
         self._adapters[name] = slots
 
     def _keep(self, slot: _Slot) -> _Slot:
@@ -309,8 +377,11 @@ class AdapterBank:
         layer_names = sorted({ln for n in names for ln in self._adapters[n]})
         plan = _Plan([], [], [], [])
         for ln in layer_names:
-            w = self._modules[ln].weight
+            found = resolve_layer(self.model, ln)
+            w = found.weight
             parts = [(self._adapters[n][ln], spec[n]) for n in names if ln in self._adapters[n]]
+            if found.quantized:  # nothing is written into it: only a device and dtype are read
+                w = parts[0][0].delta
             if len(parts) == 1:
                 slot, weight = parts[0]
                 idx, base = slot.indices.to(w.device), slot.base.to(w.device)
@@ -323,6 +394,9 @@ class AdapterBank:
                 delta.index_add_(0, inverse, torch.cat([s.delta.to(w.device) * wt for s, wt in parts]))
                 base = torch.empty(idx.numel(), dtype=w.dtype, device=w.device)
                 base.scatter_(0, inverse, torch.cat([s.base.to(w.device) for s, _ in parts]))
+            if found.quantized:
+                plan.side.append((found.module, idx.to(torch.int32), delta.float()))
+                continue
             plan.weights.append(w)
             plan.indices.append(idx)
             plan.base.append(base)
@@ -347,6 +421,8 @@ class AdapterBank:
         plan = self._plan(spec)  # built (and validated) before any weight changes
         self._restore()
         ops.scatter_weights_(plan.weights, plan.indices, plan.fused, None)
+        for module, idx, delta in plan.side:
+            module._buffers[SIDE_INDICES], module._buffers[SIDE_VALUES] = idx, delta
         self._current, self._active = plan, spec
 
     @torch.no_grad()
@@ -354,6 +430,8 @@ class AdapterBank:
         cur = self._current
         if cur is not None:
             ops.scatter_weights_(cur.weights, cur.indices, cur.base, None)
+            for module, idx, delta in cur.side:
+                module._buffers[SIDE_INDICES], module._buffers[SIDE_VALUES] = idx[:0], delta[:0]
         self._current, self._active = None, None
 
     def deactivate(self) -> None:
@@ -385,5 +463,91 @@ class AdapterBank:
                 shared += int(torch.isin(slot.indices, other.indices.to(slot.indices.device)).sum())
         return shared
 
+    def _parts(self, spec: Mapping[str, float], layer: str) -> list[tuple[Tensor, Tensor, float]]:
+        return [(self._adapters[n][layer].indices, self._adapters[n][layer].delta, w)
+                for n, w in sorted(spec.items()) if layer in self._adapters[n]]
+
+    @contextmanager
+    def per_request(self, names: Sequence[str | Mapping[str, float] | None]) -> Iterator[nn.Module]:
+        """A mixed batch: row i of the batch (its first dimension) computes with `names[i]`, an
+        adapter, a `{name: weight}` fusion, or None for the base, without fusing any: the fused
+        weights keep the active adapter, and each row adds its own correction (its adapter
+        minus the active one) through a sparse side path, nnz · tokens multiply-adds per layer.
+        Which adapter a row uses is data: a new list of names compiles nothing (a fusion not
+        seen before, or an adapter loaded since, adds a table entry once). The weights stay as
+        they are; another thread's switch, request or mixed batch waits for the block to end."""
+        if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+            raise ShiraAdapterError(f"per_request: expected a non-empty list with one adapter (or None) "
+                                    f"per batch row, found {names!r}")
+        specs = [None if n is None else self._normalise(n) for n in names]
+        with self._exclusive("per_request"):
+            active = self._active or {}
+            for spec in specs:  # fusions stay in the table, so it keeps its shape across calls
+                if spec is not None and len(spec) > 1 and spec not in self._fusions:
+                    self._fusions.append(spec)
+            table: list[dict[str, float]] = [{}] + [{n: 1.0} for n in self.names] + [
+                f for f in self._fusions if all(n in self._adapters for n in f)]
+            for spec in specs:
+                if spec is not None and spec not in table:  # a single adapter with another weight
+                    table.append(spec)
+            rows = [(0 if spec is None else table.index(spec)) for spec in specs]
+            layers = sorted({ln for slots in self._adapters.values() for ln in slots})
+            served = []
+            for ln in layers:
+                found = resolve_layer(self.model, ln)
+                if found.param != "weight":
+                    raise ShiraAdapterError(f"per_request: {ln!r} is a 3-D parameter (MoE experts); "
+                                            "mixed batches serve linear layers only")
+                _serve_beside(found.module, found.transposed)
+                device = found.module._buffers[SIDE_INDICES].device
+                minus_active = [(i, d, -w) for i, d, w in self._parts(active, ln)]
+                packed = [_delta(self._parts(spec, ln) + minus_active, device) for spec in table]
+                module = found.module
+                module._buffers[REQUEST[0]] = torch.cat([i for i, _ in packed]).to(torch.int32)
+                module._buffers[REQUEST[1]] = torch.cat([v for _, v in packed])
+                sizes = torch.tensor([0] + [i.numel() for i, _ in packed], device=device)
+                module._buffers[REQUEST[2]] = sizes.cumsum(0)
+                module._buffers[REQUEST[3]] = torch.tensor(
+                    [-1 if table[r] == active else r for r in rows], dtype=torch.int64, device=device)
+                served.append(module)
+            try:
+                yield self.model
+            finally:
+                for module in served:
+                    for name in REQUEST:
+                        module._buffers[name] = module._buffers[name][:0]
+
     def __repr__(self) -> str:
         return f"AdapterBank(adapters={self.names}, active={self._active})"
+
+
+@torch.no_grad()
+def export_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """For deployment: replace, in place, every quantized linear by a plain `nn.Linear` in
+    `dtype` holding its dequantized weight plus the adapter riding beside it (a training
+    adapter's values or the bank's active adapter), so the model runs anywhere at the base
+    model's cost. Returns `model`; the quantized layers are gone afterwards."""
+    from .quantized import dequantized_weight, logical_shape, quantized_kind
+
+    swaps = []
+    for name, module in model.named_modules():
+        if quantized_kind(module) is None:
+            continue
+        weight = dequantized_weight(module).float()
+        if "_shira_layer" in module.__dict__:
+            idx, vals = module._buffers["shira_indices"], module._parameters["shira_values"]
+        else:
+            idx, vals = module._buffers.get(SIDE_INDICES), module._buffers.get(SIDE_VALUES)
+        if idx is not None and idx.numel():
+            weight.view(-1).index_add_(0, idx.long(), vals.detach().float())
+        out_f, in_f = logical_shape(module)
+        bias = getattr(module, "bias", None)
+        dense = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=dtype)
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias.detach())
+        swaps.append((name, dense))
+    for name, dense in swaps:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, dense)
+    return model

@@ -47,6 +47,14 @@ class ShiraConfig:
         default="float32",
         metadata={"help": "dtype of the trainable values (master copy), also for bf16/fp16 weights."},
     )
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Names (exact or dotted suffix) of 3-D parameters to adapt as well, e.g. "
+            "['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'] (MoE experts, as PEFT's "
+            "LoraConfig.target_parameters): a mask over each expert's matrix."
+        },
+    )
     exclude_modules: list[str] = field(
         default_factory=list,
         metadata={"help": "Names (exact or dotted suffix) never targeted, even if matched."},
@@ -66,6 +74,15 @@ class ShiraConfig:
                 raise ShiraConfigError(
                     "ShiraConfig.target_modules: expected None, a regex string or a non-empty "
                     f"list of module names, found {tm!r}"
+                )
+        tp = self.target_parameters
+        if tp is not None:
+            if isinstance(tp, tuple | set):
+                tp = self.target_parameters = sorted(tp) if isinstance(tp, set) else list(tp)
+            if not isinstance(tp, list) or not tp or not all(isinstance(n, str) and n for n in tp):
+                raise ShiraConfigError(
+                    f"ShiraConfig.target_parameters: expected None or a non-empty list of parameter "
+                    f"names, found {tp!r}"
                 )
         if not isinstance(self.exclude_modules, list | tuple) or not all(
             isinstance(n, str) for n in self.exclude_modules

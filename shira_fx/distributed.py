@@ -119,7 +119,7 @@ def _recognise_gathered(layers: list[ShiraLayer]) -> Callable:
     @torch._dynamo.disable
     def hook(module: nn.Module, args: tuple) -> None:
         for layer in layers:
-            w = layer.module.weight
+            w = layer.weight
             if not registry.is_dtensor(w) and registry.layer_for(w) is not layer:
                 registry.register(w, layer)
 

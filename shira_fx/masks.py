@@ -31,6 +31,8 @@ _SCRATCH_FRACTION = 4
 _RANDPERM_FRACTION = 4
 _INT32_MAX = 2**31 - 1
 
+WEIGHT_FREE_MASKS = ("rand", "struct")  # the kinds that need only the weights' shapes
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Pairs = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -48,13 +50,20 @@ def build_masks(
     grad/snip run `loss_fn(model, batch)` (default: `default_loss`) over `calib` first.
     """
     for t in targets:
-        if t.weight.numel() > _INT32_MAX:
+        numel = math.prod(t.shape)
+        if numel > _INT32_MAX:
             raise ShiraConfigError(
-                f"build_masks: the weight of {t.name!r} has {t.weight.numel()} elements; "
+                f"build_masks: the weight of {t.name!r} has {numel} elements; "
                 f"int32 flat offsets reach at most {_INT32_MAX}"
             )
     kind = cfg.mask
     pairs: dict[str, Pairs] = {}
+    stacked = [t.name for t in targets if t.param != "weight"]
+    if kind in ("grad", "snip") and stacked:
+        raise ShiraConfigError(
+            f"build_masks: mask={kind!r} calibrates on linear layers' inputs and outputs; the 3-D "
+            f"parameters {stacked[:3]} take mask='rand', 'struct' or 'wm'"
+        )
     if kind in ("grad", "snip"):
         if calib is None:
             raise ShiraConfigError(
@@ -66,15 +75,33 @@ def build_masks(
     masks = {}
     for t in tqdm(targets, desc=f"shira {kind} masks", unit="layer", disable=not progress):
         k = cfg.budget(t.out_features, t.in_features)
-        if kind == "rand":
-            masks[t.name] = _rand_mask(t.weight.numel(), k, cfg.seed, t.name)
+        if t.param != "weight":  # stacked experts: a mask over each expert's matrix
+            masks[t.name] = _stacked_mask(t, k, cfg)
+        elif kind == "rand":
+            masks[t.name] = _rand_mask(math.prod(t.shape), k, cfg.seed, t.name)
         elif kind == "struct":
             masks[t.name] = _struct_mask(t.out_features, t.in_features, k, cfg.seed, t.transposed)
         elif kind == "wm":
-            masks[t.name] = _top_k(_magnitude(t), k)
+            masks[t.name] = _top_k(_magnitude(t.dense_weight(), t.name), k)
         else:
             masks[t.name] = _top_k(_gradient_score(t, pairs.pop(t.name), kind), k)
     return masks
+
+
+def _stacked_mask(t: TargetLayer, k: int, cfg: ShiraConfig) -> torch.Tensor:
+    """k positions in each expert's (out, in) matrix of a 3-D parameter, as flat offsets into
+    the whole parameter (expert e's offsets shifted by e * out * in), sorted."""
+    size = t.out_features * t.in_features
+    parts = []
+    for e in range(t.experts):
+        if cfg.mask == "rand":
+            local = _rand_mask(size, k, cfg.seed, f"{t.name}[{e}]")
+        elif cfg.mask == "struct":
+            local = _struct_mask(t.out_features, t.in_features, k, cfg.seed, False)
+        else:
+            local = _top_k(_magnitude(t.weight[e], f"{t.name}[{e}]"), k)
+        parts.append(local.long() + e * size)
+    return torch.cat(parts).to(torch.int32)
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -189,12 +216,12 @@ def _score_dtype(w: torch.Tensor) -> torch.dtype:
     return torch.promote_types(w.dtype, torch.float32)
 
 
-def _magnitude(t: TargetLayer) -> torch.Tensor:
+def _magnitude(weight: torch.Tensor, name: str) -> torch.Tensor:
     """|W| in fp32 (fp64 for fp64 weights): one weight-sized tensor, whatever the weight dtype."""
-    w = t.weight.detach()
+    w = weight.detach()
     score = w.to(_score_dtype(w), copy=True).abs_()
     if not torch.isfinite(score.max()):  # a NaN or inf shows in the max of |W|
-        raise ShiraConfigError(f"build_masks: mask='wm': the weight of {t.name!r} is not finite")
+        raise ShiraConfigError(f"build_masks: mask='wm': the weight of {name!r} is not finite")
     return score
 
 
@@ -254,13 +281,18 @@ def _calibrate(
     what a frozen backward saves, per batch): keep the calibration set small. Every
     requires_grad flag is restored and every hook removed on the way out, even on error."""
     flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
-    flags.update({id(t.weight): (t.weight, t.weight.requires_grad) for t in targets})
+    flags.update({id(t.weight): (t.weight, t.weight.requires_grad) for t in targets if not t.quantized})
+    # a quantized weight cannot require grad: its output gets a zero that does, so dL/dy exists
+    probe = torch.zeros((), requires_grad=True)
     calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (target, x, y) in this batch
 
     def recorder(i: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor | None:
             x = args[0] if args else next(iter(kwargs.values()))
+            if targets[i].quantized:
+                out = out + probe.to(out.dtype)
             calls.append((i, x.detach(), out))
+            return out if targets[i].quantized else None
 
         return hook
 
@@ -271,7 +303,8 @@ def _calibrate(
         for p, _ in flags.values():
             p.requires_grad_(False)
         for t in targets:
-            t.weight.requires_grad_(True)
+            if not t.quantized:
+                t.weight.requires_grad_(True)
         handles = [
             t.module.register_forward_hook(recorder(i), with_kwargs=True)
             for i, t in enumerate(targets)
@@ -341,7 +374,7 @@ def _gradient_score(t: TargetLayer, pairs: Pairs, kind: str) -> torch.Tensor:
             f"build_masks: mask={kind!r}: {t.name!r} did not reach the loss in any calibration "
             "batch, so it has no gradient statistic"
         )
-    w = t.weight.detach()
+    w = t.dense_weight().detach()
     dtype = _score_dtype(w)
     rows, cols = w.shape
     step = max(1, min(-(-rows // _SCRATCH_FRACTION), _SCRATCH_ELEMS // cols))

@@ -14,10 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import scatter_fused_, scatter_fused_reference_, sddmm, sddmm_cpu
+from .kernels import (
+    scatter_fused_,
+    scatter_fused_reference_,
+    sddmm,
+    sddmm_cpu,
+    side_backward_x,
+    side_backward_x_segmented,
+    side_forward,
+    side_forward_segmented,
+)
 
 
 def _dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
+    """The layer's own linear, computed in x's dtype (under autocast x arrives already cast;
+    the weight is cast here, so backward keeps the weight itself, not a cast copy)."""
+    weight = weight.to(x.dtype)
+    bias = None if bias is None else bias.to(x.dtype)
     if not transposed:
         return F.linear(x, weight, bias)
     y = x.reshape(-1, x.shape[-1]) @ weight
@@ -58,12 +71,34 @@ def _(x, weight, bias, values, indices, transposed):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+def _autocast_kernel(device_type: str):
+    """Autocast for `sparse_linear`: x is cast to the autocast dtype of the moment (bf16 or
+    fp16, whichever the user's autocast region asks for), the weight stays as it is (the op
+    casts it), and the values stay fp32 so their gradient is accumulated in fp32."""
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def kernel(_keyset, x, weight, bias, values, indices, transposed):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            if x.is_floating_point() and x.device.type == device_type and x.dtype != dtype:
+                x = x.to(dtype)
+            return torch.ops.shira_fx.sparse_linear.default(x, weight, bias, values, indices, transposed)
+
+    return kernel
+
+
+_LIB = torch.library.Library("shira_fx", "IMPL")
+for _device_type in ("cpu", "cuda"):
+    _LIB.impl("sparse_linear", _autocast_kernel(_device_type),
+              "Autocast" + torch._C._dispatch_key_for_device(_device_type), with_keyset=True)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, values, indices, transposed = inputs
     ctx.save_for_backward(x, weight, indices)
     ctx.transposed = transposed
     ctx.values_dtype = values.dtype
-    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_y: Tensor):
@@ -74,8 +109,8 @@ def _backward(ctx, grad_y: Tensor):
     grad_x = grad_bias = grad_values = None
     if needs_x:
         # grad_x = grad_y @ W for (out, in) storage, grad_y @ W.T for (in, out) storage
-        w = weight.t() if ctx.transposed else weight
-        grad_x = (gy @ w).reshape(x.shape)
+        w = (weight.t() if ctx.transposed else weight).to(gy.dtype)
+        grad_x = (gy @ w).reshape(x.shape).to(x.dtype)
     if needs_values:
         x2 = x.reshape(-1, x.shape[-1])
         if ctx.transposed:
@@ -83,8 +118,8 @@ def _backward(ctx, grad_y: Tensor):
         else:
             grad_values = masked_grad(gy, x2, indices, x2.shape[1])
         grad_values = grad_values.to(ctx.values_dtype)
-    if needs_bias and ctx.has_bias:
-        grad_bias = gy.sum(0)
+    if needs_bias and ctx.bias_dtype is not None:
+        grad_bias = gy.sum(0).to(ctx.bias_dtype)
     return grad_x, None, grad_bias, grad_values, None, None
 
 
@@ -179,3 +214,59 @@ def scatter_(
 @scatter_.register_fake
 def _(weights, indices, base, delta, scale) -> None:
     return None
+
+
+@torch.library.custom_op("shira_fx::side_linear", mutates_args=())
+def side_linear(x: Tensor, values: Tensor, indices: Tensor, out_features: int, in_features: int) -> Tensor:
+    """`x @ S.T` for the sparse delta S (`S.flat[indices] = values`, an (out, in) matrix): the
+    adapter's path beside a layer whose weight cannot hold it (a quantized base). Costs
+    nnz * tokens multiply-adds; the values' gradient is the same masked gradient as always."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = side_forward(x2, indices, values, out_features, in_features)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@side_linear.register_fake
+def _(x, values, indices, out_features, in_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _side_setup(ctx, inputs, output) -> None:
+    x, values, indices, out_features, in_features = inputs
+    ctx.save_for_backward(x, values, indices)
+    ctx.shape = (out_features, in_features)
+
+
+def _side_backward(ctx, grad_y: Tensor):
+    x, values, indices = ctx.saved_tensors
+    needs_x, needs_values = ctx.needs_input_grad[:2]
+    out_features, in_features = ctx.shape
+    gy = grad_y.reshape(-1, out_features)
+    grad_x = grad_values = None
+    if needs_x:
+        grad_x = side_backward_x(gy, indices, values, out_features, in_features).reshape(x.shape).to(x.dtype)
+    if needs_values:
+        grad_values = masked_grad(gy, x.reshape(-1, in_features), indices, in_features).to(values.dtype)
+    return grad_x, grad_values, None, None, None
+
+
+side_linear.register_autograd(_side_backward, setup_context=_side_setup)
+
+
+@torch.library.custom_op("shira_fx::side_segmented", mutates_args=())
+def side_segmented(x: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
+                   offsets: Tensor, out_features: int, in_features: int, transposed: bool) -> Tensor:
+    """A mixed batch's side path, for inference: rows `[seg_starts[i], seg_starts[i+1])` of the
+    2-D `x` get `x @ S_a.T` with adapter a = `seg_adapters[i]` (-1: none), adapter a's delta
+    being `indices/values[offsets[a]:offsets[a+1]]`. Which adapter each row uses is data, not
+    shape: a new list of requests compiles nothing. `transposed`: a weight stored (in, out)."""
+    if transposed:  # S stored (in, out): x @ S (the side backward's product, roles swapped)
+        return side_backward_x_segmented(x, seg_starts, seg_adapters, indices, values, offsets,
+                                         in_features, out_features)
+    return side_forward_segmented(x, seg_starts, seg_adapters, indices, values, offsets,
+                                  out_features, in_features)
+
+
+@side_segmented.register_fake
+def _(x, seg_starts, seg_adapters, indices, values, offsets, out_features, in_features, transposed):
+    return x.new_empty(x.shape[0], out_features)

@@ -1,10 +1,11 @@
-"""torch.fx pass: rewrite linear calls on prepared weights to `shira_fx::sparse_linear`.
+"""torch.fx pass over Dynamo graphs: name the layers that train through `sparse_linear`, and
+route every other training use of a prepared weight through it too.
 
-Dynamo passes parameters as placeholders whose example inputs are the real nn.Parameter
-objects (or as get_attr nodes), so a prepared weight is recognised by identity. The values
-and indices are attached to the GraphModule and read with get_attr nodes, so AOTAutograd lifts
-the values as trainable inputs; the compiled code is guarded on each layer's uid so it never
-runs for another layer's weight (`adapter._sparse_forward`).
+A prepared module's forward calls `shira_fx::sparse_linear` itself, so Dynamo lifts the
+weight, values and indices as graph inputs (placeholders whose example inputs are the real
+tensors, recognised by identity). A weight also read outside its module's forward (`x @ W.T`,
+`F.linear(x, W)`, `W @ y`) is rewritten to the same op with that layer's values and indices;
+a use the pass cannot rewrite is refused, since its gradient would never reach the values.
 """
 
 from __future__ import annotations
@@ -16,25 +17,31 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from . import (
-    ops,  # noqa: F401  (registers torch.ops.shira_fx)
-    registry,
-)
+from . import ops, registry  # noqa: F401  (ops registers torch.ops.shira_fx)
 from .adapter import ShiraLayer
+from .errors import ShiraTrainingError
 
+SPARSE_LINEAR = torch.ops.shira_fx.sparse_linear.default
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
+MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.mm, torch.ops.aten.mm.default, "matmul", "mm")
 ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
+# higher-order ops whose body the pass enters (Dynamo's form of torch.utils.checkpoint)
+ENTERED_HOPS = (torch.ops.higher_order.tag_activation_checkpoint, torch.ops.higher_order.wrap)
 
 
 @dataclass
 class RewriteReport:
-    """What one pass run did: layer name -> reason for every prepared weight it saw."""
+    """What one pass run saw: the layers that train through `sparse_linear` in this graph
+    (`rewritten`) and, for every other prepared layer it saw, why not (`skipped`)."""
 
     rewritten: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     recompute: bool = False  # the backend asked for each rewritten linear's x to be rebuilt
     recomputed: int = 0  # joint-graph nodes tagged
-    checkpointed: list[str] = field(default_factory=list)  # rewritten inside a checkpointed body
+    checkpointed: list[str] = field(default_factory=list)  # inside a checkpointed body
+    direct: list[str] = field(default_factory=list)  # weight uses outside the module rewritten
+    dense: list[str] = field(default_factory=list)  # stacked parameters: a dense gradient, gathered
+    side: list[str] = field(default_factory=list)  # quantized bases: the sparse side path beside them
     # read off the partitioned graph (None/empty when the partitioner was not shira_fx's):
     # layer -> what backward does with its input x
     inputs: dict[str, str] = field(default_factory=dict)
@@ -44,7 +51,7 @@ class RewriteReport:
     def summary(self) -> str:
         if not self.rewritten and not self.skipped:
             return "no prepared layer in this graph"
-        lines = [f"rewrote {len(self.rewritten)} linear(s) to shira_fx::sparse_linear"]
+        lines = [f"{len(self.rewritten)} layer(s) train through shira_fx::sparse_linear"]
         if self.rewritten and self.recompute:
             tagged = f"{self.recomputed} nodes tagged"
             if self.checkpointed:
@@ -57,7 +64,12 @@ class RewriteReport:
                          "tensor(s), parameters and buffers excluded")
         for name in self.rewritten:
             fate = self.inputs.get(name)
-            lines.append(f"  + {name}" + (f": x {fate}" if fate else ""))
+            lines.append(f"  + {name}" + (f": x {fate}" if fate else "")
+                         + (" (its weight read directly too: rewritten)" if name in self.direct else "")
+                         + (" (its weight read by the model's own code: a dense gradient there, "
+                            "gathered at the mask)" if name in self.dense else "")
+                         + (" (quantized base: the adapter rides beside it, x @ S.T)"
+                            if name in self.side else ""))
         lines += [f"  - {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -73,105 +85,12 @@ def _readable_bytes(nbytes: int | None) -> str:
     return f"{nbytes / 2**20:.2f} MiB"
 
 
-# higher-order ops whose body the pass enters: (body, *operands), the body's placeholders
-# taking the operands in order (Dynamo's form of torch.utils.checkpoint and of plain wraps)
-ENTERED_HOPS = (torch.ops.higher_order.tag_activation_checkpoint, torch.ops.higher_order.wrap)
-
-
-@dataclass
-class _Site:
-    """One linear to rewrite: `node` in `owner`, reached from the outer graph through the
-    higher-order-op calls in `path` (empty for a linear of the outer graph)."""
-
-    owner: fx.GraphModule
-    node: fx.Node
-    weight: fx.Node
-    x: fx.Node
-    bias: fx.Node | None
-    path: tuple[fx.Node, ...]
-
-
 def _body(gm: fx.GraphModule, hop: fx.Node) -> fx.GraphModule | None:
     getter = hop.args[0] if hop.args else None
     if not isinstance(getter, fx.Node) or getter.op != "get_attr":
         return None
     body = getattr(gm, getter.target, None)
     return body if isinstance(body, fx.GraphModule) else None
-
-
-def _sites(gm: fx.GraphModule, weight: fx.Node, layer: ShiraLayer,
-           path: tuple[fx.Node, ...] = ()) -> list[_Site] | str:
-    """Every linear that reads `weight` in `gm`, following the weight into checkpointed (and
-    other wrapped) bodies, or a reason string for the report when one use is not a linear."""
-    found: list[_Site] = []
-    for user in list(weight.users):
-        if user.op == "call_function" and user.target in ENTERED_HOPS:
-            body = _body(gm, user)
-            shared = body is not None and len(user.args[0].users) > 1
-            if body is None or shared:
-                return (f"weight used inside {user.target.__name__} whose body is "
-                        f"{'shared by several calls' if shared else 'not a graph module'}")
-            slots = [i for i, a in enumerate(user.args[1:]) if a is weight]
-            inner = [n for n in body.graph.nodes if n.op == "placeholder"]
-            if len(inner) != len(user.args) - 1 or user.kwargs.get("context_fn") is not None:
-                return f"weight used inside {user.target.__name__} in an unexpected form"
-            for slot in slots:
-                more = _sites(body, inner[slot], layer, path + (user,))
-                if isinstance(more, str):
-                    return more
-                found += more
-            continue
-        match = _match(user, weight, layer)
-        if isinstance(match, str):
-            return match
-        found.append(_Site(gm, user, weight, match[0], match[1], path))
-    return found
-
-
-def _match(node: fx.Node, weight: fx.Node, layer: ShiraLayer):
-    """(x, bias) when `node` is the layer's linear with `weight` in the weight slot, else a
-    reason string for the report."""
-    if node.op != "call_function":
-        return f"weight used by {node.op} {node.target}"
-    args, kwargs = node.args, node.kwargs
-    if node.target in LINEAR_TARGETS and not layer.transposed:
-        w = args[1] if len(args) > 1 else kwargs.get("weight")
-        if w is weight:
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return args[0] if args else kwargs["input"], bias
-    if node.target in ADDMM_TARGETS and layer.transposed:
-        if len(args) == 3 and args[2] is weight and not kwargs:
-            return args[1], args[0]
-    name = getattr(node.target, "__name__", str(node.target))
-    if isinstance(node.target, torch._ops.HigherOrderOperator):
-        return f"weight used inside {name}, which the pass does not enter"
-    return f"weight used by {name} (not a plain linear)"
-
-
-def _thread(gm: fx.GraphModule, path: tuple[fx.Node, ...], attrs: tuple[str, str],
-            cache: dict) -> tuple[fx.GraphModule, fx.Node, fx.Node]:
-    """(graph module, values node, indices node) inside the graph that `path` leads to:
-    get_attr nodes in the outer graph, passed down as extra operands (and placeholders) of
-    each higher-order op on the way, so a checkpointed body stays a pure function."""
-    if path in cache:
-        return cache[path]
-    if not path:
-        first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-        with gm.graph.inserting_before(first):
-            found = (gm, *(gm.graph.get_attr(a) for a in attrs))
-    else:
-        owner, outer_values, outer_indices = _thread(gm, path[:-1], attrs, cache)
-        hop = path[-1]
-        body = _body(owner, hop)
-        hop.args = (*hop.args, outer_values, outer_indices)
-        last = [n for n in body.graph.nodes if n.op == "placeholder"][-1]
-        with body.graph.inserting_after(last):
-            values = body.graph.placeholder(f"{attrs[0]}_in")
-        with body.graph.inserting_after(values):
-            indices = body.graph.placeholder(f"{attrs[1]}_in")
-        found = (body, values, indices)
-    cache[path] = found
-    return found
 
 
 def _attribute(gm: fx.GraphModule, target: str) -> object:
@@ -181,84 +100,249 @@ def _attribute(gm: fx.GraphModule, target: str) -> object:
     return obj
 
 
-def _prepared_weights(gm: fx.GraphModule, example_inputs: list) -> dict[ShiraLayer, list[fx.Node]]:
-    """Every prepared layer whose weight `gm` reads, with the nodes that read it: get_attr
-    nodes of it (there may be several), or the placeholder whose example input is it."""
-    found: dict[ShiraLayer, list[fx.Node]] = {}  # ShiraLayer hashes by identity
+@dataclass
+class _Inputs:
+    """The nodes of one graph that carry a prepared layer's tensors."""
+
+    weight: list[fx.Node] = field(default_factory=list)
+    values: fx.Node | None = None
+    indices: fx.Node | None = None
+
+
+def _prepared_inputs(gm: fx.GraphModule, example_inputs: list) -> dict[ShiraLayer, _Inputs]:
+    """Every prepared layer whose weight or values `gm` reads, with the nodes that carry them:
+    placeholders whose example input is the tensor itself, or get_attr nodes of it."""
+    found: dict[ShiraLayer, _Inputs] = {}  # ShiraLayer hashes by identity
     placeholders = iter(example_inputs)
+    pending: list[tuple[fx.Node, object]] = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            weight = next(placeholders, None)
+            tensor = next(placeholders, None)
         elif node.op == "get_attr":
-            weight = _attribute(gm, node.target)
+            tensor = _attribute(gm, node.target)
         else:
             continue
-        if (layer := registry.layer_for(weight)) is not None:
-            found.setdefault(layer, []).append(node)
+        layer = registry.layer_for(tensor)
+        if layer is None:
+            pending.append((node, tensor))
+            continue
+        slot = found.setdefault(layer, _Inputs())
+        if tensor is layer.values:
+            slot.values = node
+        else:
+            slot.weight.append(node)
+    for node, tensor in pending:  # indices are not registered: match them by identity
+        for layer, slot in found.items():
+            if tensor is layer.indices:
+                slot.indices = node
     return found
 
 
-def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteReport:
-    """Rewrite, in place, every linear of `gm` whose weight is a prepared layer's weight,
-    including linears inside gradient-checkpointed bodies.
+def _outer(node: fx.Node, path: tuple[fx.Node, ...], owners: tuple[fx.GraphModule, ...]) -> fx.Node:
+    """The outer-graph node a node inside nested higher-order-op bodies stands for."""
+    for hop, body in zip(reversed(path), reversed(owners[1:]), strict=True):
+        if node.op != "placeholder":
+            return node
+        slot = [n for n in body.graph.nodes if n.op == "placeholder"].index(node)
+        node = hop.args[1 + slot]
+    return node
 
-    Only when autograd is on: a no-grad (inference) graph keeps the plain dense linear.
+
+def _sparse_calls(gm: fx.GraphModule, path=(), owners=None):
+    """(sparse_linear node, its values node in the outer graph, inside a checkpoint?) for every
+    call in `gm` and in the bodies of the higher-order ops it calls."""
+    owners = owners or (gm,)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is SPARSE_LINEAR:
+            yield node, _outer(node.args[3], path, owners), bool(path)
+        elif node.op == "call_function" and node.target in ENTERED_HOPS:
+            body = _body(gm, node)
+            if body is not None:
+                yield from _sparse_calls(body, path + (node,), owners + (body,))
+
+
+def _transposed_weight(node: fx.Node, weight: fx.Node) -> bool:
+    """Is `node` W.t(), W.T, W.transpose(0, 1)/(-1, -2) or W.permute(1, 0) of this weight?"""
+    if not node.args or node.args[0] is not weight:
+        return False
+    if node.op == "call_method" and node.target == "t" or node.target is torch.t:
+        return True
+    if node.target is getattr and node.args[1:] in (("T",), ("mT",)):
+        return True
+    if node.op == "call_method" and node.target == "transpose" or node.target is torch.transpose:
+        return set(node.args[1:]) in ({0, 1}, {-1, -2})
+    if node.op == "call_method" and node.target == "permute":
+        return tuple(node.args[1:]) in ((1, 0), ((1, 0),))
+    return False
+
+
+def _rank(node: object) -> int | None:
+    val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+ALIAS = torch.ops.higher_order.autograd_function_apply
+
+
+def _alias_of(node: fx.Node, weight: fx.Node, slot: _Inputs) -> fx.Node | bool:
+    """For a call of `_ParamWithValues` (the adapter's property read of a weight outside its
+    module's forward) on this layer's weight, values and indices: its output node, or True
+    when nothing uses it (a read for `.dtype` or `.shape`); False for any other node."""
+    if node.op != "call_function" or node.target is not ALIAS or len(node.args) != 5:
+        return False
+    if node.args[2:] != (weight, slot.values, slot.indices):
+        return False
+    outs = list(node.users)
+    if all(o.target is operator.getitem and not o.users for o in outs):
+        return True
+    if len(outs) == 1 and outs[0].target is operator.getitem and outs[0].args[1] == 0:
+        return outs[0]
+    return False
+
+
+def _direct_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, layer: ShiraLayer, slot: _Inputs,
+                raw: fx.Node | None = None):
+    """Rewrite one use of a prepared weight outside its module's forward to `sparse_linear`
+    (with this graph's values and indices of the layer; `raw` is the weight placeholder when
+    `weight` is the adapter's property read of it); returns None when done, else the reason
+    it cannot be."""
+    raw = weight if raw is None else raw
+    target = use.target if use.op == "call_function" else use.target if use.op == "call_method" else None
+    name = getattr(target, "__name__", str(target))
+    if slot.values is None or slot.indices is None:
+        return (f"its weight is read by {name} in a compiled graph where the module's own forward "
+                "never runs, so the values (not an input of this graph) cannot get that gradient")
+
+    def emit(x, bias, transpose_in=False, transpose_out=False, at=use):
+        with graph.inserting_before(at):
+            if transpose_in:
+                x = graph.call_method("transpose", (x, -1, -2))
+            out = graph.call_function(SPARSE_LINEAR, (x, raw, bias, slot.values, slot.indices,
+                                                      layer.transposed))
+            out.meta["custom"] = {"shira_layer": layer.name}
+            if transpose_out:  # contiguous, as the matmul it replaces returns
+                out = graph.call_method("contiguous", (graph.call_method("transpose", (out, -1, -2)),))
+        return out
+
+    args = use.args
+    if target in LINEAR_TARGETS and not layer.transposed and len(args) >= 2 and args[1] is weight:
+        new = emit(args[0], args[2] if len(args) > 2 else use.kwargs.get("bias"))
+        use.replace_all_uses_with(new)
+        graph.erase_node(use)
+        return None
+    if target in ADDMM_TARGETS and layer.transposed and len(args) == 3 and args[2] is weight:
+        new = emit(args[1], args[0])
+        use.replace_all_uses_with(new)
+        graph.erase_node(use)
+        return None
+    if target in MATMUL_TARGETS and len(args) == 2 and args[0] is weight and not layer.transposed:
+        rank = _rank(args[1])  # W @ y = (y^T @ W^T)^T
+        if rank is not None:
+            new = emit(args[1], None, transpose_in=rank > 1, transpose_out=rank > 1)
+            use.replace_all_uses_with(new)
+            graph.erase_node(use)
+            return None
+    if _transposed_weight(use, weight) and not layer.transposed:
+        matmuls = list(use.users)
+        if matmuls and all(m.target in MATMUL_TARGETS and len(m.args) == 2 and m.args[1] is use
+                           and m.args[0] is not use for m in matmuls):
+            for m in matmuls:  # x @ W^T
+                new = emit(m.args[0], None, at=m)
+                m.replace_all_uses_with(new)
+                graph.erase_node(m)
+            graph.erase_node(use)
+            return None
+    return f"its weight is read by {name}, outside its module's forward, in a form the pass cannot rewrite"
+
+
+def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteReport:
+    """Name the layers that train through `sparse_linear` in `gm` (their calls tagged for the
+    memory report), and rewrite, in place, every other use of their weights.
+
+    Raises ShiraTrainingError when a prepared weight whose values train is used in a way the
+    pass cannot route to the values: that gradient would be lost silently. Graphs run without
+    grad (inference) keep every use as it is.
     """
     report = RewriteReport()
-    found = _prepared_weights(gm, example_inputs)
+    found = _prepared_inputs(gm, example_inputs)
     if not found:
         return report
     if not torch.is_grad_enabled():
         for layer in found:
             report.skipped[layer.name] = "graph runs without grad (inference): dense linear kept"
         return report
-    touched = {gm}
-    for layer, weight_nodes in found.items():
+    by_values = {slot.values: layer for layer, slot in found.items() if slot.values is not None}
+    for node, values, checkpointed in _sparse_calls(gm):
+        layer = by_values.get(values)
+        if layer is None:
+            continue
+        node.meta["custom"] = {**node.meta.get("custom", {}), "shira_layer": layer.name}
+        if layer.name not in report.rewritten:
+            report.rewritten.append(layer.name)
+        if checkpointed and layer.name not in report.checkpointed:
+            report.checkpointed.append(layer.name)
+    refused = {}
+    for layer, slot in found.items():
         if not layer.values.requires_grad:
             report.skipped[layer.name] = "values do not require grad: dense linear kept"
             continue
-        sites = []
-        for weight_node in weight_nodes:
-            more = _sites(gm, weight_node, layer)
-            if isinstance(more, str):
-                sites = more
-                break
-            sites += more
-        if isinstance(sites, str):
-            report.skipped[layer.name] = sites
+        if layer.param != "weight":  # read through its property, with the values in autograd
+            report.rewritten.append(layer.name)
+            report.dense.append(layer.name)
             continue
-        slot = len(report.rewritten)
-        attrs = (f"_shira_values_{slot}", f"_shira_indices_{slot}")
-        gm.register_parameter(attrs[0], layer.values)
-        gm.register_buffer(attrs[1], layer.indices)
-        param_sources = getattr(gm, "_param_name_to_source", None)
-        if param_sources is not None:
-            # AOTAutograd looks every GraphModule parameter up by name
-            from torch._dynamo.source import ConstantSource
-
-            for attr in attrs:
-                param_sources[attr] = ConstantSource(attr)
-        cache: dict = {}
-        for site in sites:
-            _, values_node, indices_node = _thread(gm, site.path, attrs, cache)
-            graph = site.owner.graph
-            with graph.inserting_before(site.node):
-                new = graph.call_function(
-                    torch.ops.shira_fx.sparse_linear.default,
-                    (site.x, site.weight, site.bias, values_node, indices_node, layer.transposed),
-                )
-            new.meta.update(site.node.meta)
-            # carried into the joint graph by AOTAutograd, so the memory report can name the layer
-            new.meta["custom"] = {**new.meta.get("custom", {}), "shira_layer": layer.name}
-            site.node.replace_all_uses_with(new)
-            graph.erase_node(site.node)
-            touched.add(site.owner)
-        report.rewritten.append(layer.name)
-        if any(site.path for site in sites):
-            report.checkpointed.append(layer.name)
-    for module in touched:
-        module.graph.lint()
-        module.recompile()
+        if layer.quantized:  # the library's own layer, and the sparse side path beside it
+            if slot.values is not None:
+                report.rewritten.append(layer.name)
+                report.side.append(layer.name)
+            continue
+        for weight in slot.weight:
+            for use in list(weight.users):
+                if use.op == "call_function" and use.target is SPARSE_LINEAR and use.args[1] is weight:
+                    continue
+                if use.op == "call_function" and use.target in ENTERED_HOPS:
+                    body = _body(gm, use)
+                    inner = [n for n in body.graph.nodes if n.op == "placeholder"] if body else []
+                    slots = [i for i, a in enumerate(use.args[1:]) if a is weight]
+                    if body is not None and all(
+                            all(u.target in (SPARSE_LINEAR, ALIAS) for u in inner[i].users) for i in slots):
+                        continue
+                    why = "its weight is used inside a checkpointed region other than by its module"
+                elif (alias := _alias_of(use, weight, slot)) is True:  # read, never used: drop it
+                    for out in list(use.users):
+                        gm.graph.erase_node(out)
+                    gm.graph.erase_node(use)
+                    continue
+                elif alias is not False:
+                    # read through the adapter's property: correct as it is (a dense gradient
+                    # at that use); the usual forms become the sparse op
+                    left = [u for u in list(alias.users)
+                            if _direct_use(gm.graph, u, alias, layer, slot, raw=weight) is not None]
+                    if not left:
+                        gm.graph.erase_node(alias)
+                        gm.graph.erase_node(use)
+                    elif layer.name not in report.dense:
+                        report.dense.append(layer.name)
+                    why = None
+                else:
+                    why = _direct_use(gm.graph, use, weight, layer, slot)
+                if why is None:
+                    if layer.name not in report.rewritten:
+                        report.rewritten.append(layer.name)
+                    if layer.name not in report.direct:
+                        report.direct.append(layer.name)
+                else:
+                    refused[layer.name] = why
+        if layer.name not in report.rewritten and layer.name not in refused:
+            refused[layer.name] = "its weight is read in this graph but never through its forward"
+    if refused:
+        report.skipped.update(refused)
+        raise ShiraTrainingError(
+            "shira_fx: the values of these layers would silently miss part of their gradient: "
+            + "; ".join(f"{name}: {why}" for name, why in refused.items())
+            + ". Leave them out (ShiraConfig(exclude_modules=[...]))"
+        )
+    gm.graph.lint()
+    gm.recompile()
     return report
 
 
@@ -298,7 +382,9 @@ def tag_sparse_linear_inputs(graph: fx.Graph) -> int:
     from torch.utils.checkpoint import CheckpointPolicy
 
     tagged: set[fx.Node] = set()
-    for node in graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default):
+    ops_with_x = [*graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default),
+                  *graph.find_nodes(op="call_function", target=torch.ops.shira_fx.side_linear.default)]
+    for node in ops_with_x:
         stack = [node.args[0]]
         while stack:
             n = stack.pop()

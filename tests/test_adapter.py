@@ -18,9 +18,14 @@ def prepared(kind="llama", **cfg):
 
 
 def test_parameters_are_exactly_the_values_and_the_base_is_frozen():
-    model, _, adapter = prepared(density=0.05)
+    """The model's trainable parameters are exactly the values (an optimizer built from
+    `model.parameters()`, as HF Trainer builds one, trains the adapter), while its state_dict
+    keeps the base model's keys."""
+    model, base, adapter = prepared(density=0.05)
     assert [id(p) for p in adapter.parameters()] == [id(la.values) for la in adapter.layers.values()]
-    assert not any(p.requires_grad for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert [id(p) for p in trainable] == [id(la.values) for la in adapter.layers.values()]
+    assert set(model.state_dict()) == set(base)
     for name, layer in adapter.layers.items():
         idx = layer.indices
         assert idx.dtype == torch.int32 and idx.dim() == 1

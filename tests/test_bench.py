@@ -117,6 +117,33 @@ def test_switch_smoke(switch_result):
     assert all(v is not None and v > 0 for v in switch_result["ratios"].values())
 
 
+@pytest.mark.slow
+def test_regional_smoke(results_dir):
+    """Compiled whole and block by block, shira_fx and PEFT LoRA: the rows are all there and
+    block-by-block compilation shares one graph among the blocks (at most 2 graphs)."""
+    result = run_smoke("regional", results_dir)
+    rows = {(r["method"], r["compiled"]): r for r in result["rows"]}
+    assert set(rows) == {(m, c) for m in ("PEFT LoRA", "shira_fx") for c in ("whole", "by block")}
+    assert rows["shira_fx", "by block"]["graphs"] <= 2
+    assert rows["shira_fx", "whole"]["trainable"] == rows["PEFT LoRA", "whole"]["trainable"]
+    assert all(r["cold_start_s"] > 0 and r["step_ms"] > 0 for r in rows.values())
+
+
+@pytest.mark.slow
+def test_moe_smoke(results_dir):
+    """Qwen3-MoE and Mixtral with their experts adapted: shira_fx and PEFT LoRA rows, eager and
+    compiled, at equal trainable counts, every measure filled in."""
+    result = run_smoke("moe", results_dir)
+    rows = result["rows"]
+    assert {(r["arch"], r["method"], r["mode"]) for r in rows} == {
+        (a, m, mode) for a in ("qwen3_moe", "mixtral") for m in ("PEFT LoRA", "shira_fx")
+        for mode in ("eager", "compiled")}
+    for arch in ("qwen3_moe", "mixtral"):
+        counts = {r["trainable"] for r in rows if r["arch"] == arch}
+        assert len(counts) == 1, counts
+    assert all(r["step_ms"] > 0 and r["held_for_backward_MiB"] > 0 for r in rows)
+
+
 @pytest.mark.distributed
 def test_distributed_smoke(results_dir):
     """Two ranks under torchrun: DDP and FSDP2 rows; the gradient traffic counted at the

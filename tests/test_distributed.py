@@ -31,14 +31,26 @@ def train(rank: int, world: int, mode: str, inner: str, accumulate: int = 1,
     if world > 1:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch._dynamo.reset()
-    model = tiny_models.build("llama")
+    if mode == "fsdp-meta":  # the big-model flow: meta, prepare, fully_shard, to_empty, load
+        with torch.device("meta"):
+            model = tiny_models.llama()
+    else:
+        model = tiny_models.build("llama")
     adapter = shira_fx.prepare(model, CFG, progress=False)
     net = model
     if world > 1 and mode == "ddp":
-        adapter.register_values()
         net = torch.nn.parallel.DistributedDataParallel(model)
-    elif world > 1 and mode == "fsdp":
+    elif world > 1 and mode.startswith("fsdp"):
         shira_fx.distributed.fully_shard(model, adapter, modules=list(model.model.layers))
+    if mode == "fsdp-meta":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        model.to_empty(device="cpu")
+        real = tiny_models.build("llama")
+        with torch.no_grad():  # non-persistent buffers (rotary frequencies) are not in a state dict
+            for name, buf in real.named_buffers():
+                model.get_buffer(name).copy_(buf)
+        set_model_state_dict(model, real.state_dict(), options=StateDictOptions(full_state_dict=True))
     backend = shira_fx.backend(inner=inner)
     compiled = torch.compile(net, backend=backend)
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
@@ -126,6 +138,14 @@ def _check_against_one_process(ranks: list[dict], inner: str, accumulate: int) -
 def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     ranks = _spawn("ddp", "inductor", 1, tmp_path)
     _check_against_one_process(ranks, "inductor", 1)
+
+
+@pytest.mark.distributed
+def test_fsdp2_meta_init_flow_equals_one_process(tmp_path):
+    """meta device, prepare, fully_shard, to_empty, load the full state dict: each rank takes
+    its base values when the weights arrive, and training equals one process."""
+    ranks = _spawn("fsdp-meta", "aot_eager", 1, tmp_path)
+    _check_against_one_process(ranks, "aot_eager", 1)
 
 
 @pytest.mark.distributed

@@ -127,7 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Runs bench/train.py of a source checkout; every argument "
                            "after `bench` goes to it (e.g. --smoke, --sizes 512x8).")
     bench.add_argument("--json", default=None, help="write the measurements to this file")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of bench/train.py")
     bench.set_defaults(func=bench_command)
 
     train = sub.add_parser("train", help="train a SHiRA adapter and its task head; save both",
@@ -176,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command: 0 on success, 2 on a shira_fx error (reported on one stderr line).
     The measurements come from the command functions (and `--json`), not from here."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":  # only bench passes arguments on (to bench/train.py)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.bench_args = extra
     try:
         args.func(args)
     except ShiraError as exc:

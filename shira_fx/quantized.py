@@ -1,0 +1,199 @@
+"""Quantized base layers: which ones shira_fx knows, their logical shape, their dequantized
+weight and their own forward, without ever writing their packed weights (an adapter on such a
+layer rides beside it, `y = base_forward(layer, x) + x @ S.T`). Known kinds
+(`quantized_kind`): `bnb_nf4`/`bnb_fp4` (bitsandbytes `Linear4bit`), `bnb_int8`
+(`Linear8bitLt`), and an `nn.Linear` whose weight is a torchao `NF4Tensor` (`torchao_nf4`),
+`Int8Tensor` (`torchao_int8`) or Int4 tensor (`torchao_int4`). Any other quantized-looking
+layer is named by `unknown_quantized`, so callers refuse it by name. bitsandbytes and torchao
+are optional and never imported here: a layer of theirs exists only once its library is
+imported, so the checks look it up in `sys.modules`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# torchao tensor subclasses by kind (class names: the classes move between torchao releases)
+_TORCHAO_KINDS = {
+    "NF4Tensor": "torchao_nf4",
+    "Int8Tensor": "torchao_int8",
+    "Int4Tensor": "torchao_int4",
+    "Int4PreshuffledTensor": "torchao_int4",
+    "Int4PlainInt32Tensor": "torchao_int4",
+    "Int4TilePackedTo4dTensor": "torchao_int4",
+}
+# attributes that hold a quantized weight in layers that have no float `weight`
+# (GPTQ/AWQ/Marlin kernels: qweight; torch.ao quantized Linear: _packed_params; HQQ: W_q)
+_PACKED_ATTRS = ("qweight", "_packed_params", "W_q", "packed_weight")
+# rows of the identity sent through a layer at a time when its weight is read by a probe
+_PROBE_ROWS = 1024
+
+
+def _bnb_module(module: nn.Module) -> tuple[Any, str] | None:
+    """(bitsandbytes.nn, kind) for a bitsandbytes 4-bit or 8-bit linear, else None."""
+    bnb_nn = sys.modules.get("bitsandbytes.nn")
+    if bnb_nn is None:
+        return None
+    if isinstance(module, bnb_nn.Linear4bit):
+        w = module.weight
+        state = getattr(w, "quant_state", None)
+        quant_type = getattr(state, "quant_type", None) or getattr(w, "quant_type", "nf4")
+        return bnb_nn, f"bnb_{quant_type}"
+    if isinstance(module, bnb_nn.Linear8bitLt):
+        return bnb_nn, "bnb_int8"
+    return None
+
+
+def _torchao_kind(weight: Any) -> str | None:
+    """The kind of a torchao tensor subclass, by its class (or a base class) name."""
+    if "torchao" not in sys.modules or not isinstance(weight, Tensor):
+        return None
+    for cls in type(weight).__mro__:
+        if cls.__module__.startswith("torchao") and cls.__name__ in _TORCHAO_KINDS:
+            return _TORCHAO_KINDS[cls.__name__]
+    return None
+
+
+def quantized_kind(module: nn.Module) -> str | None:
+    """The kind of a quantized linear shira_fx knows (see the module's table), else None."""
+    found = _bnb_module(module)
+    if found is not None:
+        return found[1]
+    if isinstance(module, nn.Linear):
+        return _torchao_kind(module.weight)
+    return None
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """Whether `module` is a quantized linear of a known kind (its delta then runs beside it)."""
+    return quantized_kind(module) is not None
+
+
+def _is_plain(weight: Tensor) -> bool:
+    """A float weight held as a plain tensor or parameter (or a DTensor shard of one)."""
+    if weight.dtype not in _FLOATS:
+        return False
+    cls = type(weight)
+    if cls in (Tensor, nn.Parameter):
+        return True
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(weight, dtensor.DTensor)
+
+
+def unknown_quantized(module: nn.Module) -> str | None:
+    """A description naming why `module` looks quantized when it is not a known kind, else None.
+
+    Looks at the module's own `weight` (a non-float dtype, or a tensor subclass that is not a
+    plain or distributed tensor) and at attributes that hold packed weights (`qweight`,
+    `_packed_params`, ...). Known kinds and plain float layers give None.
+    """
+    if is_quantized_linear(module):
+        return None
+    cls = type(module)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor):
+        if weight.dtype not in _FLOATS:
+            return f"{name}: weight has dtype {weight.dtype} (not a float weight shira_fx can read)"
+        if not _is_plain(weight):
+            wcls = type(weight)
+            return (f"{name}: weight is a {wcls.__module__}.{wcls.__qualname__} (a tensor subclass "
+                    f"shira_fx does not know)")
+        return None
+    for attr in _PACKED_ATTRS:
+        if hasattr(module, attr):
+            return f"{name}: holds its weight packed in `{attr}` and has no float `weight`"
+    return None
+
+
+def _require_known(fn: str, module: nn.Module) -> str:
+    kind = quantized_kind(module)
+    if kind is None:
+        cls = type(module)
+        raise ValueError(
+            f"{fn}: expected a quantized linear of a known kind (bitsandbytes Linear4bit/"
+            f"Linear8bitLt, or nn.Linear with a torchao NF4/Int8/Int4 weight), found "
+            f"{cls.__module__}.{cls.__qualname__}"
+        )
+    return kind
+
+
+def logical_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of the weight a quantized (or plain) linear stands for.
+
+    A bitsandbytes 4-bit weight is stored packed as (n, 1) bytes; its logical shape is the one
+    recorded in its quant state.
+    """
+    found = _bnb_module(module)
+    if found is not None and found[1] != "bnb_int8":
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None:
+            out_features, in_features = state.shape
+            return int(out_features), int(in_features)
+        return int(module.out_features), int(module.in_features)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        cls = type(module)
+        found_desc = (f"a weight of shape {tuple(weight.shape)}" if isinstance(weight, Tensor)
+                      else "no weight tensor")
+        raise ValueError(
+            f"logical_shape: expected a linear with a 2-D (out, in) weight, found "
+            f"{cls.__module__}.{cls.__qualname__} with {found_desc}"
+        )
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
+def _probe_weight(module: nn.Module, out_features: int, in_features: int) -> Tensor:
+    """The (out, in) weight read through the layer's own linear: F.linear(I, W) = W.T, in row
+    blocks of the identity (for kinds whose library has no dequantize for this device)."""
+    weight = module.weight
+    parts = []
+    for start in range(0, in_features, _PROBE_ROWS):
+        rows = min(_PROBE_ROWS, in_features - start)
+        eye = torch.zeros(rows, in_features, dtype=weight.dtype, device=weight.device)
+        eye[:, start : start + rows].fill_diagonal_(1)
+        parts.append(F.linear(eye, weight))
+    return torch.cat(parts).t().contiguous()
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module) -> Tensor:
+    """The (out, in) float weight of a known quantized linear, by its library's own dequantize.
+
+    Allocates one dense weight (one layer at a time: for masks that read weights, tests and
+    oracles). bitsandbytes 4-bit: `dequantize_4bit` (in the quant state's dtype); 8-bit:
+    `int8_vectorwise_dequant` of the int8 rows and their row scales (fp32); torchao NF4:
+    `get_original_weight`; torchao Int8: `dequantize()`; torchao Int4: the layer's own linear
+    applied to the identity (its packing variants have no dequantize on every device).
+    """
+    kind = _require_known("dequantized_weight", module)
+    weight = module.weight
+    if kind.startswith("bnb_"):
+        import bitsandbytes.functional as bnb_f  # loaded already: the layer is bitsandbytes'
+        if weight.dtype in _FLOATS:  # not quantized yet (bitsandbytes quantizes on .to(device))
+            return weight.detach().clone()
+        if kind == "bnb_int8":
+            # the row scales sit on the weight until the first forward moves them to the
+            # layer's matmul state; the int8 rows stay the weight's data throughout
+            scb = getattr(weight, "SCB", None)
+            if scb is None:
+                scb = module.state.SCB
+            return bnb_f.int8_vectorwise_dequant(weight.data, scb)
+        return bnb_f.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "torchao_nf4":
+        return weight.get_original_weight()
+    if kind == "torchao_int4":  # its packing variants have no dequantize on every device
+        return _probe_weight(module, *logical_shape(module))
+    return weight.dequantize()
+
+
+def base_forward(module: nn.Module, x: Tensor) -> Tensor:
+    """The layer's own forward by its class: the library's op (bitsandbytes' matmul, torchao's
+    linear dispatch) even when an instance-level forward has been pointed elsewhere; no hooks."""
+    return type(module).forward(module, x)

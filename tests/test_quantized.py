@@ -1,0 +1,141 @@
+"""SHiRA on quantized bases: the adapter rides beside the packed weights (bitsandbytes 4-bit as
+transformers loads it, torchao NF4). The values' gradient equals the masked gradient of an
+fp32 model holding the dequantized weights, the packed weights never change, a saved adapter
+served from a bank reproduces the trained model, and deactivate gives the base exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import shira_fx
+from shira_fx import ShiraConfig
+from shira_fx.quantized import dequantized_weight, quantized_kind
+
+transformers = pytest.importorskip("transformers")
+SIZE = dict(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+
+
+def _fp32_llama():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**SIZE))
+
+
+def bnb_4bit(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    folder = tmp_path_factory.mktemp("fp32")
+    _fp32_llama().save_pretrained(folder)
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        bnb_4bit_compute_dtype=torch.float32)
+    return transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=q, device_map="cpu")
+
+
+def torchao_nf4(tmp_path_factory):
+    pytest.importorskip("torchao")
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    model = _fp32_llama()
+    for module in model.model.layers.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(to_nf4(module.weight.detach()), requires_grad=False)
+    return model
+
+
+BASES = {"bnb_nf4": bnb_4bit, "torchao_nf4": torchao_nf4}
+
+
+@pytest.fixture(params=list(BASES))
+def quantized_model(request, tmp_path_factory):
+    return BASES[request.param](tmp_path_factory)
+
+
+def _batch(seed: int = 0) -> dict:
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _packed(model) -> dict:
+    return {n: (p.detach().clone() if not hasattr(p, "quant_state") else p.data.clone())
+            for n, p in model.named_parameters() if not p.dtype.is_floating_point or "weight" in n}
+
+
+def _dequantized_twin(model, adapter):
+    """An fp32 model holding the quantized model's dequantized weights (the oracle)."""
+    twin = _fp32_llama()
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, module in twin.named_modules():
+            if name in mods and quantized_kind(mods[name]) is not None:
+                module.weight.copy_(dequantized_weight(mods[name]).float())
+    return twin
+
+
+@pytest.mark.parametrize("mode", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow)])
+def test_the_values_gradient_is_the_dequantized_models_masked_gradient(quantized_model, mode):
+    torch._dynamo.reset()
+    model = quantized_model
+    adapter = shira_fx.prepare(model, ShiraConfig(density=0.05), progress=False)
+    assert {la.quantized for la in adapter.layers.values()} <= {"bnb_nf4", "torchao_nf4"}
+    assert len(adapter.layers) == 7
+    twin = _dequantized_twin(model, adapter)
+    for p in twin.parameters():
+        p.requires_grad_(True)
+    twin(**_batch()).loss.backward()
+    run = model if mode == "eager" else torch.compile(model, backend=shira_fx.backend(inner=mode))
+    run(**_batch()).loss.backward()
+    twin_modules = dict(twin.named_modules())
+    for name, layer in adapter.layers.items():
+        want = twin_modules[name].weight.grad.view(-1)[layer.indices.long()]
+        got = layer.values.grad
+        assert got is not None, name
+        assert float(torch.nn.functional.cosine_similarity(got, want, dim=0)) >= 0.99, name
+
+
+def test_training_leaves_the_packed_weights_bit_identical_and_serves_from_a_bank(tmp_path,
+                                                                                 tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    factory = tmp_path_factory
+    model = bnb_4bit(factory)
+    before = _packed(model)
+    adapter = shira_fx.prepare(model, ShiraConfig(density=0.05), progress=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # exactly the values train
+    losses = []
+    for i in range(6):
+        loss = model(**_batch(i % 2)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for name, p in _packed(model).items():
+        assert torch.equal(p, before[name]), f"{name}: a packed weight changed"
+    ids = _batch(5)["input_ids"]
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+    adapter.save(tmp_path / "q.safetensors")
+
+    served = bnb_4bit(factory)
+    with torch.no_grad():
+        base_out = served(input_ids=ids).logits
+    bank = shira_fx.AdapterBank(served)
+    bank.load("q", tmp_path / "q.safetensors")
+    bank.activate("q")
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+    bank.deactivate()
+    with torch.no_grad():
+        assert torch.equal(served(input_ids=ids).logits, base_out)
+    dense = shira_fx.export_dense(copy.deepcopy(model), dtype=torch.float32)
+    assert not any(quantized_kind(m) for m in dense.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_quantized_layer_is_refused_by_name():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    model[0].weight = torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(shira_fx.ShiraConfigError, match="'0'"):
+        shira_fx.prepare(model, ShiraConfig(density=0.5), progress=False)
