@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from . import ops, quantized, registry
+from . import kernels, ops, quantized, registry
 from .adapter_files import (
     LayerSpec,
     StoredAdapter,
@@ -141,6 +141,10 @@ class ShiraLayer:
             idx = self.pending.to(full.device)
             self.module._buffers[self.attr(INDICES)] = idx
             self.module._buffers[self.attr(BASE)] = full.detach().reshape(-1)[idx.long()].clone()
+            if self.param == "weight":  # to_empty left the plan's buffers uninitialised
+                for name in self.module.__dict__.get("_shira_plan", ()):
+                    self.module._buffers.pop(name, None)
+                self.module._shira_plan = _register_plan(self.module, idx, tuple(full.shape))
             self.values.zero_()
             self.pending = None
         else:
@@ -168,7 +172,9 @@ def _sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
         if x.dtype != weight.dtype and not autocast:  # as the layer itself would refuse
             return type(self).forward(self, x)
     if torch.is_grad_enabled() and values.requires_grad:
-        return ops.sparse_linear(x, weight, self.bias, values, self.shira_indices, self._shira_transposed)
+        plan = [self._buffers[name] for name in self._shira_plan]
+        return ops.sparse_linear(x, weight, self.bias, values, self.shira_indices, self._shira_transposed,
+                                 plan)
     return type(self).forward(self, x)
 
 
@@ -359,7 +365,9 @@ class SparseAdapter(nn.Module):
             module._buffers.pop(layer.attr(INDICES), None)
             module._buffers.pop(layer.attr(BASE), None)
             if layer.param == "weight":
-                for attr in ("forward", "_shira_layer", "_shira_transposed"):
+                for name in module.__dict__.get("_shira_plan", ()):
+                    module._buffers.pop(name, None)
+                for attr in ("forward", "_shira_layer", "_shira_transposed", "_shira_plan"):
                     module.__dict__.pop(attr, None)
             if not layer.quantized:
                 _unexpose(module, layer.param)
@@ -601,6 +609,21 @@ def prepare(
     return adapter
 
 
+PLAN = "shira_plan_"  # the buffers of a layer's masked-gradient plan: shira_plan_<field>
+
+
+def _register_plan(module: nn.Module, indices: Tensor, shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The mask's structure for the masked gradient (dense rows, columns and diagonals as
+    GEMMs, the rest tile-ordered: `kernels.plan_mask`), built once from the indices and kept
+    as buffers beside them; the names of those buffers (none when the mask has no structure
+    worth using)."""
+    plan = kernels.plan_mask(indices, shape[0], shape[1])
+    names = tuple(PLAN + field for field in kernels.PLAN_FIELDS) if plan else ()
+    for name, tensor in zip(names, plan, strict=True):
+        module.register_buffer(name, tensor.to(indices.device), persistent=False)
+    return names
+
+
 @torch.no_grad()
 def _attach_beside(t: TargetLayer, idx: Tensor, cfg: ShiraConfig) -> ShiraLayer:
     """A quantized module: the adapter's state beside the packed weight, and the forward that
@@ -648,6 +671,7 @@ def _attach(t: TargetLayer, mask: Tensor, cfg: ShiraConfig) -> ShiraLayer:
     if t.param == "weight":
         module._shira_layer = layer
         module._shira_transposed = t.transposed
+        module._shira_plan = _register_plan(module, idx if layer.pending is None else layer.pending, w.shape)
         module.forward = types.MethodType(_sparse_forward, module)
     _expose(module, layer)
     registry.register(values, layer)

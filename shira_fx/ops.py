@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernels
 from .kernels import (
     scatter_fused_,
     scatter_fused_reference_,
-    sddmm,
-    sddmm_cpu,
     side_backward_x,
     side_backward_x_segmented,
     side_forward,
@@ -40,33 +39,34 @@ def _dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bo
 
 
 @torch.library.custom_op("shira_fx::masked_grad", mutates_args=())
-def masked_grad(a: Tensor, b: Tensor, indices: Tensor, ncols: int) -> Tensor:
-    """fp32 `(a.T @ b).view(-1)[indices]` for 2-D a (T, A), b (T, B), never forming A×B."""
-    if a.is_cuda:
-        return sddmm(a, b, indices, ncols)
-    return sddmm_cpu(a, b, indices, ncols)
+def masked_grad(a: Tensor, b: Tensor, indices: Tensor, ncols: int, plan: list[Tensor]) -> Tensor:
+    """fp32 `(a.T @ b).view(-1)[indices]` for 2-D a (T, A), b (T, B), never forming A×B: the
+    mask's structure (`plan`, from `kernels.plan_mask`; empty for none) as dense GEMMs, the
+    rest by the fastest exact path for the device and shape (`kernels.masked_grad`)."""
+    return kernels.masked_grad(a, b, indices, ncols, plan)
 
 
 @masked_grad.register_fake
-def _(a: Tensor, b: Tensor, indices: Tensor, ncols: int) -> Tensor:
+def _(a: Tensor, b: Tensor, indices: Tensor, ncols: int, plan: list[Tensor]) -> Tensor:
     return a.new_empty(indices.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("shira_fx::sparse_linear", mutates_args=())
 def sparse_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, indices: Tensor, transposed: bool
+    x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, indices: Tensor, transposed: bool,
+    plan: list[Tensor],
 ) -> Tensor:
     """The dense linear on the fused weight; `values` is an input only so it receives a gradient.
 
     `weight` holds base + values at `indices` (kept so by `SparseAdapter.sync`), so the forward
     costs exactly what the base model's linear costs. `transposed` marks a weight stored
-    (in, out), as GPT-2's Conv1D stores it.
+    (in, out), as GPT-2's Conv1D stores it; `plan` is the mask's structure for the backward.
     """
     return _dense_linear(x, weight, bias, transposed)
 
 
 @sparse_linear.register_fake
-def _(x, weight, bias, values, indices, transposed):
+def _(x, weight, bias, values, indices, transposed, plan):
     out_features = weight.shape[1] if transposed else weight.shape[0]
     return x.new_empty(*x.shape[:-1], out_features)
 
@@ -77,12 +77,13 @@ def _autocast_kernel(device_type: str):
     casts it), and the values stay fp32 so their gradient is accumulated in fp32."""
     key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
-    def kernel(_keyset, x, weight, bias, values, indices, transposed):
+    def kernel(_keyset, x, weight, bias, values, indices, transposed, plan):
         dtype = torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             if x.is_floating_point() and x.device.type == device_type and x.dtype != dtype:
                 x = x.to(dtype)
-            return torch.ops.shira_fx.sparse_linear.default(x, weight, bias, values, indices, transposed)
+            return torch.ops.shira_fx.sparse_linear.default(x, weight, bias, values, indices, transposed,
+                                                            plan)
 
     return kernel
 
@@ -94,16 +95,16 @@ for _device_type in ("cpu", "cuda"):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, values, indices, transposed = inputs
-    ctx.save_for_backward(x, weight, indices)
+    x, weight, bias, values, indices, transposed, plan = inputs
+    ctx.save_for_backward(x, weight, indices, *plan)
     ctx.transposed = transposed
     ctx.values_dtype = values.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad_y: Tensor):
-    x, weight, indices = ctx.saved_tensors
-    needs_x, _, needs_bias, needs_values, _, _ = ctx.needs_input_grad
+    x, weight, indices, *plan = ctx.saved_tensors
+    needs_x, _, needs_bias, needs_values = ctx.needs_input_grad[:4]
     out_features = grad_y.shape[-1]
     gy = grad_y.reshape(-1, out_features)
     grad_x = grad_bias = grad_values = None
@@ -114,13 +115,13 @@ def _backward(ctx, grad_y: Tensor):
     if needs_values:
         x2 = x.reshape(-1, x.shape[-1])
         if ctx.transposed:
-            grad_values = masked_grad(x2, gy, indices, out_features)
+            grad_values = masked_grad(x2, gy, indices, out_features, plan)
         else:
-            grad_values = masked_grad(gy, x2, indices, x2.shape[1])
+            grad_values = masked_grad(gy, x2, indices, x2.shape[1], plan)
         grad_values = grad_values.to(ctx.values_dtype)
     if needs_bias and ctx.bias_dtype is not None:
         grad_bias = gy.sum(0).to(ctx.bias_dtype)
-    return grad_x, None, grad_bias, grad_values, None, None
+    return grad_x, None, grad_bias, grad_values, None, None, [None] * len(plan)
 
 
 sparse_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -246,7 +247,7 @@ def _side_backward(ctx, grad_y: Tensor):
     if needs_x:
         grad_x = side_backward_x(gy, indices, values, out_features, in_features).reshape(x.shape).to(x.dtype)
     if needs_values:
-        grad_values = masked_grad(gy, x.reshape(-1, in_features), indices, in_features).to(values.dtype)
+        grad_values = masked_grad(gy, x.reshape(-1, in_features), indices, in_features, []).to(values.dtype)
     return grad_x, grad_values, None, None, None
 
 

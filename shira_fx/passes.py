@@ -218,7 +218,7 @@ def _direct_use(graph: fx.Graph, use: fx.Node, weight: fx.Node, layer: ShiraLaye
             if transpose_in:
                 x = graph.call_method("transpose", (x, -1, -2))
             out = graph.call_function(SPARSE_LINEAR, (x, raw, bias, slot.values, slot.indices,
-                                                      layer.transposed))
+                                                      layer.transposed, []))
             out.meta["custom"] = {"shira_layer": layer.name}
             if transpose_out:  # contiguous, as the matmul it replaces returns
                 out = graph.call_method("contiguous", (graph.call_method("transpose", (out, -1, -2)),))

@@ -76,3 +76,29 @@ def test_low_precision_weights_get_fp32_value_grads(dtype):
         assert layer.values.dtype == torch.float32
         assert layer.values.grad.dtype == torch.float32, name
         assert torch.isfinite(layer.values.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["eager", "aot_eager"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_struct_mask_trains_through_its_plan(mode, transposed):
+    """A mask with structure (struct: whole rows plus the diagonal) large enough to be planned:
+    the masked gradient comes from dense GEMMs over its rows and diagonal plus the rest, and
+    equals the dense gradient at the mask (nn.Linear, and a weight stored (in, out))."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    if transposed:
+        from transformers.pytorch_utils import Conv1D
+
+        model = torch.nn.Sequential(Conv1D(192, 160), torch.nn.Tanh(), Conv1D(96, 192))
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(160, 192), torch.nn.Tanh(), torch.nn.Linear(192, 96))
+    ref = copy.deepcopy(model)
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.2, mask="struct"), progress=False)
+    assert all(m._shira_plan for m in (model[0], model[2])), "the masks were not planned"
+    x = torch.randn(24, 160)
+    ref(x).pow(2).mean().backward()
+    run = model if mode == "eager" else torch.compile(model, backend=shira_fx.backend(inner=mode))
+    run(x).pow(2).mean().backward()
+    for name, layer in adapter.layers.items():
+        want = dict(ref.named_modules())[name].weight.grad.reshape(-1)[layer.indices.long()]
+        assert rel_err(layer.values.grad, want) < 1e-5, name

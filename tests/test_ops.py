@@ -67,6 +67,6 @@ def test_masked_grad_op_matches_the_reference(t, a, b, seed, dtype):
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(t, a, generator=g).to(dtype), torch.randn(t, b, generator=g).to(dtype)
     idx = torch.randperm(a * b, generator=g)[: max(1, a * b // 4)].sort().values.int()
-    got = torch.ops.shira_fx.masked_grad(x, y, idx, b)
+    got = torch.ops.shira_fx.masked_grad(x, y, idx, b, [])
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, sddmm_reference(x, y, idx, b), rtol=1e-5, atol=1e-5)
