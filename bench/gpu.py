@@ -149,6 +149,19 @@ def markdown(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def training(out: str) -> dict:
+    """bench/train.py on the GPU: a Llama of hidden 2048, 4 layers, bf16, batch 4x1024, all 7
+    linears, compiled: shira_fx (rand and struct) vs PEFT LoRA vs PEFT SHiRA; step time and
+    `max_memory_allocated`, written beside gpu.json as train_gpu.json."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import train
+
+    return train.main(["--sizes", "2048x4", "--batch", "4", "--seq", "1024", "--device", "cuda",
+                       "--dtype", "bfloat16", "--modes", "compiled", "--steps", "6", "--rounds", "2",
+                       "--variants", "PEFT LoRA,PEFT SHiRA,shira_fx,shira_fx struct",
+                       "--json", os.path.join(out, "train_gpu.json")])
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="4096,8192", help="square weight sides N")
@@ -160,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget-s", type=float, default=420, help="stop starting new bench points after this")
     p.add_argument("--test-timeout", type=int, default=150)
     p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--skip-training", action="store_true")
     p.add_argument("--out", default=RESULTS, help="folder for gpu.json and gpu.md")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -185,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     result["rooflines"], args.repeat)
                 torch.cuda.empty_cache()
     result.update(rows=rows, skipped_for_time=skipped, seconds=time.perf_counter() - t0)
-    # (the integrator adds the training section here)
+    if not args.skip_training:
+        result["training"] = training(args.out)
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "gpu.json"), result)
     text = markdown(result)

@@ -54,7 +54,7 @@ from shira_fx.memory import LiveTensorTracker, saved_tensor_bytes  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FLOOR, LORA, LORA_DROP, PSHIRA = "frozen base (floor)", "PEFT LoRA", "PEFT LoRA dropout 0.05", "PEFT SHiRA"
-OURS, OURS_OFF = "shira_fx", "shira_fx recompute off"
+OURS, OURS_OFF, OURS_STRUCT = "shira_fx", "shira_fx recompute off", "shira_fx struct"
 MiB = 2**20
 
 
@@ -82,7 +82,7 @@ def parse_sizes(spec: str, layers: int) -> list[tuple[int, int]]:
 
 
 def build(hidden: int, layers: int, args) -> LlamaForCausalLM:
-    return llama(hidden, layers, args.vocab, args.seq, args.device)
+    return llama(hidden, layers, args.vocab, args.seq, args.device).to(getattr(torch, args.dtype))
 
 
 def variants(hidden: int, layers: int, args) -> Iterator[Variant]:
@@ -116,11 +116,12 @@ def variants(hidden: int, layers: int, args) -> Iterator[Variant]:
                                      peft.ShiraConfig(r=args.r, target_modules=TARGETS))
         indices = [t for m in pshira.modules() for t in getattr(m, "shira_indices", {}).values()]
         yield Variant(PSHIRA, mode, pshira, trainable(pshira), be, ids_inputs, extra=indices)
-        for name, recompute in ((OURS, "auto"), (OURS_OFF, "off")):
+        for name, recompute, mask in ((OURS, "auto", "rand"), (OURS_OFF, "off", "rand"),
+                                      (OURS_STRUCT, "auto", "struct")):
             if mode == "eager" and recompute == "off":
                 continue  # the recompute pass only exists under compilation
             model = build(hidden, layers, args)
-            cfg = shira_fx.ShiraConfig(target_modules=TARGETS, r=args.r)
+            cfg = shira_fx.ShiraConfig(target_modules=TARGETS, r=args.r, mask=mask)
             adapter = shira_fx.prepare(model, cfg, progress=False)
             be_ours = (None if mode == "eager"
                        else shira_fx.backend(inner=args.compiler, recompute=recompute))
@@ -300,7 +301,9 @@ def targets(rows: list[dict]) -> list[dict]:
             ratio(ours["step_peak_MiB"], got[LORA_DROP]["step_peak_MiB"]), 0.85)
     if PSHIRA in got:
         add("whole-step peak vs PEFT SHiRA", ratio(ours["step_peak_MiB"], got[PSHIRA]["step_peak_MiB"]), 0.85)
-    add("step time vs PEFT LoRA", ours["step_ms_vs_lora"], 0.9)
+    add("step time vs PEFT LoRA (rand mask)", ours["step_ms_vs_lora"], 0.95)
+    if OURS_STRUCT in got:
+        add("step time vs PEFT LoRA (struct mask)", got[OURS_STRUCT]["step_ms_vs_lora"], 0.85)
     return out
 
 
@@ -347,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", default=None, help="only these rows (names, comma-separated; floor always)")
     p.add_argument("--compiler", default=None, help="inner compiler of compiled rows (default inductor)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", help="the model's dtype (float32, bfloat16)")
     p.add_argument("--json", default=None, help=f"default {default_json('train')} (none with --smoke)")
     p.add_argument("--smoke", action="store_true", help="one tiny model, aot_eager, 1 step")
     args = p.parse_args(argv)
