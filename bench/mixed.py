@@ -192,7 +192,7 @@ def measure(args) -> dict:
     def per_request(model_fn, names):
         def run():
             with mixed_bank.per_request(names) as model:
-                return (model_fn or model)(input_ids=ids).logits
+                return (model if model_fn is None else model_fn)(input_ids=ids).logits
         return run
 
     def shira_switch(groups, subs):
