@@ -18,6 +18,7 @@ table packing on entering the block, the side op, the rest) comes from one profi
 
     python bench/mixed.py                       # hidden 256, 4 layers, batch 32x128, + inductor
     python bench/mixed.py --compiler none       # eager rows only
+    python bench/mixed.py --threads 1           # one thread: steadier on a shared machine
     python bench/mixed.py --smoke               # tiny shapes, eager, for the test suite
 """
 
@@ -352,6 +353,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compiler", default="inductor",
                    help="inner compiler of the compiled rows, or 'none' for eager rows only")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default torch's); on a shared machine 1 avoids OpenMP barrier "
+                        "stalls, which hit every parallel op, so the mixed paths' many small ops most")
     p.add_argument("--json", default=None, help=f"default {default_json('mixed')} (none with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, eager only, for the test suite")
     args = p.parse_args(argv)
@@ -367,8 +371,14 @@ def main(argv: list[str] | None = None) -> dict:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     warnings.filterwarnings("ignore", category=FutureWarning)
     t_start = time.perf_counter()
-    measured = measure(args)
-    info = machine()
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        info = machine()
+        measured = measure(args)
+    finally:
+        torch.set_num_threads(threads)
     k = max(args.distinct)
     result = {"bench": "mixed", "machine": info, "args": vars(args), **measured,
               "targets": targets(measured["rows"], k), "seconds": time.perf_counter() - t_start}
