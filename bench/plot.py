@@ -5,6 +5,8 @@
                   variant and model size, compiled rows
     switch.json   time of one adapter switch per method (log scale)
     quality.json  accuracy mean ± std over seeds per method and budget, one panel per task
+    mixed.json    mixed-batch inference: throughput vs the base model and tokens/s per method
+                  and number of distinct adapters in the batch
 
 Each chart is titled with the machine the JSON describes. A missing file is skipped with a
 note; a malformed one stops with an error naming it.
@@ -171,8 +173,43 @@ def plot_quality(data: dict) -> Figure:
     return fig
 
 
+def plot_mixed(data: dict) -> Figure:
+    rows = [r for r in data["rows"] if r["distinct"] is not None]
+    if not rows:
+        raise ValueError("no rows with adapters")
+    counts = sorted({r["distinct"] for r in rows})
+    variants = list(dict.fromkeys((r["method"], r["mode"]) for r in rows))
+    got = {(r["method"], r["mode"], r["distinct"]): r for r in rows}
+    base = {r["mode"]: r for r in data["rows"] if r["distinct"] is None}
+    fig, axes = new_figure(2, 15, 5.5)
+    groups = [f"{k} distinct" for k in counts]
+    metrics = (("vs_base", "throughput / the base model's (same mode)"), ("tokens_per_s", "tokens/s"))
+    for ax, (key, label) in zip(axes, metrics, strict=True):
+        series = {f"{m} ({mode})": [num(got[m, mode, k][key]) if (m, mode, k) in got else NAN for k in counts]
+                  for m, mode in variants}
+        grouped_bars(ax, groups, series)
+        if key == "vs_base":
+            ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+            ax.axhline(0.8, color="C3", linestyle=":", linewidth=0.8, label="target 0.8x (per_request)")
+        else:
+            for i, (mode, r) in enumerate(base.items()):
+                ax.axhline(num(r["tokens_per_s"]), color="grey", linestyle="--" if i == 0 else "-.",
+                           linewidth=0.8, label=f"base model ({mode})")
+        ax.set_ylabel(label)
+        ax.set_xlabel("distinct adapters in the batch (rows round-robin)")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=6)
+    args = data.get("args", {})
+    what = (f"Mixed-batch inference: Llama hidden {args.get('hidden')}, {args.get('layers')} layers, "
+            f"batch {args.get('batch')}x{args.get('seq')}, {args.get('adapters')} adapters loaded "
+            f"(r={args.get('r')})")
+    title(fig, what, data)
+    return fig
+
+
 PLOTS: dict[str, Callable[[dict], Figure]] = {
-    "kernels": plot_kernels, "train": plot_train, "switch": plot_switch, "quality": plot_quality}
+    "kernels": plot_kernels, "train": plot_train, "switch": plot_switch, "quality": plot_quality,
+    "mixed": plot_mixed}
 
 
 def load(path: str, bench: str) -> dict:

@@ -77,6 +77,11 @@ def switch_result(results_dir) -> dict:
     return run_smoke("switch", results_dir)
 
 
+@pytest.fixture(scope="module")
+def mixed_result(results_dir) -> dict:
+    return run_smoke("mixed", results_dir)
+
+
 @pytest.mark.slow
 def test_kernels_smoke(kernels_result):
     rows = kernels_result["rows"]
@@ -115,6 +120,27 @@ def test_switch_smoke(switch_result):
     assert all(ms > 0 for ms in switch_result["switch_ms"].values())
     assert all(ms > 0 for ms in switch_result["inference_ms"].values())
     assert all(v is not None and v > 0 for v in switch_result["ratios"].values())
+
+
+@pytest.mark.slow
+def test_mixed_smoke(mixed_result):
+    """Every method at every distinct-adapter count, timed; per_request's rows equal their
+    adapters computed alone, and the adapters (SHiRA and LoRA) are not no-ops."""
+    mixed = load_script("mixed")
+    counts = mixed_result["args"]["distinct"]
+    rows = {(r["method"], r["mode"], r["distinct"]): r for r in mixed_result["rows"]}
+    methods = (mixed.OURS, mixed.LORA, mixed.OURS_SWITCH, mixed.LORA_SWITCH)
+    want = {(mixed.BASE, "eager", None)} | {(m, "eager", k) for m in methods for k in counts}
+    assert set(rows) == want
+    assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 and r["vs_base"] > 0 for r in rows.values())
+    assert [c["distinct"] for c in mixed_result["checks"]] == counts
+    for c in mixed_result["checks"]:
+        assert c["pass"] and c["adapters_change_output"] and c["lora_adapters_change_output"], c
+        assert c["per_request_eager_max_abs_diff"] < mixed.TOLERANCE, c
+        assert c["peft_mixed_vs_merged_max_abs_diff"] < mixed.TOLERANCE, c
+    assert mixed_result["trainable_shira"] == mixed_result["trainable_lora"] > 0
+    assert all(b["side_op_calls"] == 7 for b in mixed_result["breakdown"].values())  # 1 block, 7 linears
+    assert mixed_result["targets"], "the issue's targets are evaluated"
 
 
 @pytest.mark.slow
@@ -170,7 +196,7 @@ def test_distributed_smoke(results_dir):
 
 
 @pytest.mark.slow
-def test_plot(results_dir, kernels_result, train_result, switch_result, tmp_path):
+def test_plot(results_dir, kernels_result, train_result, switch_result, mixed_result, tmp_path):
     quality = {"machine": {"cpu": "test", "threads": 1, "torch": torch.__version__},
                "accuracy": {f"{task}|{r}|{m}": [0.8, 0.82, 0.79]
                             for task in ("a", "b") for r in (3, 5) for m in ("LoRA", "SHiRA-rand")},
@@ -178,7 +204,8 @@ def test_plot(results_dir, kernels_result, train_result, switch_result, tmp_path
     (results_dir / "quality.json").write_text(json.dumps(quality))
     out = tmp_path / "png"
     written = load_script("plot").main(["--results", str(results_dir), "--out", str(out)])
-    assert sorted(Path(p).name for p in written) == ["kernels.png", "quality.png", "switch.png", "train.png"]
+    assert sorted(Path(p).name for p in written) == ["kernels.png", "mixed.png", "quality.png", "switch.png",
+                                                     "train.png"]
     for p in written:
         data = Path(p).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000, p
@@ -187,7 +214,7 @@ def test_plot(results_dir, kernels_result, train_result, switch_result, tmp_path
 def test_plot_missing_and_malformed(tmp_path, capsys):
     plot = load_script("plot")
     assert plot.main(["--results", str(tmp_path)]) == []
-    assert capsys.readouterr().err.count("skip") == 4
+    assert capsys.readouterr().err.count("skip") == 5
     (tmp_path / "switch.json").write_text("{not json")
     with pytest.raises(ValueError, match="switch.json"):
         plot.main(["--results", str(tmp_path)])

@@ -1,0 +1,392 @@
+"""Many adapters in one batch, side by side in one run: shira_fx `bank.per_request(names)` (one
+forward for the whole mixed batch, each row through its adapter's sparse side path; eager and
+compiled), PEFT LoRA's mixed-batch inference (`adapter_names=[...]`) and fused switching one
+adapter at a time (shira_fx `bank.activate`; PEFT `set_adapter` + `merge_adapter`, run the
+adapter's rows, `unmerge_adapter`), against the base model without any adapter.
+
+A Llama built from a config (random weights), inference under `torch.no_grad`, 16 adapters
+loaded (all 7 decoder linears; SHiRA with LoRA r's budget r*(out+in) per weight, so the
+trainable counts are equal); the batch's rows are assigned to 1, 4 or 16 distinct adapters
+round-robin. Throughput is tokens/s of the whole batch (for switching: all groups together,
+activations included), relative to the base model of the same mode. The timed calls of all
+rows run interleaved in rounds (a shared machine's noise hits every row alike); medians.
+
+Correctness, once per distinct-adapter count: each per_request row against the same row
+computed with its adapter activated alone (max abs diff of the logits, must be < 1e-4), and
+PEFT's mixed batch against PEFT's own merged adapter. Where per_request's time goes (the
+table packing on entering the block, the side op, the rest) comes from one profiled call.
+
+    python bench/mixed.py                       # hidden 256, 4 layers, batch 32x128, + inductor
+    python bench/mixed.py --compiler none       # eager rows only
+    python bench/mixed.py --threads 1           # one thread: steadier on a shared machine
+    python bench/mixed.py --smoke               # tiny shapes, eager, for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import peft
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (  # noqa: E402
+    default_json,
+    describe,
+    fmt,
+    llama,
+    machine,
+    markdown_table,
+    ratio,
+    write_json,
+)
+
+import shira_fx  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BASE = "base model (no adapter)"
+OURS = "shira_fx per_request"
+LORA = "PEFT LoRA mixed batch (adapter_names)"
+OURS_SWITCH = "shira_fx fused switching (activate per group)"
+LORA_SWITCH = "PEFT LoRA fused switching (merge/unmerge per group)"
+TOLERANCE = 1e-4
+
+
+@dataclass
+class Row:
+    """One timed variant: what it runs, and the times of its calls."""
+
+    method: str
+    mode: str
+    distinct: int | None  # None: the base model, the same for every count
+    fn: Callable[[], object]
+    times: list[float] = field(default_factory=list)
+    warmup_s: float = 0.0
+
+    def timed(self, n: int) -> None:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.fn()
+            self.times.append(time.perf_counter() - t0)
+
+
+def build(args):
+    return llama(args.hidden, args.layers, args.vocab, args.seq).eval()
+
+
+def names_for(k: int, batch: int) -> list[str]:
+    """Round-robin: row i uses adapter a{i % k}."""
+    return [f"a{i % k}" for i in range(batch)]
+
+
+def groups_for(names: list[str]) -> dict[str, torch.Tensor]:
+    """Each distinct adapter's rows, in order of first appearance."""
+    out: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        out.setdefault(n, []).append(i)
+    return {n: torch.tensor(rows) for n, rows in out.items()}
+
+
+def shira_adapters(args, folder: str) -> tuple[list[str], int]:
+    """`args.adapters` SHiRA adapters (masks seeded 0..n-1, random values standing for trained
+    ones), saved; returns their paths and the trainable count of one."""
+    model = build(args)
+    g = torch.Generator().manual_seed(1234)
+    paths, nnz = [], 0
+    for i in range(args.adapters):
+        adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(r=args.r, target_modules=TARGETS, seed=i),
+                                   progress=False)
+        with torch.no_grad():
+            for layer in adapter.layers.values():
+                layer.values.copy_(torch.randn(layer.values.shape, generator=g) * args.scale)
+        nnz = adapter.num_trainable()
+        paths.append(os.path.join(folder, f"a{i}.safetensors"))
+        adapter.save(paths[-1])
+        adapter.remove()
+    return paths, nnz
+
+
+def lora_model(args) -> peft.PeftModel:
+    """`args.adapters` LoRA adapters with random A and B (init_lora_weights=False), so none is
+    a no-op; eval mode (PEFT refuses adapter_names while training)."""
+    torch.manual_seed(4321)
+    make = lambda: peft.LoraConfig(r=args.r, lora_alpha=args.r, target_modules=TARGETS,
+                                   init_lora_weights=False)
+    pm = peft.get_peft_model(build(args), make(), adapter_name="a0")
+    for i in range(1, args.adapters):
+        pm.add_adapter(f"a{i}", make())
+    with torch.no_grad():  # B at the SHiRA values' scale: deltas of a comparable size
+        for m in pm.modules():
+            if isinstance(m, peft.tuners.lora.LoraLayer):
+                for b in m.lora_B.values():
+                    b.weight.mul_(args.scale)
+    return pm.eval()
+
+
+def lora_trainable(pm: peft.PeftModel) -> int:
+    return sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n and ".a0." in n)
+
+
+@torch.no_grad()
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+@torch.no_grad()
+def where_time_goes(bank, names, ids) -> dict:
+    """One profiled eager per_request call, in ms (inclusive times, the profiler's overhead
+    included): the whole call, entering the block (packing every layer's table), the forward,
+    the side op (shira_fx::side_segmented), and the aten ops it is made of on CPU next to the
+    base's dense products (a Llama's linears have no bias: aten::mm is the base layers',
+    aten::addmm the side op's CSR products)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("mixed::call"):
+            ctx = bank.per_request(names)
+            with record_function("mixed::enter"):
+                model = ctx.__enter__()
+            try:
+                with record_function("mixed::forward"):
+                    model(input_ids=ids)
+            finally:
+                ctx.__exit__(None, None, None)
+    events = prof.key_averages()
+    total = {e.key: e.cpu_time_total / 1e3 for e in events}
+    calls = {e.key: e.count for e in events}
+    side = "shira_fx::side_segmented"
+    return {"call_ms": total.get("mixed::call"), "enter_ms": total.get("mixed::enter"),
+            "forward_ms": total.get("mixed::forward"), "side_op_ms": total.get(side, 0.0),
+            "side_op_calls": calls.get(side, 0),
+            "side_op_share_of_forward": ratio(total.get(side, 0.0), total.get("mixed::forward")),
+            "base_dense_mm_ms": total.get("aten::mm", 0.0),
+            "side_csr_addmm_ms": total.get("aten::addmm", 0.0),
+            "top_ops_ms": dict(sorted(((k, v) for k, v in total.items() if k.startswith("aten::")),
+                                      key=lambda kv: -kv[1])[:12])}
+
+
+def measure(args) -> dict:
+    folder = tempfile.mkdtemp(prefix="shira_mixed_")
+    paths, nnz = shira_adapters(args, folder)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    base = build(args)
+    mixed_bank = shira_fx.AdapterBank(build(args))  # per_request only: nothing is ever activated
+    switch_bank = shira_fx.AdapterBank(build(args))  # fused switching
+    for i, path in enumerate(paths):
+        mixed_bank.load(f"a{i}", path)
+        switch_bank.load(f"a{i}", path)
+    pm = lora_model(args)
+    modes = ["eager"] + ([] if args.compiler == "none" else ["compiled"])
+    compiled_base = compiled_mixed = None
+    if "compiled" in modes:
+        compiled_base = torch.compile(base, backend=args.compiler)
+        compiled_mixed = torch.compile(mixed_bank.model, backend=shira_fx.backend(inner=args.compiler))
+
+    def per_request(model_fn, names):
+        def run():
+            with mixed_bank.per_request(names) as model:
+                return (model if model_fn is None else model_fn)(input_ids=ids).logits
+        return run
+
+    def shira_switch(groups, subs):
+        def run():
+            return {a: (switch_bank.activate(a), switch_bank.model(input_ids=subs[a]).logits)[1]
+                    for a in groups}
+        return run
+
+    def lora_switch(groups, subs):
+        def run():
+            out = {}
+            for a in groups:
+                pm.set_adapter(a)
+                pm.merge_adapter()
+                out[a] = pm(input_ids=subs[a]).logits
+                pm.unmerge_adapter()
+            return out
+        return run
+
+    rows = [Row(BASE, "eager", None, lambda: base(input_ids=ids).logits)]
+    if compiled_base is not None:
+        rows.append(Row(BASE, "compiled", None, lambda: compiled_base(input_ids=ids).logits))
+    checks, breakdown = [], {}
+    for k in args.distinct:
+        names = names_for(k, args.batch)
+        groups = groups_for(names)
+        subs = {a: ids[r] for a, r in groups.items()}
+        rows.append(Row(OURS, "eager", k, per_request(None, names)))
+        if compiled_mixed is not None:
+            rows.append(Row(OURS, "compiled", k, per_request(compiled_mixed, names)))
+        rows.append(Row(LORA, "eager", k, lambda names=names: pm(input_ids=ids, adapter_names=names).logits))
+        rows.append(Row(OURS_SWITCH, "eager", k, shira_switch(groups, subs)))
+        rows.append(Row(LORA_SWITCH, "eager", k, lora_switch(groups, subs)))
+
+    with torch.no_grad():
+        for r in rows:  # warm-up (compilation)
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):
+                r.fn()
+            r.warmup_s = time.perf_counter() - t0
+            print(f"  {r.method} ({r.mode}, {r.distinct or '-'}): warm-up {r.warmup_s:.1f} s",
+                  file=sys.stderr)
+
+        for k in args.distinct:  # correctness, once per distinct-adapter count
+            names = names_for(k, args.batch)
+            groups = groups_for(names)
+            subs = {a: ids[r] for a, r in groups.items()}
+            want = torch.empty(args.batch, args.seq, args.vocab)
+            for a, out in shira_switch(groups, subs)().items():
+                want[groups[a]] = out
+            switch_bank.deactivate()
+            check = {"distinct": k}
+            for mode, fn in (("eager", None), ("compiled", compiled_mixed)):
+                if mode in modes:
+                    got = per_request(fn, names)()
+                    check[f"per_request_{mode}_max_abs_diff"] = max_diff(got, want)
+            lora_want = torch.empty_like(want)
+            for a, out in lora_switch(groups, subs)().items():
+                lora_want[groups[a]] = out
+            check["peft_mixed_vs_merged_max_abs_diff"] = max_diff(
+                pm(input_ids=ids, adapter_names=names).logits, lora_want)
+            plain = base(input_ids=ids).logits
+            check["adapters_change_output"] = max_diff(want, plain) > TOLERANCE
+            check["lora_adapters_change_output"] = max_diff(lora_want, plain) > TOLERANCE
+            check["pass"] = check["adapters_change_output"] and all(
+                v < TOLERANCE for key, v in check.items() if key.startswith("per_request_"))
+            checks.append(check)
+            breakdown[str(k)] = where_time_goes(mixed_bank, names, ids)
+
+        frames = sum(torch._dynamo.utils.counters["frames"].values())
+        rounds = max(1, min(args.rounds, args.calls))
+        for i in range(rounds):
+            for r in rows:
+                r.timed(args.calls // rounds + (i < args.calls % rounds))
+        recompiled = sum(torch._dynamo.utils.counters["frames"].values()) - frames
+    if recompiled:
+        print(f"  warning: {recompiled} frames compiled during the timed calls", file=sys.stderr)
+    tokens = args.batch * args.seq
+    base_ms = {r.mode: statistics.median(r.times) * 1e3 for r in rows if r.method == BASE}
+    out = []
+    for r in rows:
+        ms = statistics.median(r.times) * 1e3
+        out.append({"method": r.method, "mode": r.mode, "distinct": r.distinct, "ms": ms,
+                    "ms_min": min(r.times) * 1e3, "ms_all": [t * 1e3 for t in r.times],
+                    "tokens_per_s": tokens / (ms / 1e3), "vs_base": ratio(base_ms[r.mode], ms),
+                    "warmup_s": r.warmup_s})
+    lora_count = lora_trainable(pm)
+    return {"rows": out, "checks": checks, "breakdown": breakdown, "trainable_shira": nnz,
+            "trainable_lora": lora_count, "frames_compiled_while_timing": recompiled}
+
+
+def targets(rows: list[dict], k: int) -> list[dict]:
+    """The issue's targets at `k` distinct adapters, for each mode per_request ran in."""
+    got = {(r["method"], r["mode"], r["distinct"]): r for r in rows}
+    lora = got.get((LORA, "eager", k))
+    out = []
+    for mode in ("eager", "compiled"):
+        ours = got.get((OURS, mode, k))
+        if ours is None:
+            continue
+        vs_lora = ratio(ours["tokens_per_s"], lora and lora["tokens_per_s"])
+        for what, value, limit in ((f"vs the base model ({mode})", ours["vs_base"], 0.8),
+                                   ("vs PEFT LoRA mixed batch (eager)", vs_lora, 1.0),
+                                   ("vs PEFT LoRA mixed batch (eager), goal", vs_lora, 1.2)):
+            out.append({"target": f"shira_fx per_request {mode}, {k} adapters, throughput {what}",
+                        "value": value, "limit": limit, "pass": None if value is None else value >= limit})
+    return out
+
+
+def report(result: dict, args) -> None:
+    info = result["machine"]
+    print(f"\nLlama hidden {args.hidden}, intermediate {args.hidden * 11 // 4}, {args.layers} layers, "
+          f"vocab {args.vocab}, batch {args.batch}x{args.seq} ({args.batch * args.seq} tokens), inference "
+          f"(no_grad), fp32; {args.adapters} adapters loaded, all 7 linears, SHiRA at LoRA r={args.r}'s "
+          f"budget ({result['trainable_shira']:,} values/adapter; LoRA {result['trainable_lora']:,}); "
+          f"rows round-robin over the distinct adapters; compiled = "
+          f"{'-' if args.compiler == 'none' else args.compiler}; {describe(info)}\n")
+    table = []
+    for r in result["rows"]:
+        table.append([r["method"], r["mode"], "-" if r["distinct"] is None else r["distinct"],
+                      fmt(r["ms"], ".0f"), fmt(r["tokens_per_s"], ",.0f"), fmt(r["vs_base"], ".2f", "x")])
+    print(markdown_table(["method", "mode", "distinct adapters", "ms / batch", "tokens/s", "vs base"],
+                         table, align="llrrrr"))
+    print()
+    for c in result["checks"]:
+        diffs = ", ".join(f"{k.removesuffix('_max_abs_diff')} {v:.2e}" for k, v in c.items()
+                          if k.endswith("_max_abs_diff"))
+        print(f"{'pass' if c['pass'] else 'MISS'}: correctness, {c['distinct']} adapters: max |logit diff| "
+              f"{diffs} (per_request < {TOLERANCE:g})")
+    for k, b in result["breakdown"].items():
+        print(f"per_request eager, {k} adapters, one profiled call: {fmt(b['call_ms'], '.0f')} ms = "
+              f"entering (table packing) {fmt(b['enter_ms'], '.0f')} "
+              f"+ forward {fmt(b['forward_ms'], '.0f')}; "
+              f"side op {fmt(b['side_op_ms'], '.0f')} ms in {b['side_op_calls']} calls "
+              f"({fmt(b['side_op_share_of_forward'], '.0%')} of the forward; its CSR products "
+              f"{fmt(b['side_csr_addmm_ms'], '.0f')} ms vs the base layers' dense products "
+              f"{fmt(b['base_dense_mm_ms'], '.0f')} ms)")
+    print()
+    for t in result["targets"]:
+        verdict = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "MISS")
+        print(f"{verdict}: {t['target']}: {fmt(t['value'], '.3f')}x (target >= {t['limit']})")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--adapters", type=int, default=16, help="adapters loaded")
+    p.add_argument("--distinct", default="1,4,16", help="distinct adapters per batch (comma-separated)")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank; SHiRA gets its budget r*(out+in)")
+    p.add_argument("--scale", type=float, default=0.01, help="std of the random adapter values")
+    p.add_argument("--calls", type=int, default=6, help="timed calls per row")
+    p.add_argument("--rounds", type=int, default=3, help="the timed calls of all rows interleave in rounds")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compiler", default="inductor",
+                   help="inner compiler of the compiled rows, or 'none' for eager rows only")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default torch's); on a shared machine 1 avoids OpenMP barrier "
+                        "stalls, which hit every parallel op, so the mixed paths' many small ops most")
+    p.add_argument("--json", default=None, help=f"default {default_json('mixed')} (none with --smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, eager only, for the test suite")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.hidden, args.layers, args.vocab, args.batch, args.seq = 64, 1, 64, 8, 8
+        args.adapters, args.distinct, args.calls, args.rounds, args.warmup = 4, "1,4", 2, 2, 1
+        args.compiler = "none"
+    args.distinct = [int(k) for k in str(args.distinct).split(",")]
+    if max(args.distinct) > args.adapters:
+        p.error(f"--distinct {max(args.distinct)} exceeds --adapters {args.adapters}")
+    if args.json is None and not args.smoke:
+        args.json = default_json("mixed")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    t_start = time.perf_counter()
+    threads = torch.get_num_threads()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        info = machine()
+        measured = measure(args)
+    finally:
+        torch.set_num_threads(threads)
+    k = max(args.distinct)
+    result = {"bench": "mixed", "machine": info, "args": vars(args), **measured,
+              "targets": targets(measured["rows"], k), "seconds": time.perf_counter() - t_start}
+    report(result, args)
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
