@@ -141,10 +141,8 @@ class ShiraLayer:
             idx = self.pending.to(full.device)
             self.module._buffers[self.attr(INDICES)] = idx
             self.module._buffers[self.attr(BASE)] = full.detach().reshape(-1)[idx.long()].clone()
-            if self.param == "weight":  # to_empty left the plan's buffers uninitialised
-                for name in self.module.__dict__.get("_shira_plan", ()):
-                    self.module._buffers.pop(name, None)
-                self.module._shira_plan = _register_plan(self.module, idx, tuple(full.shape))
+            if self.param == "weight":  # planned again from the indices now in place
+                self.module._shira_plan = _plan(idx, tuple(full.shape))
             self.values.zero_()
             self.pending = None
         else:
@@ -172,9 +170,8 @@ def _sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
         if x.dtype != weight.dtype and not autocast:  # as the layer itself would refuse
             return type(self).forward(self, x)
     if torch.is_grad_enabled() and values.requires_grad:
-        plan = [self._buffers[name] for name in self._shira_plan]
         return ops.sparse_linear(x, weight, self.bias, values, self.shira_indices, self._shira_transposed,
-                                 plan)
+                                 self._shira_plan)
     return type(self).forward(self, x)
 
 
@@ -240,9 +237,12 @@ def _with_properties(original: type, params: frozenset) -> type:
     key = (original, params)
     if key not in _SUBCLASSES:
         attrs = {p: _adapted_parameter(p) for p in sorted(params)}
+        if "weight" in params:
+            attrs["_apply"] = _apply_keeping_plan
+        # named as the original, but of this module: Dynamo compiles torch.nn's own classes
+        # with every tensor attribute at a fixed size, which would pin the plan's sizes
         _SUBCLASSES[key] = type(original.__name__, (original,),
-                                {**attrs, "__module__": original.__module__,
-                                 "__qualname__": original.__qualname__})
+                                {**attrs, "__module__": __name__, "__qualname__": original.__qualname__})
     return _SUBCLASSES[key]
 
 
@@ -365,8 +365,6 @@ class SparseAdapter(nn.Module):
             module._buffers.pop(layer.attr(INDICES), None)
             module._buffers.pop(layer.attr(BASE), None)
             if layer.param == "weight":
-                for name in module.__dict__.get("_shira_plan", ()):
-                    module._buffers.pop(name, None)
                 for attr in ("forward", "_shira_layer", "_shira_transposed", "_shira_plan"):
                     module.__dict__.pop(attr, None)
             if not layer.quantized:
@@ -609,19 +607,31 @@ def prepare(
     return adapter
 
 
-PLAN = "shira_plan_"  # the buffers of a layer's masked-gradient plan: shira_plan_<field>
-
-
-def _register_plan(module: nn.Module, indices: Tensor, shape: tuple[int, ...]) -> tuple[str, ...]:
+def _plan(indices: Tensor, shape: tuple[int, ...]) -> list[Tensor]:
     """The mask's structure for the masked gradient (dense rows, columns and diagonals as
-    GEMMs, the rest tile-ordered: `kernels.plan_mask`), built once from the indices and kept
-    as buffers beside them; the names of those buffers (none when the mask has no structure
-    worth using)."""
-    plan = kernels.plan_mask(indices, shape[0], shape[1])
-    names = tuple(PLAN + field for field in kernels.PLAN_FIELDS) if plan else ()
-    for name, tensor in zip(names, plan, strict=True):
-        module.register_buffer(name, tensor.to(indices.device), persistent=False)
-    return names
+    GEMMs, the rest tile-ordered: `kernels.plan_mask`), built once from the indices; a mask
+    without structure worth using gets `kernels.no_plan`'s empty tensors. Kept as a plain
+    attribute (not buffers, which Dynamo compiles at fixed sizes) with sizes marked unbacked:
+    blocks whose plans differ in size still share one compiled graph."""
+    plan = kernels.plan_mask(indices, shape[0], shape[1]) or kernels.no_plan(indices)
+    return _on_device(plan, indices.device)
+
+
+def _apply_keeping_plan(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
+    """`Module._apply` (`.to`, `.cuda`, `to_empty`, FSDP2's moves), then the plan follows the
+    indices to their device as a buffer would."""
+    result = super(type(self), self)._apply(fn, recurse)
+    plan, indices = self.__dict__.get("_shira_plan"), self._buffers.get(INDICES)
+    if plan and indices is not None and plan[0].device != indices.device:
+        self.__dict__["_shira_plan"] = _on_device(plan, indices.device)
+    return result
+
+
+def _on_device(plan: list[Tensor], device: torch.device) -> list[Tensor]:
+    moved = [t.to(device) for t in plan]
+    for t in moved:
+        torch._dynamo.decorators.mark_unbacked(t, 0)
+    return moved
 
 
 @torch.no_grad()
@@ -671,7 +681,7 @@ def _attach(t: TargetLayer, mask: Tensor, cfg: ShiraConfig) -> ShiraLayer:
     if t.param == "weight":
         module._shira_layer = layer
         module._shira_transposed = t.transposed
-        module._shira_plan = _register_plan(module, idx if layer.pending is None else layer.pending, w.shape)
+        module._shira_plan = _plan(idx.to(device) if layer.pending is None else layer.pending, tuple(w.shape))
         module.forward = types.MethodType(_sparse_forward, module)
     _expose(module, layer)
     registry.register(values, layer)

@@ -121,3 +121,12 @@ def test_remove_restores_the_base_bit_exactly_and_unfreezes_only_what_prepare_fr
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     shira_fx.prepare(model, shira_fx.ShiraConfig(), progress=False)  # can be prepared again
+
+
+def test_the_masked_gradient_plan_follows_the_module_to_another_device():
+    """The plan is a plain attribute (not a buffer): `.to()` moves it with the indices."""
+    model = tiny_models.build("mlp")
+    shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.3, mask="struct"), progress=False)
+    model.to("meta")
+    assert model[0].shira_indices.is_meta
+    assert all(t.is_meta for t in model[0]._shira_plan)

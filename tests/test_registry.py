@@ -28,7 +28,7 @@ def test_a_dropped_prepared_model_is_freed_and_forgotten():
 def test_remove_unregisters_and_a_new_prepare_registers_again():
     model = tiny_models.build("mlp")
     adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
-    w = model[0].weight
+    w = model[0]._parameters["weight"]  # the parameter itself (`.weight` reads it with the values)
     assert layer_for_weight(w) is adapter.layers["0"]
     adapter.remove()
     assert layer_for_weight(w) is None

@@ -4,7 +4,7 @@ and the masked gradient's plan and dispatcher."""
 from .scatter import scatter_fused_, scatter_fused_reference_
 from .sddmm import dense_block, sddmm, sddmm_cpu, sddmm_reference, sddmm_tiles
 from .sddmm_inductor import sddmm_rowdot
-from .sddmm_plan import PATHS, PLAN_FIELDS, choose_path, masked_grad, plan_mask
+from .sddmm_plan import PATHS, PLAN_FIELDS, choose_path, masked_grad, no_plan, plan_mask
 from .side import (
     pack_adapters,
     side_backward_x,
@@ -28,6 +28,7 @@ from .side import (
 __all__ = [
     "PATHS",
     "PLAN_FIELDS",
+    "no_plan",
     "choose_path",
     "dense_block",
     "masked_grad",

@@ -201,6 +201,17 @@ def plan_mask(
             tile_ptr.int(), tile_ids.int()]
 
 
+def no_plan(indices: Tensor) -> list[Tensor]:
+    """The seven empty tensors `masked_grad` reads as "no plan": a layer whose mask has no
+    structure holds these, so every layer passes the same tensors to a compiled graph (one
+    graph for blocks whose masks differ in structure)."""
+    dev = indices.device
+    return [torch.empty(0, dtype=torch.int64, device=dev) for _ in range(3)] + [  # distinct tensors:
+        # Dynamo guards on aliasing between a graph's inputs
+        indices.new_empty(0), torch.empty(0, dtype=torch.int64, device=dev),
+        torch.empty(0, dtype=torch.int32, device=dev), torch.empty(0, dtype=torch.int32, device=dev)]
+
+
 def _diagonals(a: Tensor, b: Tensor, diag: Tensor, ncols: int) -> Tensor:
     """fp32 values at the plan's `diag` offsets (whole diagonals, one after another): per
     diagonal c = r + delta, `sum_t a[t, r0:r1] * b[t, r0 + delta:r1 + delta]`, streamed over T
@@ -346,6 +357,8 @@ def masked_grad(
     if plan and len(plan) != len(PLAN_FIELDS):
         raise ValueError(f"masked_grad: a plan holds {len(PLAN_FIELDS)} tensors {PLAN_FIELDS} "
                          f"(plan_mask), found {len(plan)}")
+    if plan and plan[PLAN_FIELDS.index("perm")].numel() == 0:
+        plan = []  # no_plan(): a layer without structure, kept the same arity as its neighbours
     planned = plan[PLAN_FIELDS.index("perm")].shape[0] if plan else nnz
     if planned != nnz:
         raise ValueError(f"masked_grad: the plan was made for {planned} indices, found {nnz}")
