@@ -25,7 +25,7 @@ from . import ops
 from .adapter import SparseAdapter
 from .adapter_files import StoredAdapter, fingerprint, load_adapter
 from .errors import ShiraAdapterError
-from .quantized import base_forward
+from .quantized import base_forward, quantized_kind
 from .targets import resolve_layer
 
 SIDE_INDICES, SIDE_VALUES = "shira_side_indices", "shira_side_values"
@@ -59,17 +59,22 @@ class _Plan:
 def _served_forward(self: nn.Module, x: Tensor) -> Tensor:
     """Forward of a module a bank serves beside its weight: the layer's own forward (for a
     quantized base, the library's op), plus the active adapter beside it when the weight cannot
-    hold it, plus each row's own correction inside `per_request`; with neither, exactly the
-    base layer's output."""
+    hold it, plus each row's own correction inside `per_request` (on the CPU, a plain weight's
+    whole linear per adapter: `ops.request_linear`); with neither, exactly the base layer's output."""
+    rows = self._buffers[REQUEST[3]]
+    if rows.numel() and x.shape[0] != rows.numel():
+        raise ShiraAdapterError(f"per_request: a served layer got an input of shape {tuple(x.shape)}; "
+                                f"expected the batch's {rows.numel()} rows first")
+    weight = self.__dict__["_shira_served_weight"]
+    if rows.numel() and weight is not None and x.device.type == "cpu":  # the whole linear per adapter
+        return ops.request_linear(x, self._parameters[weight], self.bias, rows, self._buffers[REQUEST[0]],
+                                  self._buffers[REQUEST[1]], self._buffers[REQUEST[2]],
+                                  self.__dict__["_shira_served_transposed"])
     y = base_forward(self, x)
     indices = self._buffers[SIDE_INDICES]
     if indices.numel():
         y = y + ops.side_linear(x, self._buffers[SIDE_VALUES], indices, y.shape[-1], x.shape[-1]).to(y.dtype)
-    rows = self._buffers[REQUEST[3]]
     if rows.numel():
-        if x.shape[0] != rows.numel():
-            raise ShiraAdapterError(f"per_request: a served layer got an input of shape {tuple(x.shape)}; "
-                                    f"expected the batch's {rows.numel()} rows first")
         x2 = x.reshape(-1, x.shape[-1])
         seg_starts = torch.arange(rows.numel() + 1, device=x.device) * (x2.shape[0] // rows.numel())
         side = ops.side_segmented(x2, seg_starts, rows, self._buffers[REQUEST[0]], self._buffers[REQUEST[1]],
@@ -94,6 +99,11 @@ def _serve_beside(module: nn.Module, transposed: bool = False) -> None:
     for name, dtype in zip(REQUEST, (torch.int32, torch.float32, torch.int64, torch.int64), strict=True):
         module.register_buffer(name, torch.empty(0, dtype=dtype, device=device), persistent=False)
     module.__dict__["_shira_served_transposed"] = transposed
+    # a plain weight (not quantized): on the CPU a mixed batch runs the whole linear per adapter
+    weight = module._parameters.get("weight")
+    plain = (isinstance(module, nn.Linear) or transposed) and quantized_kind(module) is None and (
+        type(weight) is nn.Parameter)
+    module.__dict__["_shira_served_weight"] = "weight" if plain else None
     module.forward = types.MethodType(_served_forward, module)
 
 

@@ -254,6 +254,59 @@ def _side_backward(ctx, grad_y: Tensor):
 side_linear.register_autograd(_side_backward, setup_context=_side_setup)
 
 
+# a mixed batch's rows of one adapter run on a copy of the weight with the adapter written in
+# when the sparse side product would cost more than that copy: tokens * nnz multiply-adds against
+# out * in copied elements, a multiply-add through the sparse kernel costing about half a copied
+# element on the CPU (measured at 512x512..2048x2048, 1.5-6 % density, 128-256 tokens)
+DENSE_COPY_TOKENS_X_NNZ = 2.0
+
+
+@torch.library.custom_op("shira_fx::request_linear", mutates_args=())
+def request_linear(x: Tensor, weight: Tensor, bias: Tensor | None, row_adapters: Tensor, indices: Tensor,
+                   values: Tensor, offsets: Tensor, transposed: bool) -> Tensor:
+    """A mixed batch's whole linear on the CPU, for inference: batch row b (x's first
+    dimension) computes with `weight` plus adapter `row_adapters[b]`'s correction (-1: none),
+    correction a being `indices/values[offsets[a]:offsets[a+1]]` (flat offsets into the weight
+    as stored). The rows of one adapter run together, either on a copy of the weight with the
+    correction added (when their tokens times its nnz outweigh copying the weight) or on the
+    weight plus the sparse side product: a mixed batch costs about the base model's linear."""
+    out_features = weight.shape[1] if transposed else weight.shape[0]
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    y = x3.new_empty(*x3.shape[:2], out_features)
+    bounds = offsets.tolist()
+    groups: dict[int, list[int]] = {}
+    for b, a in enumerate(row_adapters.tolist()):
+        if not -1 <= a < len(bounds) - 1:
+            raise ValueError(f"request_linear: row {b} names adapter {a}; the table holds {len(bounds) - 1}")
+        groups.setdefault(a, []).append(b)
+    for a, rows in groups.items():
+        sel = torch.tensor(rows, device=x.device)
+        xs = x3 if len(rows) == x3.shape[0] else x3.index_select(0, sel)
+        lo, hi = (bounds[a], bounds[a + 1]) if a >= 0 else (0, 0)
+        idx, val = indices[lo:hi], values[lo:hi]
+        if hi > lo and xs.shape[0] * xs.shape[1] * (hi - lo) >= DENSE_COPY_TOKENS_X_NNZ * weight.numel():
+            w = weight.clone()
+            w.view(-1).index_add_(0, idx.long(), val.to(w.dtype))
+            ys = _dense_linear(xs, w, bias, transposed)
+        else:
+            ys = _dense_linear(xs, weight, bias, transposed)
+            if hi > lo:
+                side = (side_backward_x(xs, idx, val, weight.shape[0], weight.shape[1]) if transposed
+                        else side_forward(xs, idx, val, weight.shape[0], weight.shape[1]))
+                ys = ys + side.to(ys.dtype)
+        if len(rows) == x3.shape[0]:
+            y = ys
+        else:
+            y.index_copy_(0, sel, ys.to(y.dtype))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@request_linear.register_fake
+def _(x, weight, bias, row_adapters, indices, values, offsets, transposed):
+    out_features = weight.shape[1] if transposed else weight.shape[0]
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 @torch.library.custom_op("shira_fx::side_segmented", mutates_args=())
 def side_segmented(x: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
                    offsets: Tensor, out_features: int, in_features: int, transposed: bool) -> Tensor:

@@ -57,8 +57,12 @@ def _alone(bank, ids: torch.Tensor, spec) -> torch.Tensor:
 NAMES = ["a0", None, "a2", {"a0": 1.0, "a1": 0.5}, "a1", "a0"]
 
 
+@pytest.mark.parametrize("copy_at", [0.0, float("inf")], ids=["weight-copy", "sparse-side"])
 @pytest.mark.parametrize("active", [None, "a1"])
-def test_each_row_equals_its_adapter_computed_alone(bank, active):
+def test_each_row_equals_its_adapter_computed_alone(bank, active, copy_at, monkeypatch):
+    """Both ways a CPU mixed batch runs an adapter's rows: on a copy of the weight with the
+    correction written in, and as the weight's product plus the sparse side product."""
+    monkeypatch.setattr(shira_fx.ops, "DENSE_COPY_TOKENS_X_NNZ", copy_at)
     ids = _ids()
     want = torch.stack([_alone(bank, ids, spec)[i] for i, spec in enumerate(NAMES)])
     if active is not None:
@@ -70,6 +74,33 @@ def test_each_row_equals_its_adapter_computed_alone(bank, active):
     for k, v in bank.model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed"
     assert bank.active == (None if active is None else {active: 1.0})
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("copy_at", [0.0, float("inf")])
+def test_request_linear_equals_each_rows_dense_weight(transposed, copy_at, monkeypatch):
+    """The op alone against its definition: row b times (W + its correction, scattered into a
+    dense copy), for weights stored (out, in) and (in, out); an unknown adapter id is refused."""
+    monkeypatch.setattr(shira_fx.ops, "DENSE_COPY_TOKENS_X_NNZ", copy_at)
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f, rows = 9, 5, [1, -1, 0, 1, 2]
+    weight = torch.randn((in_f, out_f) if transposed else (out_f, in_f), generator=g)
+    bias = torch.randn(out_f, generator=g)
+    parts = [torch.randperm(out_f * in_f, generator=g)[:n].sort().values for n in (4, 11, 0)]
+    values = [torch.randn(p.numel(), generator=g) for p in parts]
+    offsets = torch.tensor([0, 4, 15, 15])
+    x = torch.randn(len(rows), 3, in_f, generator=g)
+    got = shira_fx.ops.request_linear(x, weight, bias, torch.tensor(rows), torch.cat(parts).int(),
+                                      torch.cat(values), offsets, transposed)
+    for b, a in enumerate(rows):
+        w = weight.clone()
+        if a >= 0:
+            w.view(-1)[parts[a]] += values[a]
+        want = x[b] @ (w if transposed else w.T) + bias
+        torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-5, msg=f"row {b}")
+    with pytest.raises(ValueError, match="row 0 names adapter 3"):
+        shira_fx.ops.request_linear(x[:1], weight, bias, torch.tensor([3]), torch.cat(parts).int(),
+                                    torch.cat(values), offsets, transposed)
 
 
 def test_compiled_mixed_batches_match_and_a_new_list_of_names_compiles_nothing(bank):
