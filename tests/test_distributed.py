@@ -84,18 +84,22 @@ def train(rank: int, world: int, mode: str, inner: str, accumulate: int = 1,
     return result
 
 
-def _spawn(mode: str, inner: str, accumulate: int, tmp_path, timeout: float = 400.0) -> list[dict]:
-    """Run `train` on WORLD processes; a hang (a collective one rank never joins) fails the
-    test instead of blocking the suite."""
+def _spawn(mode: str, inner: str, accumulate: int, tmp_path) -> list[dict]:
+    return _on_ranks(_worker, (mode, inner, accumulate), tmp_path, mode)
+
+
+def _on_ranks(worker, args: tuple, tmp_path, label: str, timeout: float = 400.0) -> list[dict]:
+    """Run `worker(rank, *args, outs, init)` on WORLD processes and load what each saved; a
+    hang (a collective one rank never joins) fails the test instead of blocking the suite."""
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     init = f"file://{tmp_path / 'rendezvous'}"
-    ctx = mp.spawn(_worker, args=(mode, inner, accumulate, outs, init), nprocs=WORLD, join=False)
+    ctx = mp.spawn(worker, args=(*args, outs, init), nprocs=WORLD, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"{mode}: the {WORLD} processes did not finish in {timeout:.0f} s")
+            pytest.fail(f"{label}: the {WORLD} processes did not finish in {timeout:.0f} s")
     return [torch.load(o) for o in outs]
 
 
@@ -190,3 +194,58 @@ def test_local_plan_translates_exactly_the_indices_a_block_holds(shape, offset, 
     held = set(block.view(-1).tolist())
     assert indices[own].tolist() == [i for i in indices.tolist() if i in held]
     assert block.view(-1)[local_indices.long()].tolist() == indices[own].tolist()
+
+
+def train_4bit(rank: int, world: int, folder: str, out: str | None = None, init: str | None = None) -> dict:
+    """The tiny Llama saved in `folder`, loaded in 4 bits (bitsandbytes NF4), prepared (the
+    adapter beside the packed weights), STEPS AdamW steps on rank's share of each batch under
+    DDP (eager); returns the values, the packed weights and the last loss."""
+    import transformers
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=q, device_map="cpu")
+    packed = {k: v.clone() for k, v in model.state_dict().items() if v.dtype == torch.uint8}
+    adapter = shira_fx.prepare(model, CFG, progress=False)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+
+    @shira_fx.train_step(adapter, opt)
+    def step(batch):
+        return net(**batch).loss
+
+    losses = [float(step({k: v.chunk(world)[rank] for k, v in tiny_models.batch("llama", i, BATCH).items()}))
+              for i in range(STEPS)]
+    result = {"values": [la.values.detach().clone() for la in adapter.layers.values()],
+              "packed_unchanged": all(torch.equal(v, model.state_dict()[k]) for k, v in packed.items()),
+              "packed": len(packed), "losses": losses}
+    if world > 1:
+        dist.destroy_process_group()
+    if out is not None:
+        torch.save(result, out)
+    return result
+
+
+def _worker_4bit(rank: int, folder: str, outs: list[str], init: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    train_4bit(rank, WORLD, folder, outs[rank], init)
+
+
+@pytest.mark.distributed
+def test_ddp_on_a_4bit_base_equals_one_process(tmp_path):
+    """DDP over a bitsandbytes NF4 base (the adapter beside the packed weights): the two ranks'
+    values equal one process trained on the whole batch, and no packed weight changes."""
+    pytest.importorskip("bitsandbytes")
+    folder = tmp_path / "fp32"
+    tiny_models.build("llama").save_pretrained(folder)
+    ranks = _on_ranks(_worker_4bit, (str(folder),), tmp_path, "4-bit DDP")
+    ref = train_4bit(0, 1, str(folder))
+    assert ref["packed"] > 0 and ref["packed_unchanged"]
+    assert max(v.abs().max() for v in ref["values"]) > 1e-3, "training did not move the values"
+    for r in ranks:
+        assert r["packed_unchanged"], "a packed 4-bit weight changed"
+        for got, want in zip(r["values"], ref["values"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
