@@ -447,16 +447,20 @@ def record_partition(report: RewriteReport, joint: fx.GraphModule, backward: fx.
                      static_inputs: list[int] | None) -> None:
     """Fill `report.inputs` and `held_bytes` from a min-cut partition: which rewritten
     linears' inputs backward rebuilds and which it keeps (and why), and the bytes of every
-    tensor saved for backward (the joint graph's parameters and buffers, `static_inputs`,
-    excluded: they are held anyway)."""
+    tensor saved for backward (the joint graph's parameters and buffers, `static_inputs`, and
+    the masks' plans excluded: they are held anyway)."""
     saved = {n.name for n in backward.graph.nodes
              if n.op == "placeholder" and not n.name.startswith("tangents")}
     rebuilt = {n.name for n in backward.graph.nodes if n.op == "call_function"}
     primals = [n for n in joint.graph.nodes if n.op == "placeholder"]
     static = {primals[i].name for i in static_inputs or () if i < len(primals)}
+    for node in joint.graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default):
+        static.update(t.name for t in node.args[6])  # the mask's plan: the module holds it anyway
     storages: dict[object, int | None] = {}
     for node in joint.graph.nodes:
         if node.name in saved and node.name not in static:
+            if isinstance(node.meta.get("val"), (int, torch.SymInt)):
+                continue  # a size (the plans' sizes are graph inputs): no tensor held
             key, nbytes = _nbytes(node)
             storages[key] = nbytes
     sizes = list(storages.values())

@@ -103,11 +103,12 @@ def _train(kind, recompute, steps=20, **model_kw):
     return torch.cat([p.detach() for p in adapter.parameters()])
 
 
-@pytest.mark.parametrize("kind", ["llama", "bert"])
+@pytest.mark.parametrize("kind", ["llama", pytest.param("bert", marks=pytest.mark.slow)])
 def test_twenty_steps_with_the_pass_equal_the_pass_off_bit_for_bit(kind):
     assert torch.equal(_train(kind, "auto"), _train(kind, "off"))
 
 
+@pytest.mark.slow
 def test_dropout_is_never_replayed():
     model = tiny_models.build("gpt2")
     model.train()
