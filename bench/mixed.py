@@ -1,8 +1,8 @@
 """Many adapters in one batch, side by side in one run: shira_fx `bank.per_request(names)` (one
-forward for the whole mixed batch, each row through its adapter's sparse side path; eager and
-compiled), PEFT LoRA's mixed-batch inference (`adapter_names=[...]`) and fused switching one
-adapter at a time (shira_fx `bank.activate`; PEFT `set_adapter` + `merge_adapter`, run the
-adapter's rows, `unmerge_adapter`), against the base model without any adapter.
+forward for the whole mixed batch, each row with its own adapter; eager and compiled), PEFT
+LoRA's mixed-batch inference (`adapter_names=[...]`) and fused switching one adapter at a time
+(shira_fx `bank.activate`; PEFT `set_adapter` + `merge_adapter`, run the adapter's rows,
+`unmerge_adapter`), against the base model without any adapter.
 
 A Llama built from a config (random weights), inference under `torch.no_grad`, 16 adapters
 loaded (all 7 decoder linears; SHiRA with LoRA r's budget r*(out+in) per weight, so the
@@ -144,9 +144,10 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def where_time_goes(bank, names, ids) -> dict:
     """One profiled eager per_request call, in ms (inclusive times, the profiler's overhead
     included): the whole call, entering the block (packing every layer's table), the forward,
-    the side op (shira_fx::side_segmented), and the aten ops it is made of on CPU next to the
-    base's dense products (a Llama's linears have no bias: aten::mm is the base layers',
-    aten::addmm the side op's CSR products)."""
+    the mixed-batch ops (on CPU shira_fx::request_linear, the whole linear per adapter; else
+    shira_fx::side_segmented beside the base) and the aten ops they are made of: the dense
+    products (a Llama's linears have no bias: aten::mm), the weight copies an adapter's rows
+    run on (aten::clone + aten::index_add_) and the sparse side products (aten::addmm, CSR)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -162,12 +163,14 @@ def where_time_goes(bank, names, ids) -> dict:
     events = prof.key_averages()
     total = {e.key: e.cpu_time_total / 1e3 for e in events}
     calls = {e.key: e.count for e in events}
-    side = "shira_fx::side_segmented"
+    ops = ("shira_fx::request_linear", "shira_fx::side_segmented")
+    mixed_ms = sum(total.get(op, 0.0) for op in ops)
     return {"call_ms": total.get("mixed::call"), "enter_ms": total.get("mixed::enter"),
-            "forward_ms": total.get("mixed::forward"), "side_op_ms": total.get(side, 0.0),
-            "side_op_calls": calls.get(side, 0),
-            "side_op_share_of_forward": ratio(total.get(side, 0.0), total.get("mixed::forward")),
+            "forward_ms": total.get("mixed::forward"), "side_op_ms": mixed_ms,
+            "side_op_calls": sum(calls.get(op, 0) for op in ops),
+            "side_op_share_of_forward": ratio(mixed_ms, total.get("mixed::forward")),
             "base_dense_mm_ms": total.get("aten::mm", 0.0),
+            "weight_copy_ms": total.get("aten::clone", 0.0) + total.get("aten::index_add_", 0.0),
             "side_csr_addmm_ms": total.get("aten::addmm", 0.0),
             "top_ops_ms": dict(sorted(((k, v) for k, v in total.items() if k.startswith("aten::")),
                                       key=lambda kv: -kv[1])[:12])}
@@ -327,10 +330,11 @@ def report(result: dict, args) -> None:
         print(f"per_request eager, {k} adapters, one profiled call: {fmt(b['call_ms'], '.0f')} ms = "
               f"entering (table packing) {fmt(b['enter_ms'], '.0f')} "
               f"+ forward {fmt(b['forward_ms'], '.0f')}; "
-              f"side op {fmt(b['side_op_ms'], '.0f')} ms in {b['side_op_calls']} calls "
-              f"({fmt(b['side_op_share_of_forward'], '.0%')} of the forward; its CSR products "
-              f"{fmt(b['side_csr_addmm_ms'], '.0f')} ms vs the base layers' dense products "
-              f"{fmt(b['base_dense_mm_ms'], '.0f')} ms)")
+              f"mixed-batch ops {fmt(b['side_op_ms'], '.0f')} ms in {b['side_op_calls']} calls "
+              f"({fmt(b['side_op_share_of_forward'], '.0%')} of the forward): dense products "
+              f"{fmt(b['base_dense_mm_ms'], '.0f')} ms, "
+              f"weight copies {fmt(b.get('weight_copy_ms'), '.0f')} ms, "
+              f"sparse side products {fmt(b['side_csr_addmm_ms'], '.0f')} ms")
     print()
     for t in result["targets"]:
         verdict = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "MISS")

@@ -199,6 +199,9 @@ class AdapterBank:
         self._current: _Plan | None = None
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self._fusions: list[dict[str, float]] = []  # fusions per_request has served
+        # per_request's packed table per layer, with the (table, active adapter) it was packed
+        # for: a batch served like the last one packs nothing; cleared by load and unload
+        self._tables: dict[str, tuple[tuple, tuple[Tensor, Tensor, Tensor]]] = {}
         self._gate = _Gate()
 
     @contextmanager
@@ -326,6 +329,7 @@ class AdapterBank:
         for module in beside:
             _serve_beside(module)
         self._adapters[name] = slots
+        self._tables.clear()
 
     def _keep(self, slot: _Slot) -> _Slot:
         if self.keep_on_device or slot.indices.device.type == "cpu":
@@ -457,6 +461,7 @@ class AdapterBank:
             if self._active is not None and name in self._active:
                 self._restore()
             del self._adapters[name]
+            self._tables.clear()
             for key in [k for k in self._plans if any(n == name for n, _ in k)]:
                 del self._plans[key]
 
@@ -501,6 +506,7 @@ class AdapterBank:
                 if spec is not None and spec not in table:  # a single adapter with another weight
                     table.append(spec)
             rows = [(0 if spec is None else table.index(spec)) for spec in specs]
+            key = (tuple(tuple(sorted(t.items())) for t in table), tuple(sorted(active.items())))
             layers = sorted({ln for slots in self._adapters.values() for ln in slots})
             served = []
             for ln in layers:
@@ -510,13 +516,15 @@ class AdapterBank:
                                             "mixed batches serve linear layers only")
                 _serve_beside(found.module, found.transposed)
                 device = found.module._buffers[SIDE_INDICES].device
-                minus_active = [(i, d, -w) for i, d, w in self._parts(active, ln)]
-                packed = [_delta(self._parts(spec, ln) + minus_active, device) for spec in table]
                 module = found.module
-                module._buffers[REQUEST[0]] = torch.cat([i for i, _ in packed]).to(torch.int32)
-                module._buffers[REQUEST[1]] = torch.cat([v for _, v in packed])
-                sizes = torch.tensor([0] + [i.numel() for i, _ in packed], device=device)
-                module._buffers[REQUEST[2]] = sizes.cumsum(0)
+                if self._tables.get(ln, (None,))[0] != key:
+                    minus_active = [(i, d, -w) for i, d, w in self._parts(active, ln)]
+                    packed = [_delta(self._parts(spec, ln) + minus_active, device) for spec in table]
+                    sizes = torch.tensor([0] + [i.numel() for i, _ in packed], device=device)
+                    self._tables[ln] = (key, (torch.cat([i for i, _ in packed]).to(torch.int32),
+                                              torch.cat([v for _, v in packed]), sizes.cumsum(0)))
+                for name, tensor in zip(REQUEST[:3], self._tables[ln][1], strict=True):
+                    module._buffers[name] = tensor
                 module._buffers[REQUEST[3]] = torch.tensor(
                     [-1 if table[r] == active else r for r in rows], dtype=torch.int64, device=device)
                 served.append(module)

@@ -119,6 +119,35 @@ def test_compiled_mixed_batches_match_and_a_new_list_of_names_compiles_nothing(b
     assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
 
 
+def test_the_packed_table_is_reused_only_while_it_still_holds(bank, tmp_path):
+    """A batch served like the last one reuses the packed corrections; activating another
+    adapter, or loading new values under a known name, packs them again."""
+    ids = _ids(2)
+
+    def served() -> torch.Tensor:
+        with torch.no_grad(), bank.per_request(NAMES) as model:
+            return model(input_ids=ids).logits
+
+    def alone() -> torch.Tensor:
+        active = bank.active
+        out = torch.stack([_alone(bank, ids, spec)[i] for i, spec in enumerate(NAMES)])
+        if active is not None:
+            bank.activate(active)
+        return out
+
+    first = served()
+    tables = {ln: t[1] for ln, t in bank._tables.items()}
+    torch.testing.assert_close(served(), first, rtol=0, atol=0)
+    assert all(bank._tables[ln][1] is t for ln, t in tables.items()), "the same batch packed again"
+    bank.activate("a2")
+    torch.testing.assert_close(served(), alone(), rtol=1e-5, atol=1e-5)
+    bank.deactivate()
+    bank.unload("a1")
+    (tmp_path / "new").mkdir()
+    bank.load("a1", trained_adapters(tmp_path / "new", n=4)[3])  # other values under the old name
+    torch.testing.assert_close(served(), alone(), rtol=1e-5, atol=1e-5)
+
+
 def test_a_wrong_list_is_refused_before_anything_runs(bank):
     with pytest.raises(shira_fx.ShiraAdapterError, match="not loaded"):
         with bank.per_request(["a0", "nope"]):
