@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import default_json, describe, fmt, machine, markdown_table, ratio, write_json  # noqa: E402
 
 import shira_fx  # noqa: E402
-from shira_fx.memory import LiveTensorTracker, saved_tensor_bytes  # noqa: E402
+from shira_fx.memory import LiveTensorTracker, resident_state, saved_tensor_bytes  # noqa: E402
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -82,7 +82,7 @@ class Runner:
         return time.perf_counter() - t0
 
     def measure(self) -> dict:
-        state = list(self.model.parameters()) + list(self.model.buffers())
+        state = resident_state(self.model)
         held, loss = saved_tensor_bytes(self.loss, exclude=state)
         loss.backward()
         self.opt.zero_grad(set_to_none=True)

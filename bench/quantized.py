@@ -56,7 +56,7 @@ from common import (  # noqa: E402
 from train import allocator_step_peak  # noqa: E402
 
 import shira_fx  # noqa: E402
-from shira_fx.memory import saved_tensor_bytes  # noqa: E402
+from shira_fx.memory import resident_state, saved_tensor_bytes  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QLORA, PSHIRA, OURS = "QLoRA (PEFT LoRA)", "PEFT SHiRA", "shira_fx"
@@ -180,7 +180,7 @@ class Runner:
         self.opt = torch.optim.AdamW(self.params, lr=1e-5)
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-        self.state = list(self.model.parameters()) + list(self.model.buffers())
+        self.state = resident_state(self.model)
         self.recorder = None
         if mode == "eager":
             self.run = self.model

@@ -50,7 +50,7 @@ from common import (  # noqa: E402
 )
 
 import shira_fx  # noqa: E402
-from shira_fx.memory import LiveTensorTracker, saved_tensor_bytes  # noqa: E402
+from shira_fx.memory import LiveTensorTracker, resident_state, saved_tensor_bytes  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FLOOR, LORA, LORA_DROP, PSHIRA = "frozen base (floor)", "PEFT LoRA", "PEFT LoRA dropout 0.05", "PEFT SHiRA"
@@ -169,7 +169,7 @@ class Runner:
         self.opt = torch.optim.AdamW(v.params or [nn.Parameter(torch.zeros(1, device=self.device))], lr=1e-5)
         if v.adapter is not None:
             v.adapter.attach(self.opt)
-        self.state = list(v.model.parameters()) + list(v.model.buffers())
+        self.state = resident_state(v.model)
         self.run = v.model if v.backend is None else torch.compile(v.model, backend=v.backend)
         self.times: list[float] = []
 

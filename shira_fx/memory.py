@@ -84,6 +84,13 @@ class LiveTensorTracker(TorchDispatchMode):
         return max(self.allocations, key=lambda a: a.numel, default=None)
 
 
+def resident_state(model: torch.nn.Module) -> list[torch.Tensor]:
+    """What a model keeps whatever backward does: its parameters and buffers, and each prepared
+    layer's masked-gradient plan (a plain attribute, not a buffer). Pass it as `exclude`."""
+    plans = [t for m in model.modules() for t in m.__dict__.get("_shira_plan", ())]
+    return list(model.parameters()) + list(model.buffers()) + plans
+
+
 def saved_tensor_bytes(run, exclude=()) -> tuple[int, object]:
     """Bytes of the unique storages autograd saves for backward while `run()` executes (the
     activations a training step holds), excluding the storages of `exclude` (parameters and

@@ -7,7 +7,7 @@ from functorch.compile import make_boxed_func, min_cut_rematerialization_partiti
 from torch._dynamo.backends.common import aot_autograd
 
 import shira_fx
-from shira_fx.memory import saved_tensor_bytes
+from shira_fx.memory import resident_state, saved_tensor_bytes
 from tests import tiny_models
 
 # the same partitioner shira_fx's aot_eager path uses, for the frozen and LoRA baselines
@@ -23,7 +23,7 @@ def held(model, batch, backend, adapter=None) -> int:
     values and indices excluded (they stay resident whatever backward does)."""
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend)
-    state = list(model.parameters()) + list(model.buffers())
+    state = resident_state(model)
     if adapter is not None:
         state += [t for la in adapter.layers.values() for t in (la.values, la.indices)]
     nbytes, loss = saved_tensor_bytes(lambda: compiled(**batch).loss, exclude=state)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import shira_fx
 
-from ..memory import saved_tensor_bytes, step_peak_bytes
+from ..memory import resident_state, saved_tensor_bytes, step_peak_bytes
 from .data import minilm_path
 from .timing import median_ms
 
@@ -161,7 +161,7 @@ def train_shira(model: TextClassifier, cfg: shira_fx.ShiraConfig, train: list[di
     def step(batch: dict) -> torch.Tensor:
         return compiled(**batch).loss
 
-    state = list(model.parameters()) + list(model.buffers())
+    state = resident_state(model)
     fit(run, step, train, steps, state, lambda b: compiled(**b).loss)
     run.accuracy = accuracy(model, test)
     return run, adapter
@@ -221,7 +221,7 @@ def train_lora(model: TextClassifier, r: int, train: list[dict], test: list[dict
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    state = list(model.parameters()) + list(model.buffers())
+    state = resident_state(model)
     fit(run, step, train, steps, state, lambda b: compiled(**b).loss)
     run.accuracy = accuracy(model, test)
     return run
