@@ -340,26 +340,11 @@ def arch_targets(rows: list[dict]) -> list[dict]:
 
 
 def minilm_4bit(args, num_classes: int, seed: int):
-    """MiniLM-L6 from its wheel, loaded in 4 bits, dropout off (as `load_backbone`), with a
+    """MiniLM-L6 from its wheel, loaded in 4 bits, dropout off (`load_backbone`), with a
     mean-pooled linear head initialised from `seed`."""
-    from transformers import AutoModel
-    from transformers.utils import logging
+    from shira_fx.cli.finetune import TextClassifier, load_backbone
 
-    from shira_fx.cli.data import minilm_path
-    from shira_fx.cli.finetune import TextClassifier
-
-    kwargs = {} if args.minilm_layers is None else {"num_hidden_layers": args.minilm_layers}
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        backbone = AutoModel.from_pretrained(minilm_path(), quantization_config=quantization(args),
-                                             device_map="cpu", **kwargs)
-    finally:
-        logging.set_verbosity(verbosity)
-    backbone.config.hidden_dropout_prob = backbone.config.attention_probs_dropout_prob = 0.0
-    for module in backbone.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+    backbone = load_backbone(args.minilm_layers, quantization_config=quantization(args), device_map="cpu")
     torch.manual_seed(seed)  # the head's initialisation
     return TextClassifier(backbone, num_classes)
 

@@ -50,13 +50,14 @@ class TextClassifier(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def load_backbone(layers: int | None = None, path: str | os.PathLike | None = None) -> nn.Module:
+def load_backbone(layers: int | None = None, path: str | os.PathLike | None = None, **load) -> nn.Module:
     """An encoder from `path` (default: MiniLM-L6 from its wheel); `layers` keeps only the
-    first blocks, for quick tests. Dropout is turned off so runs are reproducible."""
+    first blocks, for quick tests; `load` goes to `from_pretrained` (e.g. a quantization
+    config). Dropout is turned off so runs are reproducible."""
     from transformers import AutoModel
     from transformers.utils import logging
 
-    kwargs = {} if layers is None else {"num_hidden_layers": layers}
+    kwargs = dict(load) if layers is None else {"num_hidden_layers": layers, **load}
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # a truncated model would print every dropped block's keys
     try:
