@@ -36,7 +36,7 @@ def graph_count(model, b, backend) -> int:
     return counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+@pytest.mark.parametrize("kind", [pytest.param("gpt2", marks=pytest.mark.slow), "bert"])
 def test_the_pass_adds_no_graph_break(kind):
     b = tiny_models.batch(kind)
     plain = graph_count(tiny_models.build(kind), b, "eager")

@@ -207,7 +207,7 @@ def test_bad_decorator_arguments_and_foreign_optimizer_are_refused():
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers: gradient_checkpointing_enable
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_gradient_checkpointing_trains_eagerly_and_compiled(kind):
     """With HF gradient checkpointing, the eager step and the compiled step (the pass enters
     the checkpointed bodies) give the gradients of the plain model, step after step."""
