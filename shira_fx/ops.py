@@ -232,6 +232,19 @@ def _(x, values, indices, out_features, in_features):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
+@torch.library.custom_op("shira_fx::side_grad_x", mutates_args=())
+def side_grad_x(grad_y: Tensor, values: Tensor, indices: Tensor, out_features: int,
+                in_features: int) -> Tensor:
+    """`grad_y @ S`, `side_linear`'s input gradient, as an op of its own so a compiled backward
+    keeps it opaque (its CPU path reads the CSR bounds back, which tracing cannot)."""
+    return side_backward_x(grad_y, indices, values, out_features, in_features)
+
+
+@side_grad_x.register_fake
+def _(grad_y, values, indices, out_features, in_features):
+    return grad_y.new_empty(*grad_y.shape[:-1], in_features)
+
+
 def _side_setup(ctx, inputs, output) -> None:
     x, values, indices, out_features, in_features = inputs
     ctx.save_for_backward(x, values, indices)
@@ -245,7 +258,7 @@ def _side_backward(ctx, grad_y: Tensor):
     gy = grad_y.reshape(-1, out_features)
     grad_x = grad_values = None
     if needs_x:
-        grad_x = side_backward_x(gy, indices, values, out_features, in_features).reshape(x.shape).to(x.dtype)
+        grad_x = side_grad_x(gy, values, indices, out_features, in_features).reshape(x.shape).to(x.dtype)
     if needs_values:
         grad_values = masked_grad(gy, x.reshape(-1, in_features), indices, in_features, []).to(values.dtype)
     return grad_x, grad_values, None, None, None
