@@ -217,14 +217,38 @@ def _(weights, indices, base, delta, scale) -> None:
     return None
 
 
+# on the CPU a sparse side product (a quantized layer's adapter, a mixed batch's rows) runs as a
+# GEMM on the delta written out densely when the sparse kernel would cost more than writing it:
+# tokens * nnz multiply-adds against out * in written elements, a multiply-add through the
+# sparse kernel costing about half a written element (measured at 512x512..2048x2048,
+# 1.5-6 % density, 128-256 tokens)
+DENSE_COPY_TOKENS_X_NNZ = 2.0
+
+
 @torch.library.custom_op("shira_fx::side_linear", mutates_args=())
 def side_linear(x: Tensor, values: Tensor, indices: Tensor, out_features: int, in_features: int) -> Tensor:
     """`x @ S.T` for the sparse delta S (`S.flat[indices] = values`, an (out, in) matrix): the
     adapter's path beside a layer whose weight cannot hold it (a quantized base). Costs
-    nnz * tokens multiply-adds; the values' gradient is the same masked gradient as always."""
+    nnz * tokens multiply-adds (on the CPU, a GEMM on S written out densely when that is
+    cheaper: `_dense_side`); the values' gradient is the same masked gradient as always."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = side_forward(x2, indices, values, out_features, in_features)
+    dense = _dense_side(x2, values, indices, out_features, in_features)
+    y = side_forward(x2, indices, values, out_features, in_features) if dense is None else (
+        (x2.float() @ dense.T).to(x.dtype))
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def _dense_side(src: Tensor, values: Tensor, indices: Tensor, out_features: int,
+                in_features: int) -> Tensor | None:
+    """S as a dense fp32 (out, in) matrix, for a CPU side product whose tokens x nnz outweigh
+    writing S out (`DENSE_COPY_TOKENS_X_NNZ`: a GEMM then beats the sparse kernel); else None.
+    Transient, like the dequantized weight the quantized layer's own matmul forms on the CPU."""
+    if src.device.type != "cpu" or src.shape[0] * indices.numel() < (
+            DENSE_COPY_TOKENS_X_NNZ * out_features * in_features):
+        return None
+    dense = values.new_zeros(out_features * in_features, dtype=torch.float32)
+    dense[indices.long()] = values.detach().float()
+    return dense.view(out_features, in_features)
 
 
 @side_linear.register_fake
@@ -237,7 +261,11 @@ def side_grad_x(grad_y: Tensor, values: Tensor, indices: Tensor, out_features: i
                 in_features: int) -> Tensor:
     """`grad_y @ S`, `side_linear`'s input gradient, as an op of its own so a compiled backward
     keeps it opaque (its CPU path reads the CSR bounds back, which tracing cannot)."""
-    return side_backward_x(grad_y, indices, values, out_features, in_features)
+    gy = grad_y.reshape(-1, out_features)
+    dense = _dense_side(gy, values, indices, out_features, in_features)
+    if dense is None:
+        return side_backward_x(grad_y, indices, values, out_features, in_features)
+    return (gy.float() @ dense).to(grad_y.dtype).reshape(*grad_y.shape[:-1], in_features)
 
 
 @side_grad_x.register_fake
@@ -265,13 +293,6 @@ def _side_backward(ctx, grad_y: Tensor):
 
 
 side_linear.register_autograd(_side_backward, setup_context=_side_setup)
-
-
-# a mixed batch's rows of one adapter run on a copy of the weight with the adapter written in
-# when the sparse side product would cost more than that copy: tokens * nnz multiply-adds against
-# out * in copied elements, a multiply-add through the sparse kernel costing about half a copied
-# element on the CPU (measured at 512x512..2048x2048, 1.5-6 % density, 128-256 tokens)
-DENSE_COPY_TOKENS_X_NNZ = 2.0
 
 
 @torch.library.custom_op("shira_fx::request_linear", mutates_args=())

@@ -70,3 +70,26 @@ def test_masked_grad_op_matches_the_reference(t, a, b, seed, dtype):
     got = torch.ops.shira_fx.masked_grad(x, y, idx, b, [])
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, sddmm_reference(x, y, idx, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("copy_at", [0.0, float("inf")], ids=["dense-delta", "sparse-kernel"])
+def test_side_linear_either_cpu_path_equals_the_dense_delta(copy_at, monkeypatch):
+    """The side path beside a quantized weight, both ways the CPU runs it (a GEMM on S written
+    out, or the sparse kernel): output, input gradient and values' gradient against x @ S.T."""
+    monkeypatch.setattr(ops, "DENSE_COPY_TOKENS_X_NNZ", copy_at)
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f = 6, 8
+    indices = torch.randperm(out_f * in_f, generator=g)[:13].sort().values.int()
+    values = torch.randn(13, generator=g, requires_grad=True)
+    x = torch.randn(5, 3, in_f, generator=g, requires_grad=True)
+    w = torch.randn(5, 3, out_f, generator=g)
+    y = ops.side_linear(x, values, indices, out_f, in_f)
+    (y * w).sum().backward()
+    dense = torch.zeros(out_f * in_f).index_put((indices.long(),), values.detach()).view(out_f, in_f)
+    dense.requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_ref = x2 @ dense.T
+    (y_ref * w).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values.grad, dense.grad.view(-1)[indices.long()], rtol=1e-5, atol=1e-6)
