@@ -42,7 +42,7 @@ def _build(kind, checkpointing):
     # Inductor runs its own joint passes before shira_fx's tags and the min-cut partitioner
     pytest.param("llama", False, "inductor", marks=pytest.mark.slow, id="llama-inductor"),
     pytest.param("gpt2", False, "aot_eager", marks=pytest.mark.slow, id="gpt2"),
-    pytest.param("bert", False, "aot_eager", id="bert"),
+    pytest.param("bert", False, "aot_eager", marks=pytest.mark.slow, id="bert"),
     # the checkpointed path is one code path for every family (test_training checks GPT-2's)
     pytest.param("llama", True, "aot_eager", marks=pytest.mark.slow, id="llama-checkpointed")])
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers: gradient_checkpointing_enable
