@@ -225,6 +225,10 @@ def _(weights, indices, base, delta, scale) -> None:
 DENSE_COPY_TOKENS_X_NNZ = 2.0
 
 
+def _dense_is_cheaper(tokens: int, nnz: int, numel: int) -> bool:
+    return nnz > 0 and tokens * nnz >= DENSE_COPY_TOKENS_X_NNZ * numel
+
+
 @torch.library.custom_op("shira_fx::side_linear", mutates_args=())
 def side_linear(x: Tensor, values: Tensor, indices: Tensor, out_features: int, in_features: int) -> Tensor:
     """`x @ S.T` for the sparse delta S (`S.flat[indices] = values`, an (out, in) matrix): the
@@ -243,8 +247,8 @@ def _dense_side(src: Tensor, values: Tensor, indices: Tensor, out_features: int,
     """S as a dense fp32 (out, in) matrix, for a CPU side product whose tokens x nnz outweigh
     writing S out (`DENSE_COPY_TOKENS_X_NNZ`: a GEMM then beats the sparse kernel); else None.
     Transient, like the dequantized weight the quantized layer's own matmul forms on the CPU."""
-    if src.device.type != "cpu" or src.shape[0] * indices.numel() < (
-            DENSE_COPY_TOKENS_X_NNZ * out_features * in_features):
+    if src.device.type != "cpu" or not _dense_is_cheaper(src.shape[0], indices.numel(),
+                                                         out_features * in_features):
         return None
     dense = values.new_zeros(out_features * in_features, dtype=torch.float32)
     dense[indices.long()] = values.detach().float()
@@ -318,7 +322,7 @@ def request_linear(x: Tensor, weight: Tensor, bias: Tensor | None, row_adapters:
         xs = x3 if len(rows) == x3.shape[0] else x3.index_select(0, sel)
         lo, hi = (bounds[a], bounds[a + 1]) if a >= 0 else (0, 0)
         idx, val = indices[lo:hi], values[lo:hi]
-        if hi > lo and xs.shape[0] * xs.shape[1] * (hi - lo) >= DENSE_COPY_TOKENS_X_NNZ * weight.numel():
+        if _dense_is_cheaper(xs.shape[0] * xs.shape[1], hi - lo, weight.numel()):
             w = weight.clone()
             w.view(-1).index_add_(0, idx.long(), val.to(w.dtype))
             ys = _dense_linear(xs, w, bias, transposed)
