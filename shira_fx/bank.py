@@ -14,7 +14,7 @@ import os
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -29,8 +29,18 @@ from .quantized import base_forward, quantized_kind
 from .targets import resolve_layer
 
 SIDE_INDICES, SIDE_VALUES = "shira_side_indices", "shira_side_values"
-# a mixed batch (`per_request`): every table adapter's correction, packed, and each row's entry
-REQUEST = ("shira_request_indices", "shira_request_values", "shira_request_offsets", "shira_request_rows")
+# a mixed batch (`per_request`): every table entry's correction, packed (shared by all threads)
+REQUEST = ("shira_request_indices", "shira_request_values", "shira_request_offsets")
+
+
+class _RowsPerThread(threading.local):
+    """The table entry of each row of the mixed batch this thread is serving (`.rows`, absent
+    outside `per_request`). A served layer reads it through this object, the same for every
+    layer of a bank, so a compiled graph takes the calling thread's rows as an input and many
+    threads can serve mixed batches at once."""
+
+    def __deepcopy__(self, memo: dict) -> _RowsPerThread:
+        return _RowsPerThread()  # a copied model serves no batch
 
 
 @dataclass
@@ -56,17 +66,33 @@ class _Plan:
     side: list[tuple[nn.Module, Tensor, Tensor]] = field(default_factory=list)
 
 
+@dataclass
+class _Table:
+    """What the served layers' REQUEST buffers hold: the entries' specs (entry 0, {}, is the
+    base), packed as corrections from `active`, on `device` (where the rows go)."""
+
+    specs: list[dict[str, float]]
+    active: dict[str, float]
+    device: torch.device
+
+
+_MIXED = "per_request"  # what a thread inside per_request holds of the gate
+
+
 def _served_forward(self: nn.Module, x: Tensor) -> Tensor:
     """Forward of a module a bank serves beside its weight: the layer's own forward (for a
     quantized base, the library's op), plus the active adapter beside it when the weight cannot
-    hold it, plus each row's own correction inside `per_request` (on the CPU, a plain weight's
-    whole linear per adapter: `ops.request_linear`); with neither, exactly the base layer's output."""
-    rows = self._buffers[REQUEST[3]]
-    if rows.numel() and x.shape[0] != rows.numel():
-        raise ShiraAdapterError(f"per_request: a served layer got an input of shape {tuple(x.shape)}; "
-                                f"expected the batch's {rows.numel()} rows first")
+    hold it, plus each row's own correction when this thread serves a mixed batch (on the CPU,
+    a plain weight's whole linear per adapter: `ops.request_linear`); with neither, exactly the
+    base layer's output."""
+    rows = getattr(self.__dict__["_shira_requests"], "rows", None)
+    if rows is not None:
+        if x.shape[0] != rows.numel():
+            raise ShiraAdapterError(f"per_request: a served layer got an input of shape {tuple(x.shape)}; "
+                                    f"expected the batch's {rows.numel()} rows first")
+        rows = rows.to(x.device)
     weight = self.__dict__["_shira_served_weight"]
-    if rows.numel() and weight is not None and x.device.type == "cpu":  # the whole linear per adapter
+    if rows is not None and weight is not None and x.device.type == "cpu":  # the whole linear per adapter
         return ops.request_linear(x, self._parameters[weight], self.bias, rows, self._buffers[REQUEST[0]],
                                   self._buffers[REQUEST[1]], self._buffers[REQUEST[2]],
                                   self.__dict__["_shira_served_transposed"])
@@ -74,7 +100,7 @@ def _served_forward(self: nn.Module, x: Tensor) -> Tensor:
     indices = self._buffers[SIDE_INDICES]
     if indices.numel():
         y = y + ops.side_linear(x, self._buffers[SIDE_VALUES], indices, y.shape[-1], x.shape[-1]).to(y.dtype)
-    if rows.numel():
+    if rows is not None:
         x2 = x.reshape(-1, x.shape[-1])
         seg_starts = torch.arange(rows.numel() + 1, device=x.device) * (x2.shape[0] // rows.numel())
         side = ops.side_segmented(x2, seg_starts, rows, self._buffers[REQUEST[0]], self._buffers[REQUEST[1]],
@@ -84,10 +110,13 @@ def _served_forward(self: nn.Module, x: Tensor) -> Tensor:
     return y
 
 
-def _serve_beside(module: nn.Module, transposed: bool = False) -> None:
+def _serve_beside(module: nn.Module, requests: _RowsPerThread, transposed: bool = False) -> None:
     """Give a module the (empty) side paths the bank fills: the active adapter's for a
-    quantized base, each row's correction in a mixed batch."""
+    quantized base, each row's correction in a mixed batch (`requests`: the bank's rows)."""
     if SIDE_INDICES in module._buffers:
+        if module.__dict__["_shira_requests"] is not requests:
+            raise ShiraAdapterError("AdapterBank: another bank already serves this model's layers; "
+                                    "one model takes one bank")
         return
     if "_shira_layer" in module.__dict__:
         raise ShiraAdapterError("AdapterBank: a layer of this model carries a training adapter; "
@@ -96,8 +125,9 @@ def _serve_beside(module: nn.Module, transposed: bool = False) -> None:
     empty = dict(dtype=torch.int32, device=device)
     module.register_buffer(SIDE_INDICES, torch.empty(0, **empty), persistent=False)
     module.register_buffer(SIDE_VALUES, torch.empty(0, device=device), persistent=False)
-    for name, dtype in zip(REQUEST, (torch.int32, torch.float32, torch.int64, torch.int64), strict=True):
+    for name, dtype in zip(REQUEST, (torch.int32, torch.float32, torch.int64), strict=True):
         module.register_buffer(name, torch.empty(0, dtype=dtype, device=device), persistent=False)
+    module.__dict__["_shira_requests"] = requests
     module.__dict__["_shira_served_transposed"] = transposed
     # a plain weight (not quantized): on the CPU a mixed batch runs the whole linear per adapter
     weight = module._parameters.get("weight")
@@ -142,6 +172,34 @@ class _Gate:
     def held(self) -> tuple[dict | None, int] | None:
         return getattr(self.local, "held", None)
 
+    def enter(self, ready: Callable[[], bool]) -> bool:
+        """Wait for the gate as a request: join the readers once `ready()` holds (checked under
+        the gate: what readers need is in place), or become the one writer that makes it hold.
+        True means writer: do the switch, then `release_write(then_read=True)`."""
+        queued = False
+        with self.cond:
+            self.blocked += 1
+            try:
+                while True:
+                    if not self.writing:
+                        if ready():
+                            if queued or not self.waiting:
+                                self.readers += 1
+                                return False
+                        elif not self.readers:
+                            self.writing = True
+                            return True
+                    if not queued and not ready():  # queue as a switch
+                        self.waiting += 1
+                        queued = True
+                    self.cond.wait()
+            finally:
+                self.blocked -= 1
+                if queued:
+                    self.waiting -= 1
+                    if not self.waiting:  # readers held back by waiting switches may enter
+                        self.cond.notify_all()
+
     def acquire_write(self) -> None:
         with self.cond:
             self.waiting += 1
@@ -183,7 +241,8 @@ class AdapterBank:
     run together and do not switch (no weight is written); a request for another one waits
     until the current requests have left, switches, and runs. Once a switch waits, new
     requests for the active adapter queue behind it, so a busy adapter cannot starve a switch
-    (the policy is spelled out on `_Gate`). `activate`, `deactivate`, `load` and `unload` take
+    (the policy is spelled out on `_Gate`). Mixed batches (`per_request`) are readers too, of
+    whatever is active. `activate`, `deactivate`, `load` and `unload` take
     the same gate exclusively, so a bare call from another thread never changes the weights
     under a running request; calling them inside a `using` block of the same thread raises
     instead of deadlocking, and a `using` of the same spec may nest. Reads of the weights
@@ -198,17 +257,16 @@ class AdapterBank:
         self._active: dict[str, float] | None = None
         self._current: _Plan | None = None
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
-        self._fusions: list[dict[str, float]] = []  # fusions per_request has served
-        # per_request's packed table per layer, with the (table, active adapter) it was packed
-        # for: a batch served like the last one packs nothing; cleared by load and unload
-        self._tables: dict[str, tuple[tuple, tuple[Tensor, Tensor, Tensor]]] = {}
+        self._served: list[dict[str, float]] = []  # fusions and weights per_request has served
+        self._table: _Table | None = None  # what the layers' REQUEST buffers hold (None: stale)
+        self._requests = _RowsPerThread()
         self._gate = _Gate()
 
     @contextmanager
     def _exclusive(self, what: str) -> Iterator[None]:
         if self._gate.held() is not None:
-            raise ShiraAdapterError(f"{what} inside `with bank.using(...)` of the same thread would "
-                                    "deadlock; leave the block first")
+            raise ShiraAdapterError(f"{what} inside `with bank.using(...)` (or per_request) of the same "
+                                    "thread would deadlock; leave the block first")
         self._gate.acquire_write()
         try:
             yield
@@ -223,6 +281,9 @@ class AdapterBank:
         gate = self._gate
         held = gate.held()
         if held is not None:  # nested in the same thread: only the same adapter can be held
+            if held[0] is _MIXED:
+                raise ShiraAdapterError(f"using({spec!r}) inside per_request(...) of the same thread; "
+                                        "leave that block first")
             if held[0] != want:
                 raise ShiraAdapterError(f"using({spec!r}) inside using({held[0]!r}) of the same thread")
             gate.local.held = (held[0], held[1] + 1)
@@ -231,29 +292,7 @@ class AdapterBank:
             finally:
                 gate.local.held = held
             return
-        switch = queued = False
-        with gate.cond:
-            gate.blocked += 1
-            try:
-                while True:
-                    if not gate.writing:
-                        if self._active == want:
-                            if queued or not gate.waiting:
-                                gate.readers += 1
-                                break
-                        elif not gate.readers:
-                            gate.writing = switch = True
-                            break
-                    if not queued and self._active != want:  # queue as a switch
-                        gate.waiting += 1
-                        queued = True
-                    gate.cond.wait()
-            finally:
-                gate.blocked -= 1
-                if queued:
-                    gate.waiting -= 1
-                    if not gate.waiting:  # readers held back by waiting switches may enter
-                        gate.cond.notify_all()
+        switch = gate.enter(lambda: self._active == want)
         if switch:
             try:
                 # validated again under the gate: another thread may have unloaded an adapter
@@ -327,9 +366,9 @@ class AdapterBank:
                                        "call adapter.remove() first)", layer_name)
             slots[layer_name] = self._keep(_Slot(idx, base, delta.to(w.device)))
         for module in beside:
-            _serve_beside(module)
+            _serve_beside(module, self._requests)
         self._adapters[name] = slots
-        self._tables.clear()
+        self._table = None
 
     def _keep(self, slot: _Slot) -> _Slot:
         if self.keep_on_device or slot.indices.device.type == "cpu":
@@ -461,7 +500,7 @@ class AdapterBank:
             if self._active is not None and name in self._active:
                 self._restore()
             del self._adapters[name]
-            self._tables.clear()
+            self._table = None
             for key in [k for k in self._plans if any(n == name for n, _ in k)]:
                 del self._plans[key]
 
@@ -488,52 +527,77 @@ class AdapterBank:
         adapter, a `{name: weight}` fusion, or None for the base, without fusing any: the fused
         weights keep the active adapter, and each row adds its own correction (its adapter
         minus the active one) through a sparse side path, nnz · tokens multiply-adds per layer.
-        Which adapter a row uses is data: a new list of names compiles nothing (a fusion not
-        seen before, or an adapter loaded since, adds a table entry once). The weights stay as
-        they are; another thread's switch, request or mixed batch waits for the block to end."""
+        Which adapter a row uses is data: a new list of names compiles nothing.
+
+        Threads: a mixed batch is a reader of the weights, like a request for the active
+        adapter: mixed batches and such requests run together. It writes (alone) only to pack
+        the corrections table, the first time after a switch, a load or an unload, or when a
+        fusion (or weight) not served before joins the table; the table only grows, so its
+        shape stays put."""
         if isinstance(names, str) or not isinstance(names, Sequence) or not names:
             raise ShiraAdapterError(f"per_request: expected a non-empty list with one adapter (or None) "
                                     f"per batch row, found {names!r}")
         specs = [None if n is None else self._normalise(n) for n in names]
-        with self._exclusive("per_request"):
-            active = self._active or {}
-            for spec in specs:  # fusions stay in the table, so it keeps its shape across calls
-                if spec is not None and len(spec) > 1 and spec not in self._fusions:
-                    self._fusions.append(spec)
-            table: list[dict[str, float]] = [{}] + [{n: 1.0} for n in self.names] + [
-                f for f in self._fusions if all(n in self._adapters for n in f)]
-            for spec in specs:
-                if spec is not None and spec not in table:  # a single adapter with another weight
-                    table.append(spec)
-            rows = [(0 if spec is None else table.index(spec)) for spec in specs]
-            key = (tuple(tuple(sorted(t.items())) for t in table), tuple(sorted(active.items())))
-            layers = sorted({ln for slots in self._adapters.values() for ln in slots})
-            served = []
-            for ln in layers:
-                found = resolve_layer(self.model, ln)
-                if found.param != "weight":
-                    raise ShiraAdapterError(f"per_request: {ln!r} is a 3-D parameter (MoE experts); "
-                                            "mixed batches serve linear layers only")
-                _serve_beside(found.module, found.transposed)
-                device = found.module._buffers[SIDE_INDICES].device
-                module = found.module
-                if self._tables.get(ln, (None,))[0] != key:
-                    minus_active = [(i, d, -w) for i, d, w in self._parts(active, ln)]
-                    packed = [_delta(self._parts(spec, ln) + minus_active, device) for spec in table]
-                    sizes = torch.tensor([0] + [i.numel() for i, _ in packed], device=device)
-                    self._tables[ln] = (key, (torch.cat([i for i, _ in packed]).to(torch.int32),
-                                              torch.cat([v for _, v in packed]), sizes.cumsum(0)))
-                for name, tensor in zip(REQUEST[:3], self._tables[ln][1], strict=True):
-                    module._buffers[name] = tensor
-                module._buffers[REQUEST[3]] = torch.tensor(
-                    [-1 if table[r] == active else r for r in rows], dtype=torch.int64, device=device)
-                served.append(module)
-            try:
-                yield self.model
-            finally:
-                for module in served:
-                    for name in REQUEST:
-                        module._buffers[name] = module._buffers[name][:0]
+        gate = self._gate
+        if gate.held() is not None:
+            raise ShiraAdapterError("per_request inside `with bank.using(...)` or another per_request "
+                                    "of the same thread; leave that block first")
+        if gate.enter(lambda: self._table_serves(specs)):
+            try:  # validated again under the gate: another thread may have unloaded an adapter
+                specs = [None if n is None else self._normalise(n) for n in names]
+                self._pack(specs)
+            except BaseException:
+                gate.release_write()
+                raise
+            gate.release_write(then_read=True)
+        table, active = self._table, self._active or {}
+        rows = [-1 if (spec or {}) == active else table.specs.index(spec or {}) for spec in specs]
+        self._requests.rows = torch.tensor(rows, dtype=torch.int64, device=table.device)
+        gate.local.held = (_MIXED, 1)
+        try:
+            yield self.model
+        finally:
+            del self._requests.rows
+            gate.local.held = None
+            gate.release_read()
+
+    def _table_serves(self, specs: list[dict[str, float] | None]) -> bool:
+        """Whether the packed table holds every spec, as corrections from the active adapter."""
+        table = self._table
+        return (table is not None and table.active == (self._active or {})
+                and all(spec is None or spec in table.specs for spec in specs))
+
+    @torch.no_grad()
+    def _pack(self, specs: list[dict[str, float] | None]) -> None:
+        """Pack, per layer, every table entry's correction (entry minus the active adapter) into
+        the layer's REQUEST buffers. Entries: the base, each adapter, then every fusion or
+        weight per_request has served (kept, so a batch like an earlier one packs nothing)."""
+        layers = [(ln, resolve_layer(self.model, ln))
+                  for ln in sorted({ln for slots in self._adapters.values() for ln in slots})]
+        for ln, found in layers:
+            if found.param != "weight":
+                raise ShiraAdapterError(f"per_request: {ln!r} is a 3-D parameter (MoE experts); "
+                                        "mixed batches serve linear layers only")
+        singles = [{n: 1.0} for n in self.names]
+        for spec in specs:
+            if spec is not None and spec not in singles and spec not in self._served:
+                self._served.append(spec)
+        entries = [{}] + singles + [s for s in self._served if all(n in self._adapters for n in s)]
+        active = self._active or {}
+        devices = []
+        for ln, found in layers:
+            module = found.module
+            _serve_beside(module, self._requests, found.transposed)
+            device = module._buffers[SIDE_INDICES].device
+            devices.append(device)
+            minus_active = [(i, d, -w) for i, d, w in self._parts(active, ln)]
+            packed = [_delta(self._parts(spec, ln) + minus_active, device) for spec in entries]
+            sizes = torch.tensor([0] + [i.numel() for i, _ in packed], device=device)
+            tensors = (torch.cat([i for i, _ in packed]).to(torch.int32), torch.cat([v for _, v in packed]),
+                       sizes.cumsum(0))
+            for name, tensor in zip(REQUEST, tensors, strict=True):
+                module._buffers[name] = tensor
+        self._table = _Table(entries, dict(active), devices[0] if devices else torch.device("cpu"))
 
     def __repr__(self) -> str:
         return f"AdapterBank(adapters={self.names}, active={self._active})"

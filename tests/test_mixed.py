@@ -5,6 +5,7 @@ for a new list of names and without changing the weights."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -136,9 +137,10 @@ def test_the_packed_table_is_reused_only_while_it_still_holds(bank, tmp_path):
         return out
 
     first = served()
-    tables = {ln: t[1] for ln, t in bank._tables.items()}
+    packed = _request_buffers(bank)
+    assert packed
     torch.testing.assert_close(served(), first, rtol=0, atol=0)
-    assert all(bank._tables[ln][1] is t for ln, t in tables.items()), "the same batch packed again"
+    assert all(_request_buffers(bank)[k] is t for k, t in packed.items()), "the same batch packed again"
     bank.activate("a2")
     torch.testing.assert_close(served(), alone(), rtol=1e-5, atol=1e-5)
     bank.deactivate()
@@ -146,6 +148,10 @@ def test_the_packed_table_is_reused_only_while_it_still_holds(bank, tmp_path):
     (tmp_path / "new").mkdir()
     bank.load("a1", trained_adapters(tmp_path / "new", n=4)[3])  # other values under the old name
     torch.testing.assert_close(served(), alone(), rtol=1e-5, atol=1e-5)
+
+
+def _request_buffers(bank) -> dict[str, torch.Tensor]:
+    return {k: t for k, t in bank.model.named_buffers() if "shira_request" in k}
 
 
 def test_a_wrong_list_is_refused_before_anything_runs(bank):
@@ -188,3 +194,144 @@ def test_mixed_batches_beside_fused_requests_in_threads_keep_every_request_on_it
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+def _start(target, errors: list) -> threading.Thread:
+    def run():
+        try:
+            target()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _join(threads, errors) -> None:
+    for t in threads:
+        t.join(timeout=120)
+        assert not t.is_alive(), "a thread hung: deadlock in the bank's gate"
+    assert not errors, errors
+
+
+def _until(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_mixed_batches_and_requests_for_the_active_adapter_run_together(bank, compiled):
+    """Mixed batches are readers: two of them (different lists) and a request for the active
+    adapter are inside their blocks at once (the barrier needs all three), each computing
+    its own rows, in the same compiled graph, without a recompile."""
+    ids = _ids(3)
+    lists = [NAMES, [None, "a2", "a2", {"a0": 1.0, "a1": 0.5}, "a1", None]]
+    want = [torch.stack([_alone(bank, ids, spec)[i] for i, spec in enumerate(names)]) for names in lists]
+    want_active = _alone(bank, ids, "a1")
+    bank.activate("a1")
+    forward = bank.model
+    if compiled:
+        torch._dynamo.reset()
+        forward = torch.compile(bank.model, backend=shira_fx.backend(inner="aot_eager"))
+        with torch.no_grad():  # compiled (and the table packed) before the threads start
+            with bank.per_request(lists[0]):
+                forward(input_ids=ids)
+            with bank.using("a1"):
+                forward(input_ids=ids)
+    counters.clear()
+    together = threading.Barrier(3, timeout=60)
+    errors, got = [], {}
+
+    def mixed(i):
+        with torch.no_grad(), bank.per_request(lists[i]):
+            together.wait()
+            got[i] = forward(input_ids=ids).logits
+
+    def request():
+        with torch.no_grad(), bank.using("a1"):
+            together.wait()
+            got["a1"] = forward(input_ids=ids).logits
+
+    _join([_start(lambda: mixed(0), errors), _start(lambda: mixed(1), errors), _start(request, errors)],
+          errors)
+    for i, names in enumerate(lists):
+        torch.testing.assert_close(got[i], want[i], rtol=1e-5, atol=1e-5, msg=f"batch {names}")
+    torch.testing.assert_close(got["a1"], want_active, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+    assert bank.active == {"a1": 1.0} and not hasattr(bank._requests, "rows")
+
+
+def test_a_fusion_not_served_before_packs_alone_and_the_table_only_grows(bank):
+    """A mixed batch that needs a new table entry packs as a writer: it waits for the mixed
+    batch inside, and a later batch that needs nothing new waits behind it (writers first);
+    afterwards the table holds the new entry and the earlier batches pack nothing."""
+    ids = _ids(4)
+    fused = ["a0", {"a1": 1.0, "a2": 0.25}, None, "a2", "a1", "a0"]
+    want = torch.stack([_alone(bank, ids, spec)[i] for i, spec in enumerate(fused)])
+    packs, errors = [], []
+    pack = bank._pack
+
+    def logged(specs):
+        packs.append(len(specs))
+        pack(specs)
+
+    bank._pack = logged
+    with torch.no_grad(), bank.per_request(NAMES):
+        pass
+    assert packs == [B]
+    gate = bank._gate
+    inside, leave, got = threading.Event(), threading.Event(), {}
+
+    def first():
+        with torch.no_grad(), bank.per_request(NAMES):
+            inside.set()
+            assert leave.wait(60)
+
+    def new_fusion():
+        with torch.no_grad(), bank.per_request(fused) as model:
+            got["fused"] = model(input_ids=ids).logits
+
+    def late():
+        with torch.no_grad(), bank.per_request(NAMES):
+            got["late"] = True
+
+    threads = [_start(first, errors)]
+    assert inside.wait(60)
+    threads.append(_start(new_fusion, errors))
+    _until(lambda: gate.waiting == 1, "the new fusion to wait for the batch inside")
+    threads.append(_start(late, errors))
+    _until(lambda: gate.blocked == 2, "the late batch to wait behind the packing")
+    assert packs == [B] and gate.readers == 1
+    leave.set()
+    _join(threads, errors)
+    assert packs == [B, B] and got["late"]
+    torch.testing.assert_close(got["fused"], want, rtol=1e-5, atol=1e-5)
+    for names in (NAMES, fused):
+        with torch.no_grad(), bank.per_request(names):
+            pass
+    assert packs == [B, B], "the table shrank: a batch served before packed again"
+
+
+def test_nesting_rules_and_an_error_inside_releases_everything(bank):
+    with bank.using("a0"):
+        with pytest.raises(shira_fx.ShiraAdapterError, match="per_request inside"):
+            with bank.per_request(["a1"]):
+                pass
+    with bank.per_request(["a1"] * B):
+        for inner in (lambda: bank.using("a0"), lambda: bank.per_request(["a0"])):
+            with pytest.raises(shira_fx.ShiraAdapterError, match="per_request"):
+                with inner():
+                    pass
+        with pytest.raises(shira_fx.ShiraAdapterError, match="deadlock"):
+            bank.activate("a0")
+    with pytest.raises(RuntimeError, match="boom"):
+        with bank.per_request(["a1"] * B):
+            raise RuntimeError("boom")
+    gate = bank._gate
+    assert gate.readers == gate.waiting == gate.blocked == 0 and not gate.writing
+    assert not hasattr(bank._requests, "rows") and gate.held() is None
+    bank.activate("a2")  # would hang on a leaked reader
+    assert bank.active == {"a2": 1.0}
