@@ -42,7 +42,7 @@ from common import (  # noqa: E402
     median_ms,
     write_json,
 )
-from kernels import AUTO, DENSE, ROWS_GEMM, mask_indices, sddmm_methods  # noqa: E402
+from kernel_ops import AUTO, DENSE, ROWS_GEMM, mask_indices, sddmm_methods  # noqa: E402
 
 from shira_fx.kernels import PLAN_FIELDS, plan_mask  # noqa: E402
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False here); on CPU run "
-                 "`python bench/kernels.py` and `python -m pytest tests/test_kernels.py` instead")
+                 "`python bench/kernel_ops.py` and `python -m pytest tests/test_kernels.py` instead")
     device = torch.device("cuda")
     t0 = time.perf_counter()
     result: dict = {"bench": "gpu", "machine": machine(device), "args": vars(args)}

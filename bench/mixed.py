@@ -16,6 +16,10 @@ computed with its adapter activated alone (max abs diff of the logits, must be <
 PEFT's mixed batch against PEFT's own merged adapter. Where per_request's time goes (the
 table packing on entering the block, the side op, the rest) comes from one profiled call.
 
+Threads: two mixed batches (and a mixed batch beside a request for the active adapter) run
+once one after the other and once in two threads started together; the ratio shows they run
+at the same time (the bank's gate lets them both in). Use `--threads 1` to leave each its core.
+
     python bench/mixed.py                       # hidden 256, 4 layers, batch 32x128, + inductor
     python bench/mixed.py --compiler none       # eager rows only
     python bench/mixed.py --threads 1           # one thread: steadier on a shared machine
@@ -29,6 +33,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -176,6 +181,33 @@ def where_time_goes(bank, names, ids) -> dict:
                                       key=lambda kv: -kv[1])[:12])}
 
 
+def side_by_side(fns: list[Callable[[], object]], calls: int) -> tuple[float, float]:
+    """Median seconds to run every fn once: one after the other in this thread, and each in a
+    thread of its own started together (each under no_grad: it is per thread)."""
+    serial, together = [], []
+
+    def run(fn, start):
+        start.wait()
+        with torch.no_grad():
+            fn()
+
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        for fn in fns:
+            fn()
+        serial.append(time.perf_counter() - t0)
+        start = threading.Barrier(len(fns) + 1)
+        threads = [threading.Thread(target=run, args=(fn, start)) for fn in fns]
+        for t in threads:
+            t.start()
+        start.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        together.append(time.perf_counter() - t0)
+    return statistics.median(serial), statistics.median(together)
+
+
 def measure(args) -> dict:
     folder = tempfile.mkdtemp(prefix="shira_mixed_")
     paths, nnz = shira_adapters(args, folder)
@@ -272,6 +304,29 @@ def measure(args) -> dict:
             for r in rows:
                 r.timed(args.calls // rounds + (i < args.calls % rounds))
         recompiled = sum(torch._dynamo.utils.counters["frames"].values()) - frames
+
+        # threads: mixed batches are readers of the bank's gate, so they run at the same time
+        # as each other and as a request for the active adapter (here the base: none active)
+        k = max(args.distinct)
+        names = names_for(k, args.batch)
+        other = names[1:] + names[:1]
+
+        def request(model_fn):
+            def run():
+                with mixed_bank.using(None) as model:
+                    return (model if model_fn is None else model_fn)(input_ids=ids).logits
+            return run
+
+        threads = []
+        for mode, fn in (("eager", None), ("compiled", compiled_mixed)):
+            if mode not in modes:
+                continue
+            for pair, fns in (("2 mixed batches", [per_request(fn, names), per_request(fn, other)]),
+                              ("mixed batch + request for the active adapter",
+                               [per_request(fn, names), request(fn)])):
+                serial, together = side_by_side(fns, args.calls)
+                threads.append({"pair": pair, "mode": mode, "distinct": k, "serial_ms": serial * 1e3,
+                                "threads_ms": together * 1e3, "speedup": ratio(serial, together)})
     if recompiled:
         print(f"  warning: {recompiled} frames compiled during the timed calls", file=sys.stderr)
     tokens = args.batch * args.seq
@@ -284,7 +339,7 @@ def measure(args) -> dict:
                     "tokens_per_s": tokens / (ms / 1e3), "vs_base": ratio(base_ms[r.mode], ms),
                     "warmup_s": r.warmup_s})
     lora_count = lora_trainable(pm)
-    return {"rows": out, "checks": checks, "breakdown": breakdown, "trainable_shira": nnz,
+    return {"rows": out, "checks": checks, "breakdown": breakdown, "threads": threads, "trainable_shira": nnz,
             "trainable_lora": lora_count, "frames_compiled_while_timing": recompiled}
 
 
@@ -335,6 +390,11 @@ def report(result: dict, args) -> None:
               f"{fmt(b['base_dense_mm_ms'], '.0f')} ms, "
               f"weight copies {fmt(b.get('weight_copy_ms'), '.0f')} ms, "
               f"sparse side products {fmt(b['side_csr_addmm_ms'], '.0f')} ms")
+    print()
+    for t in result["threads"]:
+        print(f"threads ({t['mode']}, {t['distinct']} adapters, {result['machine']['threads']} "
+              f"torch threads): {t['pair']}: {fmt(t['serial_ms'], '.0f')} ms one after the other, "
+              f"{fmt(t['threads_ms'], '.0f')} ms in two threads at once ({fmt(t['speedup'], '.2f', 'x')})")
     print()
     for t in result["targets"]:
         verdict = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "MISS")

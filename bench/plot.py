@@ -1,6 +1,6 @@
 """Charts of the bench results: one PNG per bench whose JSON is found.
 
-    kernels.json  GB/s vs density per N and method (SDDMM, scatter), with the copy bandwidth
+    kernel_ops.json GB/s vs density per N and method (SDDMM, scatter), with the copy bandwidth
     train.json    held for backward over the floor (MiB) and step time vs PEFT LoRA, per
                   variant and model size, compiled rows
     switch.json   time of one adapter switch per method (log scale)
@@ -261,7 +261,7 @@ def plot_quantized(data: dict) -> Figure:
 
 
 PLOTS: dict[str, Callable[[dict], Figure]] = {
-    "kernels": plot_kernels, "train": plot_train, "switch": plot_switch, "quality": plot_quality,
+    "kernel_ops": plot_kernels, "train": plot_train, "switch": plot_switch, "quality": plot_quality,
     "mixed": plot_mixed, "quantized": plot_quantized}
 
 

@@ -62,7 +62,7 @@ def results_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def kernels_result(results_dir) -> dict:
-    return run_smoke("kernels", results_dir)
+    return run_smoke("kernel_ops", results_dir)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,9 @@ def test_mixed_smoke(mixed_result):
     assert mixed_result["trainable_shira"] == mixed_result["trainable_lora"] > 0
     assert all(b["side_op_calls"] == 7 for b in mixed_result["breakdown"].values())  # 1 block, 7 linears
     assert mixed_result["targets"], "the issue's targets are evaluated"
+    pairs = {(t["pair"], t["mode"]) for t in mixed_result["threads"]}
+    assert pairs == {("2 mixed batches", "eager"), ("mixed batch + request for the active adapter", "eager")}
+    assert all(t["serial_ms"] > 0 and t["threads_ms"] > 0 for t in mixed_result["threads"])
 
 
 @pytest.mark.slow
@@ -249,8 +252,8 @@ def test_plot(results_dir, kernels_result, train_result, switch_result, mixed_re
     (results_dir / "quality.json").write_text(json.dumps(quality))
     out = tmp_path / "png"
     written = load_script("plot").main(["--results", str(results_dir), "--out", str(out)])
-    assert sorted(Path(p).name for p in written) == ["kernels.png", "mixed.png", "quality.png", "switch.png",
-                                                     "train.png"]
+    assert sorted(Path(p).name for p in written) == ["kernel_ops.png", "mixed.png", "quality.png",
+                                                     "switch.png", "train.png"]
     for p in written:
         data = Path(p).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000, p

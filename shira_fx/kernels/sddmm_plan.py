@@ -42,7 +42,7 @@ CPU_PATHS = ("inductor_rowdot", "sampled_addmm", "dense_bands", "torch_gather")
 TRITON_PATHS = ("triton_gather", "triton_tiles")
 PATHS = CPU_PATHS + TRITON_PATHS
 
-# CPU cost model: rough rates per second, calibrated with bench/kernels.py (bench/RESULTS.md);
+# CPU cost model: rough rates per second, calibrated with bench/kernel_ops.py (bench/RESULTS.md);
 # only their ratios matter, the path with the smallest estimate wins.
 _CPU_ROWDOT_MACS = 6e9  # Inductor row-dot, per masked element and step of T
 _CPU_SAMPLED_MACS = 2e9  # sampled_addmm, the same

@@ -29,9 +29,9 @@ run. GFLOP/s counts the useful 2 T nnz flops of every method (so the dense produ
 its share of useful work). Times: median of `--repeat` interleaved rounds after a warm-up
 call on CPU, `triton.testing.do_bench` (median) on CUDA.
 
-    python bench/kernels.py              # N = 512..4096, 3 densities, T = 1024 (CPU)
-    python bench/kernels.py --tokens 256,512,1024,2048 --ops sddmm
-    python bench/kernels.py --smoke      # tiny shapes, a few seconds
+    python bench/kernel_ops.py              # N = 512..4096, 3 densities, T = 1024 (CPU)
+    python bench/kernel_ops.py --tokens 256,512,1024,2048 --ops sddmm
+    python bench/kernel_ops.py --smoke      # tiny shapes, a few seconds
 """
 
 from __future__ import annotations
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "immune to time slices other processes take)")
     p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer size")
     p.add_argument("--ops", default="sddmm,scatter")
-    p.add_argument("--json", default=None, help=f"default {default_json('kernels')} (none with --smoke)")
+    p.add_argument("--json", default=None, help=f"default {default_json('kernel_ops')} (none with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repetitions")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.tokens = args.tokens or ("2048" if cuda else "1024")
     args.copy_mib = args.copy_mib or (1024 if cuda else 256)
     if args.json is None and not args.smoke:
-        args.json = default_json("kernels")
+        args.json = default_json("kernel_ops")
     dtype = getattr(torch, args.dtype)
     densities = [float(d) for d in args.densities.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows += scatter_rows(n, args.layers, densities, dtype, device, args.repeat, bandwidth)
         print(f"N={n} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     targets = sddmm_targets(rows)
-    result = {"bench": "kernels", "machine": machine(device), "args": vars(args),
+    result = {"bench": "kernel_ops", "machine": machine(device), "args": vars(args),
               "device": str(device), "copy_bandwidth_GB_per_s": bandwidth / 1e9, "rows": rows,
               "targets": targets, "seconds": time.perf_counter() - t0}
     print_tables(result)
