@@ -372,6 +372,21 @@ def _replayable(node: fx.Node) -> bool:
     return target in _REPLAYABLE or torch.Tag.pointwise in target.tags
 
 
+def _adds_a_side_product(node: fx.Node) -> bool:
+    """Whether `node` is a quantized layer's output, `base(x) + side_linear(x)`: like a
+    `sparse_linear` output, it is kept as one tensor, not rebuilt from its two terms (which
+    would keep both)."""
+    if node.op != "call_function" or node.target is not _aten.add.Tensor:
+        return False
+    for term in node.all_input_nodes:
+        while term.op == "call_function" and term.target in (_prims.convert_element_type.default,
+                                                             _aten._to_copy.default):
+            term = term.args[0]
+        if term.op == "call_function" and term.target is torch.ops.shira_fx.side_linear.default:
+            return True
+    return False
+
+
 def tag_sparse_linear_inputs(graph: fx.Graph) -> int:
     """Joint-graph pass: mark the pointwise/view chain that produces
     each `sparse_linear` input x as MUST_RECOMPUTE, so the min-cut partitioner rebuilds x in
@@ -388,7 +403,7 @@ def tag_sparse_linear_inputs(graph: fx.Graph) -> int:
         stack = [node.args[0]]
         while stack:
             n = stack.pop()
-            if not isinstance(n, fx.Node) or n in tagged or not _replayable(n):
+            if not isinstance(n, fx.Node) or n in tagged or not _replayable(n) or _adds_a_side_product(n):
                 continue
             if "recompute" in n.meta:  # inside a checkpointed region: its own policy holds
                 continue

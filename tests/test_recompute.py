@@ -156,3 +156,29 @@ def test_explain_reports_each_layers_input_and_the_bytes_held(inner):
             assert "rebuilt in backward" in fate, fate
     text = shira_fx.explain(backend)
     assert "held for backward" in text and "model.layers.1.mlp.down_proj: x (" in text
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")  # bitsandbytes on the CPU
+def test_a_quantized_base_holds_the_frozen_floor_too(tmp_path_factory):
+    """On a 4-bit base a layer computes `base(x) + side_linear(x)`: that sum is kept whole
+    (as a `sparse_linear` output is) and the side path's input x rebuilt from it, so
+    shira_fx holds what the frozen 4-bit model holds, where QLoRA keeps each x."""
+    peft = pytest.importorskip("peft")
+    from tests.test_quantized import bnb_4bit
+
+    ids = torch.randint(0, 64, (4, 24), generator=torch.Generator().manual_seed(0))
+    frozen = bnb_4bit(tmp_path_factory).requires_grad_(False)
+    embeds = frozen.get_input_embeddings()(ids).detach().requires_grad_(True)
+    floor = held(frozen, {"inputs_embeds": embeds, "labels": ids}, MIN_CUT)
+    batch = {"input_ids": ids, "labels": ids}
+    lora_cfg = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=TARGETS["llama"])
+    lora = held(peft.get_peft_model(bnb_4bit(tmp_path_factory), lora_cfg), batch, MIN_CUT)
+    model = bnb_4bit(tmp_path_factory)
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(target_modules=TARGETS["llama"], r=2),
+                               progress=False)
+    backend = shira_fx.backend(inner="aot_eager")
+    ours = held(model, batch, backend, adapter)
+    assert backend.reports[0].side and backend.reports[0].recomputed > 0, shira_fx.explain(backend)
+    assert lora > floor, "the QLoRA baseline holds nothing extra: the measure is broken"
+    assert ours <= floor + 0.1 * (lora - floor), (floor, lora, ours)
