@@ -1,12 +1,13 @@
 """shira_fx: Sparse High Rank Adapters as a torch.compile feature."""
 
-from .adapter import ShiraLayer, SparseAdapter, prepare
+from .adapter import SparseAdapter, prepare
 from .adapter_files import StoredAdapter, load_adapter
 from .backend import ShiraBackend, backend, explain
 from .bank import AdapterBank, export_dense
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError, ShiraError, ShiraTrainingError
+from .layer import ShiraLayer
 from .train import train_step
 
 __all__ = [

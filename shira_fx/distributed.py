@@ -16,8 +16,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import registry
-from .adapter import ShiraLayer, SparseAdapter
+from .adapter import SparseAdapter
 from .errors import ShiraConfigError, ShiraTrainingError
+from .layer import ShiraLayer
 
 
 def local_plan(

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from . import ops, registry  # noqa: F401  (ops registers torch.ops.shira_fx)
-from .adapter import ShiraLayer
 from .errors import ShiraTrainingError
+from .layer import ShiraLayer
 
 SPARSE_LINEAR = torch.ops.shira_fx.sparse_linear.default
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import shira_fx
-from shira_fx.adapter import VALUES_PARAMETER
 from shira_fx.distributed import local_plan
+from shira_fx.layer import VALUES_PARAMETER
 from tests import tiny_models
 
 WORLD, STEPS, BATCH = 2, 4, 4
