@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 import shira_fx
 from shira_fx import ShiraAdapterError
 from tests import tiny_models
+from tests.thread_helpers import join, start, until
 
 NAMES = ["a", "b", "c"]
 
@@ -103,31 +103,10 @@ def test_compiled_requests_see_their_adapter(tmp_path, backend):
     assert len(requested) >= 4, "the workers exercised too few different adapters"
 
 
-def _until(condition, what: str, timeout: float = 60.0) -> None:
-    """Poll shared state until `condition()` holds (the timeout only catches a hang)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
 
 
-def _start(target, errors: list) -> threading.Thread:
-    def run():
-        try:
-            target()
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
 
 
-def _join(threads, errors) -> None:
-    for t in threads:
-        t.join(timeout=60)
-        assert not t.is_alive(), "a thread hung: deadlock in the bank's gate"
-    assert not errors, errors
 
 
 def _log_switches(bank, log: list) -> None:
@@ -179,15 +158,15 @@ def test_a_waiting_switch_holds_new_requests_back(tmp_path):
         with bank.using("a"):
             log.append(("late in", bank.active))
 
-    threads = [_start(first, errors)]
+    threads = [start(first, errors)]
     assert inside.wait(60)
-    threads.append(_start(lambda: bank.activate("b"), errors))
-    _until(lambda: gate.waiting == 1, "the switch to wait")
-    threads.append(_start(late, errors))
-    _until(lambda: gate.blocked == 1, "the late request to be held back")
+    threads.append(start(lambda: bank.activate("b"), errors))
+    until(lambda: gate.waiting == 1, "the switch to wait")
+    threads.append(start(late, errors))
+    until(lambda: gate.blocked == 1, "the late request to be held back")
     assert gate.readers == 1 and log == [("switch", {"a": 1.0}), "first in"]
     leave.set()
-    _join(threads, errors)
+    join(threads, errors)
     assert log == [("switch", {"a": 1.0}), "first in", "first leaving", ("switch", {"b": 1.0}),
                    ("switch", {"a": 1.0}), ("late in", {"a": 1.0})]
 
@@ -210,12 +189,12 @@ def test_requests_queued_for_one_switch_share_it(tmp_path):
         with bank.using("b"):
             together.wait()
 
-    threads = [_start(first, errors)]
+    threads = [start(first, errors)]
     assert inside.wait(60)
-    threads += [_start(request, errors) for _ in range(3)]
-    _until(lambda: gate.blocked == 3, "the three requests to queue")
+    threads += [start(request, errors) for _ in range(3)]
+    until(lambda: gate.blocked == 3, "the three requests to queue")
     leave.set()
-    _join(threads, errors)
+    join(threads, errors)
     assert log == [("switch", {"a": 1.0}), ("switch", {"b": 1.0})]
     assert gate.readers == gate.waiting == gate.blocked == 0 and not gate.writing
 
@@ -226,7 +205,7 @@ def test_an_error_inside_a_request_releases_the_gate(tmp_path):
         with bank.using("a"):
             raise RuntimeError("boom")
     errors = []
-    _join([_start(lambda: bank.activate("b"), errors)], errors)  # would hang on a leaked reader
+    join([start(lambda: bank.activate("b"), errors)], errors)  # would hang on a leaked reader
     assert bank.active == {"b": 1.0}
     gate = bank._gate
     assert gate.readers == gate.waiting == gate.blocked == 0 and not gate.writing
@@ -256,14 +235,14 @@ def test_a_request_for_an_adapter_unloaded_while_it_waits_is_refused(tmp_path):
         except ShiraAdapterError as exc:
             outcome.append(exc)
 
-    threads = [_start(first, errors)]
+    threads = [start(first, errors)]
     assert inside.wait(60)
-    threads.append(_start(request, errors))
-    _until(lambda: gate.waiting == 1, "the request to queue")
-    threads.append(_start(lambda: bank.unload("b"), errors))
-    _until(lambda: gate.waiting == 2, "the unload to queue")
+    threads.append(start(request, errors))
+    until(lambda: gate.waiting == 1, "the request to queue")
+    threads.append(start(lambda: bank.unload("b"), errors))
+    until(lambda: gate.waiting == 2, "the unload to queue")
     leave.set()
-    _join(threads, errors)
+    join(threads, errors)
     assert "b" not in bank and len(outcome) == 1
     if isinstance(outcome[0], ShiraAdapterError):
         assert "not loaded" in str(outcome[0])

@@ -5,7 +5,6 @@ for a new list of names and without changing the weights."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from torch._dynamo.utils import counters
 
 import shira_fx
 from tests import tiny_models
+from tests.thread_helpers import join, start, until
 
 B, SEQ = 6, 7
 
@@ -196,30 +196,10 @@ def test_mixed_batches_beside_fused_requests_in_threads_keep_every_request_on_it
     assert not errors, errors
 
 
-def _start(target, errors: list) -> threading.Thread:
-    def run():
-        try:
-            target()
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
 
 
-def _join(threads, errors) -> None:
-    for t in threads:
-        t.join(timeout=120)
-        assert not t.is_alive(), "a thread hung: deadlock in the bank's gate"
-    assert not errors, errors
 
 
-def _until(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -255,7 +235,7 @@ def test_mixed_batches_and_requests_for_the_active_adapter_run_together(bank, co
             together.wait()
             got["a1"] = forward(input_ids=ids).logits
 
-    _join([_start(lambda: mixed(0), errors), _start(lambda: mixed(1), errors), _start(request, errors)],
+    join([start(lambda: mixed(0), errors), start(lambda: mixed(1), errors), start(request, errors)],
           errors)
     for i, names in enumerate(lists):
         torch.testing.assert_close(got[i], want[i], rtol=1e-5, atol=1e-5, msg=f"batch {names}")
@@ -298,15 +278,15 @@ def test_a_fusion_not_served_before_packs_alone_and_the_table_only_grows(bank):
         with torch.no_grad(), bank.per_request(NAMES):
             got["late"] = True
 
-    threads = [_start(first, errors)]
+    threads = [start(first, errors)]
     assert inside.wait(60)
-    threads.append(_start(new_fusion, errors))
-    _until(lambda: gate.waiting == 1, "the new fusion to wait for the batch inside")
-    threads.append(_start(late, errors))
-    _until(lambda: gate.blocked == 2, "the late batch to wait behind the packing")
+    threads.append(start(new_fusion, errors))
+    until(lambda: gate.waiting == 1, "the new fusion to wait for the batch inside")
+    threads.append(start(late, errors))
+    until(lambda: gate.blocked == 2, "the late batch to wait behind the packing")
     assert packs == [B] and gate.readers == 1
     leave.set()
-    _join(threads, errors)
+    join(threads, errors)
     assert packs == [B, B] and got["late"]
     torch.testing.assert_close(got["fused"], want, rtol=1e-5, atol=1e-5)
     for names in (NAMES, fused):
