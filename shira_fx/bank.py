@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import ops
 from .adapter import SparseAdapter
 from .adapter_files import StoredAdapter, fingerprint, load_adapter
-from .errors import ShiraAdapterError
+from .errors import ShiraAdapterError, ShiraConfigError
 from .quantized import base_forward, quantized_kind
 from .targets import resolve_layer
 
@@ -233,7 +233,9 @@ class AdapterBank:
     """Adapters held beside `model`, activated (alone or fused) directly in its weights.
 
     `keep_on_device=False` keeps each adapter's tensors in host memory (pinned on CUDA) and
-    copies them to the device only when an activation plan is built.
+    copies them to the device only when an activation plan is built. `max_plans`: activation
+    plans kept; `max_mixed`: fusions (and adapters at a weight other than 1) that mixed
+    batches keep packed beside the loaded adapters, the oldest dropped first.
 
     Threads: `with bank.using("a") as model: out = model(x)` guarantees that the model
     computes with exactly adapter "a" (or a `{name: weight}` fusion, or None for the base)
@@ -249,10 +251,15 @@ class AdapterBank:
     outside any `using` block (a bare `model(x)`) are not protected.
     """
 
-    def __init__(self, model: nn.Module, keep_on_device: bool = True, max_plans: int = 8):
+    def __init__(self, model: nn.Module, keep_on_device: bool = True, max_plans: int = 8,
+                 max_mixed: int = 64):
+        for what, n in (("max_plans", max_plans), ("max_mixed", max_mixed)):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ShiraConfigError(f"AdapterBank: {what} must be a positive int, found {n!r}")
         self.model = model
         self.keep_on_device = keep_on_device
         self.max_plans = max_plans
+        self.max_mixed = max_mixed
         self._adapters: dict[str, dict[str, _Slot]] = {}
         self._active: dict[str, float] | None = None
         self._current: _Plan | None = None
@@ -532,8 +539,8 @@ class AdapterBank:
         Threads: a mixed batch is a reader of the weights, like a request for the active
         adapter: mixed batches and such requests run together. It writes (alone) only to pack
         the corrections table, the first time after a switch, a load or an unload, or when a
-        fusion (or weight) not served before joins the table; the table only grows, so its
-        shape stays put."""
+        fusion (or weight) not in the table joins it; the table keeps the last `max_mixed` of
+        them, so batches like earlier ones pack nothing."""
         if isinstance(names, str) or not isinstance(names, Sequence) or not names:
             raise ShiraAdapterError(f"per_request: expected a non-empty list with one adapter (or None) "
                                     f"per batch row, found {names!r}")
@@ -570,8 +577,9 @@ class AdapterBank:
     @torch.no_grad()
     def _pack(self, specs: list[dict[str, float] | None]) -> None:
         """Pack, per layer, every table entry's correction (entry minus the active adapter) into
-        the layer's REQUEST buffers. Entries: the base, each adapter, then every fusion or
-        weight per_request has served (kept, so a batch like an earlier one packs nothing)."""
+        the layer's REQUEST buffers. Entries: the base, each adapter, then the fusions and
+        weights per_request has served, at most `max_mixed` (the oldest dropped first) beyond
+        those of this batch."""
         layers = [(ln, resolve_layer(self.model, ln))
                   for ln in sorted({ln for slots in self._adapters.values() for ln in slots})]
         for ln, found in layers:
@@ -579,10 +587,18 @@ class AdapterBank:
                 raise ShiraAdapterError(f"per_request: {ln!r} is a 3-D parameter (MoE experts); "
                                         "mixed batches serve linear layers only")
         singles = [{n: 1.0} for n in self.names]
-        for spec in specs:
-            if spec is not None and spec not in singles and spec not in self._served:
-                self._served.append(spec)
-        entries = [{}] + singles + [s for s in self._served if all(n in self._adapters for n in s)]
+        served = [s for s in self._served if all(n in self._adapters for n in s)]
+        wanted = [s for s in specs if s is not None and s not in singles]
+        for spec in wanted:
+            if spec not in served:
+                served.append(spec)
+        while len(served) > self.max_mixed:  # drop the oldest this batch does not use
+            old = next((s for s in served if s not in wanted), None)
+            if old is None:
+                break
+            served.remove(old)
+        self._served = served
+        entries = [{}] + singles + served
         active = self._active or {}
         devices = []
         for ln, found in layers:
