@@ -267,9 +267,9 @@ def side_grad_x(grad_y: Tensor, values: Tensor, indices: Tensor, out_features: i
     keeps it opaque (its CPU path reads the CSR bounds back, which tracing cannot)."""
     gy = grad_y.reshape(-1, out_features)
     dense = _dense_side(gy, values, indices, out_features, in_features)
-    if dense is None:
-        return side_backward_x(grad_y, indices, values, out_features, in_features)
-    return (gy.float() @ dense).to(grad_y.dtype).reshape(*grad_y.shape[:-1], in_features)
+    grad_x = (side_backward_x(gy, indices, values, out_features, in_features) if dense is None
+              else (gy.float() @ dense).to(grad_y.dtype))
+    return grad_x.reshape(*grad_y.shape[:-1], in_features)
 
 
 @side_grad_x.register_fake
