@@ -60,7 +60,7 @@ from common import (  # noqa: E402
 )
 
 from shira_fx.kernels import PLAN_FIELDS, choose_path, masked_grad, plan_mask, sddmm_cpu  # noqa: E402
-from shira_fx.masks import _struct_mask  # noqa: E402
+from shira_fx.masks import struct_mask  # noqa: E402
 from shira_fx.ops import scatter_weights_  # noqa: E402
 
 DENSITIES = (0.002, 0.01, 0.03)
@@ -95,7 +95,7 @@ def mask_indices(kind: str, n: int, nnz: int, perm: torch.Tensor) -> torch.Tenso
     if kind == "rows":
         rows = torch.arange(0, n, max(1, round(n * n / nnz)), device=perm.device)
         return (rows[:, None] * n + torch.arange(n, device=perm.device)).view(-1).to(torch.int32)
-    return _struct_mask(n, n, nnz, 0, False).to(perm.device)
+    return struct_mask(n, n, nnz, 0, False).to(perm.device)
 
 
 def interleaved_ms(fns: dict[str, Callable], rounds: int, device: torch.device,

@@ -2,12 +2,13 @@
 
 from .adapter import SparseAdapter, prepare
 from .adapter_files import StoredAdapter, load_adapter
-from .backend import ShiraBackend, backend, explain
-from .bank import AdapterBank, export_dense
 from .checkpoint import load_checkpoint, save_checkpoint
+from .compile.backend import ShiraBackend, backend, explain
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError, ShiraError, ShiraTrainingError
 from .layer import ShiraLayer
+from .serve.bank import AdapterBank
+from .serve.export import export_dense
 from .train import train_step
 
 __all__ = [

@@ -19,9 +19,10 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from . import ops, quantized, registry
 from .adapter_files import StoredAdapter, check_layer_tensors, write_peft, write_shira_fx
+from .attach import attach, detach, state_dict_hooks, sync_layers, weight_arrived
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError, ShiraTrainingError
-from .layer import BASE, INDICES, VALUES, ShiraLayer, attach, detach, state_dict_hooks, sync_layers
+from .layer import BASE, INDICES, VALUES, ShiraLayer, has_training_state, layer_of, state_name
 from .masks import WEIGHT_FREE_MASKS, build_masks
 from .targets import TargetLayer, find_targets
 
@@ -70,23 +71,19 @@ class SparseAdapter(nn.Module):
                 if layer.weight.is_meta:
                     raise ShiraConfigError(f"materialize: the weight of {layer.name!r} is still on "
                                            "the meta device; load the weights first")
-                layer.weight_arrived()
+                weight_arrived(layer)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Check that `optimizer` trains this adapter's values. Every optimizer step already
-        syncs the fused weights of the values it holds (a global hook, whoever calls `step`:
-        a hand-written loop, HF Trainer, Lightning, `train_step`), so nothing else is needed."""
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse an optimizer that trains none of this adapter's values. Nothing else needs
+        doing: every optimizer step syncs the fused weights of the values it holds (a global
+        hook, whoever calls `step`: a hand-written loop, HF Trainer, Lightning, `train_step`)."""
         mine = {id(p) for p in self.parameters()}
         theirs = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if not mine & theirs:
             raise ShiraConfigError(
-                "SparseAdapter.attach: the optimizer holds none of this adapter's values; "
+                "SparseAdapter.check_optimizer: the optimizer holds none of this adapter's values; "
                 "build it from adapter.parameters() or model.parameters()"
             )
-
-    def register_values(self) -> None:
-        """Kept for older code: the values are parameters of their modules (`<module>.shira_values`)
-        from `prepare` on, so DDP and any optimizer over `model.parameters()` find them."""
 
     @torch.no_grad()
     def remove(self) -> None:
@@ -126,24 +123,33 @@ class SparseAdapter(nn.Module):
             out[f"{name}.values"] = layer.values.detach()
         return out
 
-    @torch.no_grad()
-    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign=False):
-        """Copy values saved by `state_dict` (same layers and indices) and sync the weights."""
+    def check_state(self, state_dict: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+        """`state_dict` if it is a state of this very adapter (as `state_dict` writes it: the
+        same layers, valid values and this adapter's indices), else ShiraAdapterError naming
+        `where` and the layer; checked before anything is changed."""
         expected = set(self.state_dict())
         if set(state_dict) != expected:
-            missing, extra = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-            raise ShiraAdapterError(
-                f"SparseAdapter.load_state_dict: missing keys {missing[:5]}, unexpected {extra[:5]}"
-            )
+            layers = {k.rpartition(".")[0] for k in state_dict}
+            what, missing, extra = "layers", set(self.layers) - layers, layers - set(self.layers)
+            if not missing and not extra:  # the same layers, other keys
+                what, missing, extra = "keys", expected - set(state_dict), set(state_dict) - expected
+            raise ShiraAdapterError(f"{where}: a state of another adapter: {what} missing "
+                                    f"{sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
         for name, layer in self.layers.items():
             idx, vals = state_dict[f"{name}.indices"], state_dict[f"{name}.values"]
             try:
                 idx, vals = check_layer_tensors(idx, vals, layer.shape, layer.indices.numel())
             except ValueError as e:
-                raise ShiraAdapterError(f"SparseAdapter.load_state_dict: layer {name!r}: {e}") from None
-            if not torch.equal(idx.to(layer.indices.device), layer.indices.long()):
-                raise ShiraAdapterError(f"SparseAdapter.load_state_dict: layer {name!r}: indices "
-                                        "differ from this adapter's mask")
+                raise ShiraAdapterError(f"{where}: layer {name!r}: {e}") from None
+            if not torch.equal(idx.cpu(), layer.indices.long().cpu()):
+                raise ShiraAdapterError(f"{where}: layer {name!r}: indices differ from this adapter's "
+                                        "mask (a state of another adapter or mask seed)")
+        return state_dict
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign=False):
+        """Copy values saved by `state_dict` (same layers and indices) and sync the weights."""
+        self.check_state(state_dict, "SparseAdapter.load_state_dict")
         for name, layer in self.layers.items():
             layer.values.copy_(state_dict[f"{name}.values"])
         self.sync()
@@ -190,22 +196,28 @@ def _layers_of(optimizer: torch.optim.Optimizer) -> list[ShiraLayer]:
 _CHECKED: weakref.WeakSet = weakref.WeakSet()  # optimizers whose first step was checked
 
 
-def _check_before_first_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Global optimizer pre-step hook: before an optimizer's first step, refuse if backward
-    reached some of its layers' values but not others (a weight used outside its module's
-    forward, or not at all), naming them, rather than train them silently at zero."""
-    if optimizer in _CHECKED:
-        return
-    _CHECKED.add(optimizer)
-    layers = _layers_of(optimizer)
-    missed = [layer.name for layer in layers if layer.values.grad is None]
-    if missed and len(missed) < len(layers):
+def check_backward_reached(reached: dict[str, bool], where: str) -> None:
+    """Refuse a step in which backward reached some prepared layers' values but not others (a
+    weight used outside its module's forward, or not at all), naming them, rather than train
+    them silently at zero; `reached` maps each layer to whether its values got a gradient."""
+    missed = [name for name, got in reached.items() if not got]
+    if missed and len(missed) < len(reached):
         raise ShiraTrainingError(
-            f"optimizer.step(): backward reached no value of {len(missed)} prepared layer(s): "
+            f"{where}: backward reached no value of {len(missed)} prepared layer(s): "
             f"{', '.join(missed[:8])}{' ...' if len(missed) > 8 else ''}; their weights are not "
             "used through their module's forward (or not at all): leave them out with "
             "ShiraConfig(exclude_modules=[...])"
         )
+
+
+def _check_before_first_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Global optimizer pre-step hook: before an optimizer's first step, `check_backward_reached`
+    over the layers whose values it holds."""
+    if optimizer in _CHECKED:
+        return
+    _CHECKED.add(optimizer)
+    check_backward_reached({layer.name: layer.values.grad is not None for layer in _layers_of(optimizer)},
+                           "optimizer.step()")
 
 
 def _sync_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -237,7 +249,7 @@ def _check_targets(model: nn.Module, targets: list[TargetLayer], cfg: ShiraConfi
     tuners = _peft_layers(model)
     for t in targets:
         w = t.weight
-        if registry.layer_for(w) is not None or (t.param == "weight" and "_shira_layer" in t.module.__dict__):
+        if registry.layer_for(w) is not None or (t.param == "weight" and layer_of(t.module) is not None):
             raise ShiraConfigError(
                 f"prepare: {t.name!r} already carries a SHiRA adapter; call adapter.remove() first"
             )
@@ -248,8 +260,8 @@ def _check_targets(model: nn.Module, targets: list[TargetLayer], cfg: ShiraConfi
                 "PEFT; prepare the base model before peft.get_peft_model, or merge the PEFT "
                 "adapter first (merge_and_unload())"
             )
-        attrs = [kind if t.param == "weight" else f"{t.param}_{kind}" for kind in (VALUES, INDICES, BASE)]
-        if any(hasattr(t.module, attr) for attr in attrs):
+        attrs = [state_name(t.param, kind) for kind in (VALUES, INDICES, BASE)]
+        if has_training_state(t.module, t.param):
             raise ShiraConfigError(f"prepare: {t.name!r} already has an attribute named like "
                                    f"shira_fx's own ({', '.join(attrs)})")
         unknown = None if t.quantized else quantized.unknown_quantized(t.module)

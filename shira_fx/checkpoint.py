@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .adapter import SparseAdapter
-from .adapter_files import atomic_save_file, check_layer_tensors
+from .adapter_files import atomic_save_file
 from .errors import ShiraAdapterError
 
 CHECKPOINT_FORMAT = "shira_fx-checkpoint"
@@ -119,22 +119,7 @@ def _same_kind(saved: Any, current: Any) -> bool:
 
 def _check_adapter(path: str, tensors: dict[str, Tensor], adapter: SparseAdapter) -> dict[str, Tensor]:
     state = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
-    saved_layers = {k.rpartition(".")[0] for k in state}
-    if saved_layers != set(adapter.layers) or set(state) != set(adapter.state_dict()):
-        missing = sorted(set(adapter.layers) - saved_layers)
-        extra = sorted(saved_layers - set(adapter.layers))
-        raise ShiraAdapterError(f"{path}: a checkpoint of another adapter: layers missing "
-                                f"{missing[:5]}, unexpected {extra[:5]}")
-    for name, layer in adapter.layers.items():
-        try:
-            idx, _ = check_layer_tensors(state[f"{name}.indices"], state[f"{name}.values"],
-                                         layer.shape, layer.indices.numel())
-        except ValueError as exc:
-            raise ShiraAdapterError(f"{path}: layer {name!r}: {exc}") from None
-        if not torch.equal(idx, layer.indices.long().cpu()):
-            raise ShiraAdapterError(f"{path}: layer {name!r}: indices differ from this adapter's "
-                                    "mask (a checkpoint of another adapter or mask seed)")
-    return state
+    return adapter.check_state(state, path)
 
 
 def _check_optimizer(path: str, meta: dict[str, str], tensors: dict[str, Tensor],

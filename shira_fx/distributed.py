@@ -1,6 +1,6 @@
-"""SHiRA beyond one process: DDP after `adapter.register_values()`, FSDP2 through `fully_shard`.
+"""SHiRA beyond one process: DDP as it is, FSDP2 through `fully_shard`.
 
-DDP all-reduces exactly the values' gradients once they are module parameters. Under FSDP2
+DDP all-reduces exactly the values' gradients: they are module parameters. Under FSDP2
 each rank keeps a row block (a DTensor shard) of every base weight; `fully_shard` installs a
 per-layer writer so that `sync` writes `base + values` into the rank's own rows (flat indices
 translated to local offsets), the all-gathers then ship fused weights, and the replicated
@@ -21,7 +21,7 @@ from .errors import ShiraConfigError, ShiraTrainingError
 from .layer import ShiraLayer
 
 
-def local_plan(
+def shard_map(
     indices: Tensor, ncols: int, local_shape: tuple[int, ...], offset: tuple[int, ...]
 ) -> tuple[Tensor, slice | Tensor]:
     """For a 2-D block of a weight (global `offset`, `local_shape`): the flat local offsets
@@ -41,12 +41,12 @@ def local_plan(
 
 class _ShardWriter:
     """What `sync` and `remove` write on this rank for one FSDP2-sharded layer: the local block
-    of the weight with the layer's indices translated to it (the plan is cached per shard
+    of the weight with the layer's indices translated to it (the shard map is cached per shard
     geometry; the local tensor is looked up each time, because FSDP2 may re-pad the shard
     and move its storage at lazy init)."""
 
     def __init__(self) -> None:
-        self.plan: tuple | None = None
+        self.cached: tuple | None = None  # (shard geometry, local offsets, which values)
 
     def __call__(self, layer: ShiraLayer) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         from torch.distributed.tensor import Replicate, Shard
@@ -67,9 +67,9 @@ class _ShardWriter:
             weight.shape, weight.device_mesh, weight.placements
         )
         key = (tuple(weight.shape), tuple(shape), tuple(offset))
-        if self.plan is None or self.plan[0] != key:
-            self.plan = (key, *local_plan(layer.indices, weight.shape[1], shape, offset))
-        _, indices, own = self.plan
+        if self.cached is None or self.cached[0] != key:
+            self.cached = (key, *shard_map(layer.indices, weight.shape[1], shape, offset))
+        _, indices, own = self.cached
         local = weight.to_local()
         if tuple(local.shape) != tuple(shape) or not local.is_contiguous():
             raise ShiraConfigError(

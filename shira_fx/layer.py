@@ -1,30 +1,51 @@
-"""One adapted weight on its module (`ShiraLayer`) and everything done to that module.
+"""The adapted module: what shira_fx puts on a module, declared once, and the forwards it runs.
 
-The module holds the adapter's state: the trainable `shira_values` (a parameter, so any
-optimizer built from `model.parameters()` trains it) and the `shira_indices` and `shira_base`
-buffers (non-persistent: `model.state_dict()` keeps the base model's keys). Its forward
-routes training through `sparse_linear` (a quantized layer: the sparse side path beside
-the library's layer), and every other read of the weight goes through a property that puts
-the values in autograd. `shira_fx.adapter` builds these layers for a whole model.
+A trained module holds its adapter's state as its own: the trainable values (a parameter, so
+any optimizer built from `model.parameters()` trains it), the indices and base buffers
+(non-persistent: `model.state_dict()` keeps the base model's keys) and, in its `__dict__`, its
+`ShiraLayer` and the mask's structure. A module a bank serves beside its weight (a quantized
+base, or a mixed batch) holds the side path's buffers. Every other module of shira_fx reads
+and writes these through the functions here, never by name; `shira_fx.attach` puts the
+training state on and takes it off.
 """
 
 from __future__ import annotations
 
-import types
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from . import kernels, ops, quantized, registry
+from . import ops, quantized, registry
 from .adapter_files import LayerSpec, fingerprint
-from .config import ShiraConfig
-from .errors import ShiraConfigError
-from .targets import TargetLayer
+from .errors import ShiraAdapterError, ShiraConfigError
 
+# -- the module protocol ---------------------------------------------------------------------
+# training state of one adapted parameter ("weight", or a 3-D experts parameter such as
+# "gate_up_proj", whose names get the parameter's name in front: `state_name`)
 VALUES, INDICES, BASE = "shira_values", "shira_indices", "shira_base"
-VALUES_PARAMETER = VALUES  # the values' name on their module
+# plain attributes in the module's __dict__ (invisible to parameters(), buffers(), state_dict())
+LAYER = "_shira_layer"  # the ShiraLayer of the module's "weight"
+TRANSPOSED = "_shira_transposed"  # the weight is stored (in, out) (GPT-2's Conv1D)
+STRUCTURE = "_shira_structure"  # the mask's structure for the masked gradient (kernels.mask_structure)
+EXPOSED = "_shira_exposed"  # {parameter name: ShiraLayer} read through the adapter's property
+ORIGINAL_CLASS = "_shira_class"  # the module's class before the adapter's subclass
+# served beside the weight by a bank (buffers): the active adapter (quantized bases) ...
+SIDE_INDICES, SIDE_VALUES = "shira_side_indices", "shira_side_values"
+# ... and a mixed batch's packed table of corrections (indices, values, per-entry offsets)
+REQUEST = ("shira_request_indices", "shira_request_values", "shira_request_offsets")
+ROWS = "_shira_rows"  # the bank's per-thread rows of a mixed batch
+SERVED_TRANSPOSED = "_shira_served_transposed"
+SERVED_WEIGHT = "_shira_served_weight"  # "weight" when the CPU runs a mixed batch's whole linear
+FORWARD = "forward"  # the instance-level forward shira_fx installs (the class's stays)
+
+
+def state_name(param: str, kind: str) -> str:
+    """The module attribute holding `kind` (VALUES, INDICES or BASE) of adapted parameter
+    `param`: a module with several adapted parameters keeps them apart by parameter name."""
+    return kind if param == "weight" else f"{param}_{kind}"
+
 
 # (layer) -> (weight, indices, base, values) that this process writes into; see write_target
 Writer = Callable[["ShiraLayer"], tuple[Tensor, Tensor, Tensor, Tensor]]
@@ -54,9 +75,7 @@ class ShiraLayer:
     loading: bool = field(default=False, repr=False)  # a state dict with this weight is loading
 
     def attr(self, kind: str) -> str:
-        """The module attribute holding this layer's `kind` (VALUES, INDICES or BASE): a
-        module with several adapted parameters keeps them apart by parameter name."""
-        return kind if self.param == "weight" else f"{self.param}_{kind}"
+        return state_name(self.param, kind)
 
     @property
     def weight(self) -> Tensor:
@@ -114,56 +133,157 @@ class ShiraLayer:
         return LayerSpec(self.name, self.shape, str(dtype).removeprefix("torch."),
                          self.transposed, int(self.indices.numel()), self.fingerprint())
 
-    @torch.no_grad()
-    def weight_arrived(self) -> None:
-        """The weight was (re)loaded. On a layer prepared on meta, capture the base values
-        there and start from zero values; otherwise the fused weight stays the truth: the
-        values become what it now holds over the base (`load_state_dict(model.state_dict())`
-        round-trips)."""
-        weight = self.weight
-        if weight.is_meta:
-            return
-        # a sharded (FSDP2) weight is gathered once here: every rank keeps the whole base
-        full = weight.full_tensor() if registry.is_dtensor(weight) else weight
-        if self.pending is not None:
-            idx = self.pending.to(full.device)
-            self.module._buffers[self.attr(INDICES)] = idx
-            self.module._buffers[self.attr(BASE)] = full.detach().reshape(-1)[idx.long()].clone()
-            if self.param == "weight":  # planned again from the indices now in place
-                self.module._shira_plan = _plan(idx, tuple(full.shape))
-            self.values.zero_()
-            self.pending = None
-        else:
-            fused = full.detach().reshape(-1)[self.indices.long()]
-            self.values.copy_(fused.to(self.values.dtype) - self.base.to(self.values.dtype))
-        registry.register(weight, self)
-        registry.register(self.values, self)
+
+# -- reading the protocol ----------------------------------------------------------------------
 
 
-def _sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
+def layer_of(module: nn.Module) -> ShiraLayer | None:
+    """The training adapter's layer on this module's `weight`, if it carries one."""
+    return module.__dict__.get(LAYER)
+
+
+def has_training_state(module: nn.Module, param: str) -> bool:
+    """Whether parameter `param` of `module` carries an adapter, or the module has attributes
+    named like shira_fx's own for it (a name clash prepare refuses)."""
+    return (param == "weight" and LAYER in module.__dict__) or any(
+        hasattr(module, state_name(param, kind)) for kind in (VALUES, INDICES, BASE))
+
+
+def structure_of(module: nn.Module) -> list[Tensor]:
+    """The mask's structure tensors this module keeps for the masked gradient ([] if none)."""
+    return list(module.__dict__.get(STRUCTURE, ()))
+
+
+def set_structure(module: nn.Module, structure: list[Tensor]) -> None:
+    module.__dict__[STRUCTURE] = structure
+
+
+def is_served(module: nn.Module) -> bool:
+    return SIDE_INDICES in module._buffers
+
+
+def rows_of(module: nn.Module) -> object:
+    """The per-thread rows object of the bank serving this module."""
+    return module.__dict__[ROWS]
+
+
+def beside_weight(module: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """(indices, values) of the adapter riding beside a module's weight: its training adapter
+    on a quantized base, else the bank's active side path; None when there is none."""
+    layer = layer_of(module)
+    if layer is not None and layer.quantized:
+        return layer.indices, layer.values
+    if is_served(module) and module._buffers[SIDE_INDICES].numel():
+        return module._buffers[SIDE_INDICES], module._buffers[SIDE_VALUES]
+    return None
+
+
+def set_side(module: nn.Module, indices: Tensor, values: Tensor) -> None:
+    """The bank's active adapter beside a served module's weight (empty tensors: none)."""
+    module._buffers[SIDE_INDICES], module._buffers[SIDE_VALUES] = indices, values
+
+
+def served_device(module: nn.Module) -> torch.device:
+    return module._buffers[SIDE_INDICES].device
+
+
+def set_request_table(module: nn.Module, indices: Tensor, values: Tensor, offsets: Tensor) -> None:
+    """A mixed batch's packed corrections on a served module: entry a is
+    `indices/values[offsets[a]:offsets[a+1]]`."""
+    for name, tensor in zip(REQUEST, (indices, values, offsets), strict=True):
+        module._buffers[name] = tensor
+
+
+# -- the forwards shira_fx installs --------------------------------------------------------------
+
+
+def sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
     """Forward of a prepared module: training (grad on, values trainable) goes through
     `sparse_linear`, which reads the fused weight and sends the masked gradient to the values;
     otherwise the module's own dense forward. Compiled, Dynamo lifts the values and indices
     as graph inputs like any parameter, so one graph serves every block of the same shape."""
-    values = self.shira_values
+    values = self._parameters[VALUES]
     weight = self._parameters["weight"]  # the fused weight itself, not the `weight` property
     if not torch.compiler.is_compiling():
-        self.__dict__["_shira_layer"].check_ready()
+        self.__dict__[LAYER].check_ready()
         autocast = torch.is_autocast_enabled(x.device.type)
         if x.dtype != weight.dtype and not autocast:  # as the layer itself would refuse
             return type(self).forward(self, x)
     if torch.is_grad_enabled() and values.requires_grad:
-        return ops.sparse_linear(x, weight, self.bias, values, self.shira_indices, self._shira_transposed,
-                                 self._shira_plan)
+        return ops.sparse_linear(x, weight, self.bias, values, self._buffers[INDICES],
+                                 getattr(self, TRANSPOSED), getattr(self, STRUCTURE))
     return type(self).forward(self, x)
 
 
-def _side_forward(self: nn.Module, x: Tensor) -> Tensor:
+def side_forward(self: nn.Module, x: Tensor) -> Tensor:
     """Forward of a prepared quantized module: the quantization library's own layer, plus the
     adapter beside it, `x @ S.T` (the packed weight cannot hold base + delta)."""
     y = quantized.base_forward(self, x)
-    side = ops.side_linear(x, self.shira_values, self.shira_indices, y.shape[-1], x.shape[-1])
+    side = ops.side_linear(x, self._parameters[VALUES], self._buffers[INDICES], y.shape[-1], x.shape[-1])
     return y + side.to(y.dtype)
+
+
+def served_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Forward of a module a bank serves beside its weight: the layer's own forward (for a
+    quantized base, the library's op), plus the active adapter beside it when the weight cannot
+    hold it, plus each row's own correction when this thread serves a mixed batch (on the CPU,
+    a plain weight's whole linear per adapter: `ops.request_linear`); with neither, exactly the
+    base layer's output."""
+    rows = getattr(self.__dict__[ROWS], "rows", None)
+    if rows is not None:
+        if x.shape[0] != rows.numel():
+            raise ShiraAdapterError(f"per_request: a served layer got an input of shape {tuple(x.shape)}; "
+                                    f"expected the batch's {rows.numel()} rows first")
+        rows = rows.to(x.device)
+    weight = self.__dict__[SERVED_WEIGHT]
+    table = [self._buffers[name] for name in REQUEST]
+    transposed = self.__dict__[SERVED_TRANSPOSED]
+    if rows is not None and weight is not None and x.device.type == "cpu":  # the whole linear per adapter
+        return ops.request_linear(x, self._parameters[weight], self.bias, rows, *table, transposed)
+    y = quantized.base_forward(self, x)
+    indices = self._buffers[SIDE_INDICES]
+    if indices.numel():
+        y = y + ops.side_linear(x, self._buffers[SIDE_VALUES], indices, y.shape[-1], x.shape[-1]).to(y.dtype)
+    if rows is not None:
+        x2 = x.reshape(-1, x.shape[-1])
+        seg_starts = torch.arange(rows.numel() + 1, device=x.device) * (x2.shape[0] // rows.numel())
+        side = ops.side_segmented(x2, seg_starts, rows, *table, y.shape[-1], x.shape[-1], transposed)
+        y = y + side.reshape(y.shape).to(y.dtype)
+    return y
+
+
+def install_forward(module: nn.Module, forward: Callable) -> None:
+    module.__dict__[FORWARD] = forward.__get__(module)
+
+
+def serve_beside(module: nn.Module, rows: object, transposed: bool = False) -> None:
+    """Give a module the (empty) side paths a bank fills: the active adapter's for a
+    quantized base, each row's correction in a mixed batch (`rows`: the bank's per-thread
+    rows, the same object for every layer it serves)."""
+    if is_served(module):
+        if module.__dict__[ROWS] is not rows:
+            raise ShiraAdapterError("AdapterBank: another bank already serves this model's layers; "
+                                    "one model takes one bank")
+        return
+    if layer_of(module) is not None:
+        raise ShiraAdapterError("AdapterBank: a layer of this model carries a training adapter; "
+                                "call adapter.remove() first")
+    device = next((t.device for t in module.parameters()), torch.device("cpu"))
+    module.register_buffer(SIDE_INDICES, torch.empty(0, dtype=torch.int32, device=device), persistent=False)
+    module.register_buffer(SIDE_VALUES, torch.empty(0, device=device), persistent=False)
+    for name, dtype in zip(REQUEST, (torch.int32, torch.float32, torch.int64), strict=True):
+        module.register_buffer(name, torch.empty(0, dtype=dtype, device=device), persistent=False)
+    module.__dict__[ROWS] = rows
+    module.__dict__[SERVED_TRANSPOSED] = transposed
+    # a plain weight (not quantized): on the CPU a mixed batch runs the whole linear per adapter
+    weight = module._parameters.get("weight")
+    plain = (isinstance(module, nn.Linear) or transposed) and quantized.quantized_kind(module) is None and (
+        type(weight) is nn.Parameter)
+    module.__dict__[SERVED_WEIGHT] = "weight" if plain else None
+    install_forward(module, served_forward)
+
+
+# -- the adapter's property on adapted parameters ---------------------------------------------
 
 
 class _ParamWithValues(torch.autograd.Function):
@@ -189,8 +309,7 @@ class _ParamWithValues(torch.autograd.Function):
 def _adapted_parameter(name: str) -> property:
     """The property reading parameter `name` of a prepared module (names fixed per parameter:
     compiled code touches no per-layer Python object, so blocks share their graph)."""
-    values_attr = VALUES if name == "weight" else f"{name}_{VALUES}"
-    indices_attr = INDICES if name == "weight" else f"{name}_{INDICES}"
+    values_attr, indices_attr = state_name(name, VALUES), state_name(name, INDICES)
 
     def read(self: nn.Module) -> Tensor:
         weight = self._parameters[name]
@@ -202,15 +321,27 @@ def _adapted_parameter(name: str) -> property:
     return property(read, doc=f"{name}, with its SHiRA values in the autograd graph")
 
 
-def _expose(module: nn.Module, layer: ShiraLayer) -> None:
+def expose(module: nn.Module, layer: ShiraLayer) -> None:
     """Route every read of an adapted parameter through `_ParamWithValues`: the module's class
     becomes a subclass with a property per adapted parameter (one subclass per class and set
     of parameters, shared by every block); the state dict and the parameter stay as they were."""
-    params = module.__dict__.setdefault("_shira_params", {})
+    params = module.__dict__.setdefault(EXPOSED, {})
     if not params:
-        module.__dict__["_shira_class"] = type(module)
+        module.__dict__[ORIGINAL_CLASS] = type(module)
     params[layer.param] = layer
-    module.__class__ = _with_properties(module.__dict__["_shira_class"], frozenset(params))
+    module.__class__ = _with_properties(module.__dict__[ORIGINAL_CLASS], frozenset(params))
+
+
+def unexpose(module: nn.Module, param: str) -> None:
+    params = module.__dict__.get(EXPOSED, {})
+    params.pop(param, None)
+    original = module.__dict__.get(ORIGINAL_CLASS, type(module))
+    if params:
+        module.__class__ = _with_properties(original, frozenset(params))
+    else:
+        module.__class__ = original
+        module.__dict__.pop(EXPOSED, None)
+        module.__dict__.pop(ORIGINAL_CLASS, None)
 
 
 _SUBCLASSES: dict[tuple[type, frozenset], type] = {}
@@ -221,163 +352,28 @@ def _with_properties(original: type, params: frozenset) -> type:
     if key not in _SUBCLASSES:
         attrs = {p: _adapted_parameter(p) for p in sorted(params)}
         if "weight" in params:
-            attrs["_apply"] = _apply_keeping_plan
+            attrs["_apply"] = _apply_keeping_structure
         # named as the original, but of this module: Dynamo compiles torch.nn's own classes
-        # with every tensor attribute at a fixed size, which would pin the plan's sizes
+        # with every tensor attribute at a fixed size, which would pin the structure's sizes
         _SUBCLASSES[key] = type(original.__name__, (original,),
                                 {**attrs, "__module__": __name__, "__qualname__": original.__qualname__})
     return _SUBCLASSES[key]
 
 
-def _unexpose(module: nn.Module, param: str) -> None:
-    params = module.__dict__.get("_shira_params", {})
-    params.pop(param, None)
-    original = module.__dict__.get("_shira_class", type(module))
-    if params:
-        module.__class__ = _with_properties(original, frozenset(params))
-    else:
-        module.__class__ = original
-        module.__dict__.pop("_shira_params", None)
-        module.__dict__.pop("_shira_class", None)
-
-
-def state_dict_hooks(layer: ShiraLayer) -> list:
-    """The module's state-dict hooks (handles, for `remove`): its state dict leaves out the
-    values (the fused weight already holds them), and loading a weight re-reads them."""
-    module = layer.module
-    return [module.register_state_dict_post_hook(_drop_values_key(layer)),
-            module.register_load_state_dict_pre_hook(_loading(layer)),
-            module.register_load_state_dict_post_hook(_loaded(layer))]
-
-
-def _drop_values_key(layer: ShiraLayer) -> Callable:
-    def hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-        state_dict.pop(prefix + layer.attr(VALUES), None)
-
-    return hook
-
-
-def _loading(layer: ShiraLayer) -> Callable:
-    def hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-        layer.loading = prefix + layer.param in state_dict
-
-    return hook
-
-
-def _loaded(layer: ShiraLayer) -> Callable:
-    def hook(module: nn.Module, incompatible_keys) -> None:
-        missing = incompatible_keys.missing_keys
-        missing[:] = [k for k in missing if not k.endswith(VALUES)]
-        if layer.loading:
-            layer.loading = False
-            layer.weight_arrived()
-
-    return hook
-
-
-@torch.no_grad()
-def sync_layers(layers: Iterable[ShiraLayer]) -> None:
-    """`W.flat[idx] = base + values` for these layers, in one fused scatter (a quantized layer
-    has nothing to write: its adapter rides beside the packed weight)."""
-    targets = [layer.write_target() for layer in layers if not layer.quantized]
-    if targets:
-        ops.scatter_weights_(*([t[i] for t in targets] for i in range(4)))
-
-
-
-def _plan(indices: Tensor, shape: tuple[int, ...]) -> list[Tensor]:
-    """The mask's structure for the masked gradient (dense rows, columns and diagonals as
-    GEMMs, the rest tile-ordered: `kernels.plan_mask`), built once from the indices; a mask
-    without structure worth using gets `kernels.no_plan`'s empty tensors. Kept as a plain
-    attribute (not buffers, which Dynamo compiles at fixed sizes) with sizes marked unbacked:
-    blocks whose plans differ in size still share one compiled graph."""
-    plan = kernels.plan_mask(indices, shape[0], shape[1]) or kernels.no_plan(indices)
-    return _on_device(plan, indices.device)
-
-
-def _apply_keeping_plan(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
-    """`Module._apply` (`.to`, `.cuda`, `to_empty`, FSDP2's moves), then the plan follows the
-    indices to their device as a buffer would."""
+def _apply_keeping_structure(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
+    """`Module._apply` (`.to`, `.cuda`, `to_empty`, FSDP2's moves), then the mask's structure
+    follows the indices to their device as a buffer would."""
     result = super(type(self), self)._apply(fn, recurse)
-    plan, indices = self.__dict__.get("_shira_plan"), self._buffers.get(INDICES)
-    if plan and indices is not None and plan[0].device != indices.device:
-        self.__dict__["_shira_plan"] = _on_device(plan, indices.device)
+    structure, indices = structure_of(self), self._buffers.get(INDICES)
+    if structure and indices is not None and structure[0].device != indices.device:
+        set_structure(self, on_device(structure, indices.device))
     return result
 
 
-def _on_device(plan: list[Tensor], device: torch.device) -> list[Tensor]:
-    moved = [t.to(device) for t in plan]
+def on_device(structure: list[Tensor], device: torch.device) -> list[Tensor]:
+    """The structure's tensors on `device`, sizes marked unbacked: blocks whose structures
+    differ in size still share one compiled graph."""
+    moved = [t.to(device) for t in structure]
     for t in moved:
         torch._dynamo.decorators.mark_unbacked(t, 0)
     return moved
-
-
-@torch.no_grad()
-def _attach_beside(t: TargetLayer, idx: Tensor, cfg: ShiraConfig) -> ShiraLayer:
-    """A quantized module: the adapter's state beside the packed weight, and the forward that
-    adds the sparse side path to the library's own layer. The base values (for the file's
-    fingerprint) are read from the dequantized weight, one layer at a time."""
-    module = t.module
-    dense = t.dense_weight()
-    device = dense.device
-    idx = idx.to(device)
-    layer = ShiraLayer(t.name, module, False, quantized=t.quantized, logical=tuple(t.shape))
-    values = nn.Parameter(torch.zeros(idx.numel(), dtype=cfg.torch_values_dtype, device=device))
-    module.register_parameter(VALUES, values)
-    module.register_buffer(INDICES, idx, persistent=False)
-    module.register_buffer(BASE, dense.reshape(-1)[idx.long()].clone(), persistent=False)
-    del dense
-    module._shira_layer = layer
-    module.forward = types.MethodType(_side_forward, module)
-    registry.register(values, layer)
-    registry.register(t.weight, layer)
-    return layer
-
-
-@torch.no_grad()
-def attach(t: TargetLayer, mask: Tensor, cfg: ShiraConfig) -> ShiraLayer:
-    """Give one targeted module its adapter state and the SHiRA forward."""
-    module, w = t.module, t.weight
-    idx = mask.to(dtype=torch.int32)
-    if t.quantized:
-        return _attach_beside(t, idx, cfg)
-    layer = ShiraLayer(t.name, module, t.transposed, t.param)
-    # on meta (no data yet) the adapter's state waits on the CPU for the weights to arrive: a
-    # CPU parameter keeps its identity through `to_empty` (a meta one would be replaced, and
-    # with it whatever holds it: the registry, an optimizer, FSDP2's gradient hooks)
-    device = torch.device("cpu") if w.is_meta else w.device
-    if w.is_meta:
-        layer.pending = idx
-        base = torch.zeros(idx.numel(), dtype=w.dtype)
-    else:
-        idx = idx.to(device)
-        base = w.detach().view(-1)[idx.long()].clone()
-    values = nn.Parameter(torch.zeros(idx.numel(), dtype=cfg.torch_values_dtype, device=device))
-    module.register_parameter(layer.attr(VALUES), values)
-    module.register_buffer(layer.attr(INDICES), idx.to(device), persistent=False)
-    module.register_buffer(layer.attr(BASE), base, persistent=False)
-    if t.param == "weight":
-        module._shira_layer = layer
-        module._shira_transposed = t.transposed
-        module._shira_plan = _plan(idx.to(device) if layer.pending is None else layer.pending, tuple(w.shape))
-        module.forward = types.MethodType(_sparse_forward, module)
-    _expose(module, layer)
-    registry.register(values, layer)
-    if not w.is_meta:
-        registry.register(w, layer)
-    return layer
-
-
-def detach(layer: ShiraLayer) -> None:
-    """Take the adapter's state off the module (the layer keeps a copy in `removed`) and
-    give the module back its own forward and class. The weight is not written here."""
-    module = layer.module
-    layer.removed = (layer.values.detach(), layer.indices, layer.base)
-    module._parameters.pop(layer.attr(VALUES), None)
-    module._buffers.pop(layer.attr(INDICES), None)
-    module._buffers.pop(layer.attr(BASE), None)
-    if layer.param == "weight":
-        for attr in ("forward", "_shira_layer", "_shira_transposed", "_shira_plan"):
-            module.__dict__.pop(attr, None)
-    if not layer.quantized:
-        _unexpose(module, layer.param)

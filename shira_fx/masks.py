@@ -80,7 +80,7 @@ def build_masks(
         elif kind == "rand":
             masks[t.name] = _rand_mask(math.prod(t.shape), k, cfg.seed, t.name)
         elif kind == "struct":
-            masks[t.name] = _struct_mask(t.out_features, t.in_features, k, cfg.seed, t.transposed)
+            masks[t.name] = struct_mask(t.out_features, t.in_features, k, cfg.seed, t.transposed)
         elif kind == "wm":
             masks[t.name] = _top_k(_magnitude(t.dense_weight(), t.name), k)
         else:
@@ -97,7 +97,7 @@ def _stacked_mask(t: TargetLayer, k: int, cfg: ShiraConfig) -> torch.Tensor:
         if cfg.mask == "rand":
             local = _rand_mask(size, k, cfg.seed, f"{t.name}[{e}]")
         elif cfg.mask == "struct":
-            local = _struct_mask(t.out_features, t.in_features, k, cfg.seed, False)
+            local = struct_mask(t.out_features, t.in_features, k, cfg.seed, False)
         else:
             local = _top_k(_magnitude(t.weight[e], f"{t.name}[{e}]"), k)
         parts.append(local.long() + e * size)
@@ -177,7 +177,7 @@ def _struct_rows(rows: int, cols: int, k: int, seed: int) -> tuple[int, int, int
     return plan(n)
 
 
-def _struct_mask(rows: int, cols: int, k: int, seed: int, transposed: bool) -> torch.Tensor:
+def struct_mask(rows: int, cols: int, k: int, seed: int, transposed: bool) -> torch.Tensor:
     """Rows at stride plus the diagonal on the logical (out=rows, in=cols) matrix, exactly k
     elements, mapped to flat offsets in the stored layout ((in, out) when transposed).
 

@@ -10,6 +10,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .layer import structure_of
+
 
 def _dense_parts(t: torch.Tensor) -> list[torch.Tensor]:
     """The strided tensors that hold a tensor's memory (a sparse tensor has several)."""
@@ -86,9 +88,9 @@ class LiveTensorTracker(TorchDispatchMode):
 
 def resident_state(model: torch.nn.Module) -> list[torch.Tensor]:
     """What a model keeps whatever backward does: its parameters and buffers, and each prepared
-    layer's masked-gradient plan (a plain attribute, not a buffer). Pass it as `exclude`."""
-    plans = [t for m in model.modules() for t in m.__dict__.get("_shira_plan", ())]
-    return list(model.parameters()) + list(model.buffers()) + plans
+    layer's mask structure (a plain attribute, not a buffer). Pass it as `exclude`."""
+    structures = [t for m in model.modules() for t in structure_of(m)]
+    return list(model.parameters()) + list(model.buffers()) + structures
 
 
 def saved_tensor_bytes(run, exclude=()) -> tuple[int, object]:

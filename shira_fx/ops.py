@@ -1,73 +1,110 @@
-"""torch.library custom ops: the functional training op and the mutating scatter op.
+"""The `shira_fx::` torch.library ops: schema, fake kernel, autograd and autocast of each.
 
-Two kinds of op: autograd cannot be registered on a mutating op, so
-training goes through the functional `sparse_linear` (forward: the dense linear on the fused
-weight; backward: grad_x plus the masked gradient through `masked_grad`), while syncing and
-switching go through the mutating `scatter_`, always outside autograd. Each op runs the Triton
-kernel on CUDA and a torch implementation on CPU.
+Two kinds (autograd cannot be registered on a mutating op): functional ops that train or
+serve (`sparse_linear`: the dense linear on the fused weight, whose backward sends the masked
+gradient `masked_grad` to the values; `side_linear` / `side_grad_x`: the adapter beside a
+quantized weight; `request_linear`, `side_segmented`: mixed batches), and the mutating
+`scatter_` for sync and switching, always outside autograd. Each op's real kernel is one
+dispatcher of `shira_fx.kernels` (Triton on CUDA, torch on the CPU). Every fake kernel checks
+its operands' shapes, dtypes and devices with `torch._check`, naming the operand, so a wrong
+call fails at trace time with a message instead of deep inside generated code.
 """
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
+from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
-from .kernels import (
-    scatter_fused_,
-    scatter_fused_reference_,
-    side_backward_x,
-    side_backward_x_segmented,
-    side_forward,
-    side_forward_segmented,
-)
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_INTS = (torch.int32, torch.int64)
 
 
-def _dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
-    """The layer's own linear, computed in x's dtype (under autocast x arrives already cast;
-    the weight is cast here, so backward keeps the weight itself, not a cast copy)."""
-    weight = weight.to(x.dtype)
-    bias = None if bias is None else bias.to(x.dtype)
-    if not transposed:
-        return F.linear(x, weight, bias)
-    y = x.reshape(-1, x.shape[-1]) @ weight
+def _check(cond: bool, op: str, message: str) -> None:
+    torch._check(cond, lambda: f"shira_fx::{op}: {message}")
+
+
+def _check_float(op: str, name: str, t: Tensor) -> None:
+    _check(t.dtype in _FLOATS, op, f"{name} must be a float tensor, found {t.dtype}")
+
+
+def _check_sparse(op: str, indices: Tensor, values: Tensor, like: Tensor) -> None:
+    """1-D int indices and as many float values, on `like`'s device."""
+    _check(indices.dim() == 1 and indices.dtype in _INTS, op,
+           f"indices must be 1-D int32/int64, found {indices.dtype} of shape {tuple(indices.shape)}")
+    _check(values.dim() == 1, op, f"values must be 1-D, found shape {tuple(values.shape)}")
+    _check(values.shape[0] == indices.shape[0], op,
+           f"values ({values.shape[0]}) and indices ({indices.shape[0]}) must have one entry each")
+    _check_float(op, "values", values)
+    for name, t in (("indices", indices), ("values", values)):
+        _check(t.device == like.device, op, f"{name} must be on {like.device}, found {t.device}")
+
+
+def _check_linear(op: str, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> int:
+    """A linear's operands; returns its out_features."""
+    _check(weight.dim() == 2, op, f"weight must be 2-D, found shape {tuple(weight.shape)}")
+    in_features, out_features = weight.shape if transposed else (weight.shape[1], weight.shape[0])
+    _check(x.dim() >= 1 and x.shape[-1] == in_features, op,
+           f"x must end in the weight's {in_features} input features, found shape {tuple(x.shape)}")
+    _check_float(op, "x", x)
+    _check_float(op, "weight", weight)
+    _check(weight.device == x.device, op, f"weight must be on {x.device}, found {weight.device}")
     if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], weight.shape[1])
+        _check(bias.dim() == 1 and bias.shape[0] == out_features, op,
+               f"bias must have shape ({out_features},), found {tuple(bias.shape)}")
+    return out_features
+
+
+# -- the masked gradient -------------------------------------------------------------------
 
 
 @torch.library.custom_op("shira_fx::masked_grad", mutates_args=())
-def masked_grad(a: Tensor, b: Tensor, indices: Tensor, ncols: int, plan: list[Tensor]) -> Tensor:
+def masked_grad(a: Tensor, b: Tensor, indices: Tensor, ncols: int, structure: list[Tensor]) -> Tensor:
     """fp32 `(a.T @ b).view(-1)[indices]` for 2-D a (T, A), b (T, B), never forming A×B: the
-    mask's structure (`plan`, from `kernels.plan_mask`; empty for none) as dense GEMMs, the
-    rest by the fastest exact path for the device and shape (`kernels.masked_grad`)."""
-    return kernels.masked_grad(a, b, indices, ncols, plan)
+    mask's structure (`kernels.structure.mask_structure`; empty for none) as dense GEMMs, the
+    rest by the fastest exact path for the device and shape (`kernels.masked_sddmm`)."""
+    return kernels.masked_sddmm(a, b, indices, ncols, structure)
 
 
 @masked_grad.register_fake
-def _(a: Tensor, b: Tensor, indices: Tensor, ncols: int, plan: list[Tensor]) -> Tensor:
+def _(a, b, indices, ncols, structure):
+    op = "masked_grad"
+    _check(a.dim() == 2 and b.dim() == 2, op,
+           f"a and b must be 2-D (T, A) and (T, B), found {tuple(a.shape)} and {tuple(b.shape)}")
+    _check(a.shape[0] == b.shape[0], op, f"a and b must share T, found {a.shape[0]} and {b.shape[0]}")
+    _check(b.shape[1] == ncols, op, f"b must have ncols = {ncols} columns, found {b.shape[1]}")
+    _check_float(op, "a", a)
+    _check_float(op, "b", b)
+    _check(b.device == a.device, op, f"b must be on {a.device}, found {b.device}")
+    _check(indices.dim() == 1 and indices.dtype in _INTS, op,
+           f"indices must be 1-D int32/int64, found {indices.dtype} of shape {tuple(indices.shape)}")
+    _check(len(structure) in (0, 7), op, f"a structure holds 7 tensors, found {len(structure)}")
     return a.new_empty(indices.shape[0], dtype=torch.float32)
+
+
+# -- training on a fused weight ----------------------------------------------------------------
 
 
 @torch.library.custom_op("shira_fx::sparse_linear", mutates_args=())
 def sparse_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, indices: Tensor, transposed: bool,
-    plan: list[Tensor],
+    structure: list[Tensor],
 ) -> Tensor:
     """The dense linear on the fused weight; `values` is an input only so it receives a gradient.
 
-    `weight` holds base + values at `indices` (kept so by `SparseAdapter.sync`), so the forward
-    costs exactly what the base model's linear costs. `transposed` marks a weight stored
-    (in, out), as GPT-2's Conv1D stores it; `plan` is the mask's structure for the backward.
+    `weight` holds base + values at `indices` (kept so by the sync after every optimizer
+    step), so the forward costs exactly what the base model's linear costs. `transposed` marks
+    a weight stored (in, out), as GPT-2's Conv1D stores it; `structure` is the mask's, for the
+    backward.
     """
-    return _dense_linear(x, weight, bias, transposed)
+    return kernels.dense_linear(x, weight, bias, transposed)
 
 
 @sparse_linear.register_fake
-def _(x, weight, bias, values, indices, transposed, plan):
-    out_features = weight.shape[1] if transposed else weight.shape[0]
+def _(x, weight, bias, values, indices, transposed, structure):
+    out_features = _check_linear("sparse_linear", x, weight, bias, transposed)
+    _check_sparse("sparse_linear", indices, values, x)
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -77,13 +114,13 @@ def _autocast_kernel(device_type: str):
     casts it), and the values stay fp32 so their gradient is accumulated in fp32."""
     key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
-    def kernel(_keyset, x, weight, bias, values, indices, transposed, plan):
+    def kernel(_keyset, x, weight, bias, values, indices, transposed, structure):
         dtype = torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             if x.is_floating_point() and x.device.type == device_type and x.dtype != dtype:
                 x = x.to(dtype)
             return torch.ops.shira_fx.sparse_linear.default(x, weight, bias, values, indices, transposed,
-                                                            plan)
+                                                            structure)
 
     return kernel
 
@@ -94,16 +131,16 @@ for _device_type in ("cpu", "cuda"):
               "Autocast" + torch._C._dispatch_key_for_device(_device_type), with_keyset=True)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, values, indices, transposed, plan = inputs
-    ctx.save_for_backward(x, weight, indices, *plan)
+def _sparse_linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias, values, indices, transposed, structure = inputs
+    ctx.save_for_backward(x, weight, indices, *structure)
     ctx.transposed = transposed
     ctx.values_dtype = values.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, grad_y: Tensor):
-    x, weight, indices, *plan = ctx.saved_tensors
+def _sparse_linear_backward(ctx, grad_y: Tensor):
+    x, weight, indices, *structure = ctx.saved_tensors
     needs_x, _, needs_bias, needs_values = ctx.needs_input_grad[:4]
     out_features = grad_y.shape[-1]
     gy = grad_y.reshape(-1, out_features)
@@ -115,89 +152,19 @@ def _backward(ctx, grad_y: Tensor):
     if needs_values:
         x2 = x.reshape(-1, x.shape[-1])
         if ctx.transposed:
-            grad_values = masked_grad(x2, gy, indices, out_features, plan)
+            grad_values = masked_grad(x2, gy, indices, out_features, structure)
         else:
-            grad_values = masked_grad(gy, x2, indices, x2.shape[1], plan)
+            grad_values = masked_grad(gy, x2, indices, x2.shape[1], structure)
         grad_values = grad_values.to(ctx.values_dtype)
     if needs_bias and ctx.bias_dtype is not None:
         grad_bias = gy.sum(0).to(ctx.bias_dtype)
-    return grad_x, None, grad_bias, grad_values, None, None, [None] * len(plan)
+    return grad_x, None, grad_bias, grad_values, None, None, [None] * len(structure)
 
 
-sparse_linear.register_autograd(_backward, setup_context=_setup_context)
+sparse_linear.register_autograd(_sparse_linear_backward, setup_context=_sparse_linear_setup)
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """The shared scatter pool, created under a lock: banks and adapters in several threads
-    may scatter at once (each into its own weights). A pool that is outgrown is left running,
-    not shut down, since another thread may be submitting to it; it only grows, so at most a
-    few idle threads are left behind."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < threads:
-            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="shira_fx-scatter")
-        return _POOL
-
-
-def _balanced_groups(sizes: list[int], n: int) -> list[list[int]]:
-    """Split layer positions into n groups of about equal element counts (largest first)."""
-    groups: list[list[int]] = [[] for _ in range(n)]
-    load = [0] * n
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        g = load.index(min(load))
-        groups[g].append(i)
-        load[g] += sizes[i]
-    return [sorted(g) for g in groups if g]
-
-
-def _scatter_cpu(weights, indices, base, delta, scale) -> None:
-    """The CPU scatter: layers split across threads. Scattered writes are bound by memory
-    latency, not bandwidth, so two threads keep twice the misses in flight; the GIL is
-    released inside index_copy_, and each layer belongs to one thread."""
-    threads = min(torch.get_num_threads(), len(weights))
-    if threads < 2 or sum(i.numel() for i in indices) < 65536:
-        scatter_fused_reference_(weights, indices, base, delta, scale)
-        return
-    pool = _pool(threads)
-
-    @torch.no_grad()
-    def run(group: list[int]) -> None:
-        pick = lambda xs: [xs[i] for i in group]
-        scatter_fused_reference_(pick(weights), pick(indices), pick(base),
-                                 None if delta is None else pick(delta), scale)
-
-    groups = _balanced_groups([i.numel() for i in indices], threads)
-    futures = [pool.submit(run, g) for g in groups[1:]]
-    run(groups[0])
-    for f in futures:
-        f.result()
-
-
-def scatter_weights_(
-    weights: list[Tensor], indices: list[Tensor], base: list[Tensor], delta: list[Tensor] | None,
-    scale: float = 1.0,
-) -> None:
-    """`W.flat[idx] = base + scale * delta` (or `base`) for every layer, in place. Eagerly this
-    calls the implementation directly (the dispatcher's cost over many layers' tensors is
-    noticeable); under torch.compile it is the registered mutating op, so Inductor sees the
-    mutation."""
-    if torch.compiler.is_compiling():
-        torch.ops.shira_fx.scatter_(weights, indices, base, delta or [], scale)
-    else:
-        _scatter_impl(weights, indices, base, delta or None, scale)
-
-
-def _scatter_impl(weights, indices, base, delta, scale) -> None:
-    if not weights:
-        return
-    if weights[0].is_cuda:
-        scatter_fused_(weights, indices, base, delta, scale)
-    else:
-        _scatter_cpu(weights, indices, base, delta, scale)
+# -- sync and switching ----------------------------------------------------------------------
 
 
 @torch.library.custom_op("shira_fx::scatter_", mutates_args=("weights",))
@@ -209,54 +176,58 @@ def scatter_(
     Assigns rather than accumulates, so the fused weights never drift from `base + values`,
     and restoring the saved base values is bit-exact. Touches only the indexed elements.
     """
-    _scatter_impl(weights, indices, base, delta or None, scale)
+    kernels.scatter_layers_(weights, indices, base, delta or None, scale)
 
 
 @scatter_.register_fake
 def _(weights, indices, base, delta, scale) -> None:
+    op = "scatter_"
+    _check(len(indices) == len(weights) and len(base) == len(weights) and len(delta) in (0, len(weights)),
+           op, f"one entry per layer in every list, found {len(weights)} weights, {len(indices)} "
+           f"indices, {len(base)} base, {len(delta)} delta")
+    for i, (w, idx, b) in enumerate(zip(weights, indices, base, strict=True)):
+        _check(idx.dim() == 1 and idx.dtype in _INTS, op, f"indices[{i}] must be 1-D int32/int64")
+        _check(b.shape == idx.shape and b.dtype == w.dtype, op,
+               f"base[{i}] must be {w.dtype} of shape {tuple(idx.shape)}, found {b.dtype} {tuple(b.shape)}")
+        if delta:
+            _check(delta[i].shape == idx.shape, op, f"delta[{i}] must have shape {tuple(idx.shape)}")
+        for name, t in (("indices", idx), ("base", b)):
+            _check(t.device == w.device, op, f"{name}[{i}] must be on {w.device}, found {t.device}")
     return None
 
 
-# on the CPU a sparse side product (a quantized layer's adapter, a mixed batch's rows) runs as a
-# GEMM on the delta written out densely when the sparse kernel would cost more than writing it:
-# tokens * nnz multiply-adds against out * in written elements, a multiply-add through the
-# sparse kernel costing about half a written element (measured at 512x512..2048x2048,
-# 1.5-6 % density, 128-256 tokens)
-DENSE_COPY_TOKENS_X_NNZ = 2.0
+def scatter_weights_(
+    weights: list[Tensor], indices: list[Tensor], base: list[Tensor], delta: list[Tensor] | None,
+    scale: float = 1.0,
+) -> None:
+    """`W.flat[idx] = base + scale * delta` (or `base`) for every layer, in place. Eagerly this
+    calls the kernels directly (the dispatcher's cost over many layers' tensors is
+    noticeable); under torch.compile it is the registered mutating op, so Inductor sees the
+    mutation."""
+    if torch.compiler.is_compiling():
+        torch.ops.shira_fx.scatter_(weights, indices, base, delta or [], scale)
+    else:
+        kernels.scatter_layers_(weights, indices, base, delta or None, scale)
 
 
-def _dense_is_cheaper(tokens: int, nnz: int, numel: int) -> bool:
-    return nnz > 0 and tokens * nnz >= DENSE_COPY_TOKENS_X_NNZ * numel
+# -- the adapter beside a weight that cannot hold it -----------------------------------------------
 
 
 @torch.library.custom_op("shira_fx::side_linear", mutates_args=())
 def side_linear(x: Tensor, values: Tensor, indices: Tensor, out_features: int, in_features: int) -> Tensor:
     """`x @ S.T` for the sparse delta S (`S.flat[indices] = values`, an (out, in) matrix): the
     adapter's path beside a layer whose weight cannot hold it (a quantized base). Costs
-    nnz * tokens multiply-adds (on the CPU, a GEMM on S written out densely when that is
-    cheaper: `_dense_side`); the values' gradient is the same masked gradient as always."""
-    x2 = x.reshape(-1, x.shape[-1])
-    dense = _dense_side(x2, values, indices, out_features, in_features)
-    y = side_forward(x2, indices, values, out_features, in_features) if dense is None else (
-        (x2.float() @ dense.T).to(x.dtype))
-    return y.reshape(*x.shape[:-1], out_features)
-
-
-def _dense_side(src: Tensor, values: Tensor, indices: Tensor, out_features: int,
-                in_features: int) -> Tensor | None:
-    """S as a dense fp32 (out, in) matrix, for a CPU side product whose tokens x nnz outweigh
-    writing S out (`DENSE_COPY_TOKENS_X_NNZ`: a GEMM then beats the sparse kernel); else None.
-    Transient, like the dequantized weight the quantized layer's own matmul forms on the CPU."""
-    if src.device.type != "cpu" or not _dense_is_cheaper(src.shape[0], indices.numel(),
-                                                         out_features * in_features):
-        return None
-    dense = values.new_zeros(out_features * in_features, dtype=torch.float32)
-    dense[indices.long()] = values.detach().float()
-    return dense.view(out_features, in_features)
+    nnz * tokens multiply-adds (`kernels.side_product`); the values' gradient is the masked
+    gradient as always."""
+    return kernels.side_product(x, indices, values, out_features, in_features)
 
 
 @side_linear.register_fake
 def _(x, values, indices, out_features, in_features):
+    _check(x.dim() >= 1 and x.shape[-1] == in_features, "side_linear",
+           f"x must end in in_features = {in_features}, found shape {tuple(x.shape)}")
+    _check_float("side_linear", "x", x)
+    _check_sparse("side_linear", indices, values, x)
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -265,15 +236,15 @@ def side_grad_x(grad_y: Tensor, values: Tensor, indices: Tensor, out_features: i
                 in_features: int) -> Tensor:
     """`grad_y @ S`, `side_linear`'s input gradient, as an op of its own so a compiled backward
     keeps it opaque (its CPU path reads the CSR bounds back, which tracing cannot)."""
-    gy = grad_y.reshape(-1, out_features)
-    dense = _dense_side(gy, values, indices, out_features, in_features)
-    grad_x = (side_backward_x(gy, indices, values, out_features, in_features) if dense is None
-              else (gy.float() @ dense).to(grad_y.dtype))
-    return grad_x.reshape(*grad_y.shape[:-1], in_features)
+    return kernels.side_product_t(grad_y, indices, values, out_features, in_features)
 
 
 @side_grad_x.register_fake
 def _(grad_y, values, indices, out_features, in_features):
+    _check(grad_y.dim() >= 1 and grad_y.shape[-1] == out_features, "side_grad_x",
+           f"grad_y must end in out_features = {out_features}, found shape {tuple(grad_y.shape)}")
+    _check_float("side_grad_x", "grad_y", grad_y)
+    _check_sparse("side_grad_x", indices, values, grad_y)
     return grad_y.new_empty(*grad_y.shape[:-1], in_features)
 
 
@@ -299,49 +270,34 @@ def _side_backward(ctx, grad_y: Tensor):
 side_linear.register_autograd(_side_backward, setup_context=_side_setup)
 
 
+# -- mixed batches (inference) -------------------------------------------------------------------
+
+
+def _check_table(op: str, indices: Tensor, values: Tensor, offsets: Tensor, like: Tensor) -> None:
+    _check_sparse(op, indices, values, like)
+    _check(offsets.dim() == 1 and offsets.dtype in _INTS and offsets.shape[0] >= 1, op,
+           f"offsets must be 1-D int32/int64 with at least one entry, found {offsets.dtype} "
+           f"of shape {tuple(offsets.shape)}")
+
+
 @torch.library.custom_op("shira_fx::request_linear", mutates_args=())
 def request_linear(x: Tensor, weight: Tensor, bias: Tensor | None, row_adapters: Tensor, indices: Tensor,
                    values: Tensor, offsets: Tensor, transposed: bool) -> Tensor:
     """A mixed batch's whole linear on the CPU, for inference: batch row b (x's first
     dimension) computes with `weight` plus adapter `row_adapters[b]`'s correction (-1: none),
-    correction a being `indices/values[offsets[a]:offsets[a+1]]` (flat offsets into the weight
-    as stored). The rows of one adapter run together, either on a copy of the weight with the
-    correction added (when their tokens times its nnz outweigh copying the weight) or on the
-    weight plus the sparse side product: a mixed batch costs about the base model's linear."""
-    out_features = weight.shape[1] if transposed else weight.shape[0]
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-    y = x3.new_empty(*x3.shape[:2], out_features)
-    bounds = offsets.tolist()
-    groups: dict[int, list[int]] = {}
-    for b, a in enumerate(row_adapters.tolist()):
-        if not -1 <= a < len(bounds) - 1:
-            raise ValueError(f"request_linear: row {b} names adapter {a}; the table holds {len(bounds) - 1}")
-        groups.setdefault(a, []).append(b)
-    for a, rows in groups.items():
-        sel = torch.tensor(rows, device=x.device)
-        xs = x3 if len(rows) == x3.shape[0] else x3.index_select(0, sel)
-        lo, hi = (bounds[a], bounds[a + 1]) if a >= 0 else (0, 0)
-        idx, val = indices[lo:hi], values[lo:hi]
-        if _dense_is_cheaper(xs.shape[0] * xs.shape[1], hi - lo, weight.numel()):
-            w = weight.clone()
-            w.view(-1).index_add_(0, idx.long(), val.to(w.dtype))
-            ys = _dense_linear(xs, w, bias, transposed)
-        else:
-            ys = _dense_linear(xs, weight, bias, transposed)
-            if hi > lo:
-                side = (side_backward_x(xs, idx, val, weight.shape[0], weight.shape[1]) if transposed
-                        else side_forward(xs, idx, val, weight.shape[0], weight.shape[1]))
-                ys = ys + side.to(ys.dtype)
-        if len(rows) == x3.shape[0]:
-            y = ys
-        else:
-            y.index_copy_(0, sel, ys.to(y.dtype))
-    return y.reshape(*x.shape[:-1], out_features)
+    correction a being `indices/values[offsets[a]:offsets[a+1]]` (`kernels.mixed_linear_cpu`)."""
+    return kernels.mixed_linear_cpu(x, weight, bias, row_adapters, indices, values, offsets, transposed)
 
 
 @request_linear.register_fake
 def _(x, weight, bias, row_adapters, indices, values, offsets, transposed):
-    out_features = weight.shape[1] if transposed else weight.shape[0]
+    op = "request_linear"
+    out_features = _check_linear(op, x, weight, bias, transposed)
+    _check(x.dim() >= 2, op, f"x must be (batch, ..., in), found shape {tuple(x.shape)}")
+    _check(row_adapters.dim() == 1 and row_adapters.dtype in _INTS and row_adapters.shape[0] == x.shape[0],
+           op, f"row_adapters must be 1-D ints, one per batch row ({x.shape[0]}), found "
+           f"{row_adapters.dtype} of shape {tuple(row_adapters.shape)}")
+    _check_table(op, indices, values, offsets, x)
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -352,13 +308,20 @@ def side_segmented(x: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices:
     2-D `x` get `x @ S_a.T` with adapter a = `seg_adapters[i]` (-1: none), adapter a's delta
     being `indices/values[offsets[a]:offsets[a+1]]`. Which adapter each row uses is data, not
     shape: a new list of requests compiles nothing. `transposed`: a weight stored (in, out)."""
-    if transposed:  # S stored (in, out): x @ S (the side backward's product, roles swapped)
-        return side_backward_x_segmented(x, seg_starts, seg_adapters, indices, values, offsets,
-                                         in_features, out_features)
-    return side_forward_segmented(x, seg_starts, seg_adapters, indices, values, offsets,
-                                  out_features, in_features)
+    return kernels.segmented_side_product(x, seg_starts, seg_adapters, indices, values, offsets,
+                                          out_features, in_features, transposed)
 
 
 @side_segmented.register_fake
 def _(x, seg_starts, seg_adapters, indices, values, offsets, out_features, in_features, transposed):
+    op = "side_segmented"
+    _check(x.dim() == 2 and x.shape[1] == in_features, op,
+           f"x must be (T, in_features = {in_features}), found shape {tuple(x.shape)}")
+    _check_float(op, "x", x)
+    for name, t in (("seg_starts", seg_starts), ("seg_adapters", seg_adapters)):
+        _check(t.dim() == 1 and t.dtype in _INTS, op, f"{name} must be 1-D int32/int64")
+    _check(seg_starts.shape[0] == seg_adapters.shape[0] + 1, op,
+           f"seg_starts must have one more entry than seg_adapters ({seg_adapters.shape[0] + 1}), "
+           f"found {seg_starts.shape[0]}")
+    _check_table(op, indices, values, offsets, x)
     return x.new_empty(x.shape[0], out_features)

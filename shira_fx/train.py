@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from .adapter import SparseAdapter
+from .adapter import SparseAdapter, check_backward_reached
 from .errors import ShiraTrainingError
 
 
@@ -46,7 +46,7 @@ def train_step(
         raise ValueError(f"train_step: max_grad_norm must be > 0, found {max_grad_norm!r}")
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise ValueError(f"train_step: scaler must be a torch.amp.GradScaler, found {type(scaler).__name__}")
-    adapter.attach(optimizer)
+    adapter.check_optimizer(optimizer)
 
     def decorate(fn: Callable) -> Callable[..., float]:
         calls = 0
@@ -85,15 +85,8 @@ def train_step(
                     "compiled graph left dense and why"
                 )
             if not checked:
-                missed = [name for (name, layer), was, now in zip(adapter.layers.items(), before, after,
-                                                                   strict=True) if was == now]
-                if missed:
-                    raise ShiraTrainingError(
-                        f"{fn.__name__}: backward reached no value of {len(missed)} layer(s): "
-                        f"{', '.join(missed[:8])}{' ...' if len(missed) > 8 else ''}; their weights "
-                        "are not used through their module's forward (or not at all): leave them "
-                        "out with ShiraConfig(exclude_modules=[...])"
-                    )
+                check_backward_reached({name: was != now for name, was, now in zip(
+                    adapter.layers, before, after, strict=True)}, fn.__name__)
                 checked = True
             calls += 1
             if calls % accumulate:

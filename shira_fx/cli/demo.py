@@ -16,8 +16,8 @@ import torch
 
 import shira_fx
 
-from .data import load_task
-from .finetune import (
+from ..datasets import load_task
+from ..finetune import (
     BERT_TARGETS,
     Run,
     bank_switch_time,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from ..bank import AdapterBank
 from ..errors import ShiraError
-from .timing import median_ms
+from ..serve.bank import AdapterBank
+from ..timing import median_ms
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -53,7 +53,7 @@ def fused_accuracy(model, bank: AdapterBank, heads: Mapping[str, torch.nn.Module
                    tests: Mapping[str, list[dict]]) -> dict[str, tuple[float, float]]:
     """For each adapter with a head and test data: accuracy with its adapter alone and with all
     adapters fused (weights 1), its own head in both cases."""
-    from .finetune import accuracy
+    from ..finetune import accuracy
 
     names = list(tests)
     alone = {}
@@ -72,8 +72,8 @@ def fused_accuracy(model, bank: AdapterBank, heads: Mapping[str, torch.nn.Module
 
 def run_switch(specs: list[str], model: str | None = "minilm", data: str | None = None,
                repeat: int = 20, seq: int = 48, test_size: int = 1000, layers: int | None = None) -> dict:
-    from .data import load_task, resolve_model
-    from .finetune import head_path, load_head, make_classifier, tokenize
+    from ..datasets import load_task, resolve_model
+    from ..finetune import head_path, load_head, make_classifier, tokenize
 
     adapters = parse_adapters(specs)
     path = resolve_model(model)

@@ -1,60 +1,23 @@
 """Triton kernels for SHiRA, each beside its torch reference (the CPU path and test oracle),
-and the masked gradient's plan and dispatcher."""
+with one dispatcher per op of `shira_fx.ops`; this package exports what those ops call.
 
-from .scatter import scatter_fused_, scatter_fused_reference_
-from .sddmm import dense_block, sddmm, sddmm_cpu, sddmm_reference, sddmm_tiles
-from .sddmm_inductor import sddmm_rowdot
-from .sddmm_plan import PATHS, PLAN_FIELDS, choose_path, masked_grad, no_plan, plan_mask
-from .side import (
-    pack_adapters,
-    side_backward_x,
-    side_backward_x_cpu,
-    side_backward_x_reference,
-    side_backward_x_segmented,
-    side_backward_x_segmented_cpu,
-    side_backward_x_segmented_reference,
-    side_backward_x_segmented_triton,
-    side_backward_x_triton,
-    side_forward,
-    side_forward_cpu,
-    side_forward_reference,
-    side_forward_segmented,
-    side_forward_segmented_cpu,
-    side_forward_segmented_reference,
-    side_forward_segmented_triton,
-    side_forward_triton,
-)
+`scatter` (sync and switching), `sddmm` / `sddmm_inductor` / `masked_sddmm` (the masked
+gradient, by the mask's `structure`), `side` / `side_cpu` / `side_segmented` (the adapter
+beside a weight, one adapter or a mixed batch), `dense` (the layer's own linear).
+"""
+
+from .dense import dense_linear
+from .masked_sddmm import masked_sddmm
+from .scatter import scatter_layers_
+from .side import side_product, side_product_t
+from .side_segmented import mixed_linear_cpu, segmented_side_product
 
 __all__ = [
-    "PATHS",
-    "PLAN_FIELDS",
-    "no_plan",
-    "choose_path",
-    "dense_block",
-    "masked_grad",
-    "plan_mask",
-    "scatter_fused_",
-    "scatter_fused_reference_",
-    "sddmm",
-    "sddmm_cpu",
-    "sddmm_reference",
-    "sddmm_rowdot",
-    "sddmm_tiles",
-    "pack_adapters",
-    "side_backward_x",
-    "side_backward_x_cpu",
-    "side_backward_x_reference",
-    "side_backward_x_segmented",
-    "side_backward_x_segmented_cpu",
-    "side_backward_x_segmented_reference",
-    "side_backward_x_segmented_triton",
-    "side_backward_x_triton",
-    "side_forward",
-    "side_forward_cpu",
-    "side_forward_reference",
-    "side_forward_segmented",
-    "side_forward_segmented_cpu",
-    "side_forward_segmented_reference",
-    "side_forward_segmented_triton",
-    "side_forward_triton",
+    "dense_linear",
+    "masked_sddmm",
+    "mixed_linear_cpu",
+    "scatter_layers_",
+    "segmented_side_product",
+    "side_product",
+    "side_product_t",
 ]

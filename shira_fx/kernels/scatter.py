@@ -1,11 +1,14 @@
 """Fused in-place scatter over many layers: `W.flat[idx] = base + scale * delta`.
 
 Switching adapters and syncing fused weights touch only the masked elements of every
-targeted layer; one kernel launch covers all layers that share a device and dtypes, reading
-per-layer data pointers from a table.
+targeted layer. On CUDA one kernel launch covers all layers that share a device and dtypes,
+reading per-layer data pointers from a table; on the CPU the layers are split across a
+thread pool (`scatter_layers_` picks).
 """
 
+import threading
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
@@ -167,3 +170,70 @@ def scatter_fused_reference_(
         src = b if delta is None else (b.float() + delta[i].float() * scale).to(w.dtype)
         # index_copy_ needs int64 indices; casting them is faster than index_put_ with int32
         w.view(-1).index_copy_(0, idx.long(), src)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+# below this many elements in all, one thread scatters them faster than handing them out
+_MIN_THREADED = 65536
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The shared scatter pool, created under a lock: banks and adapters in several threads
+    may scatter at once (each into its own weights). A pool that is outgrown is left running,
+    not shut down, since another thread may be submitting to it; it only grows, so at most a
+    few idle threads are left behind."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads:
+            _POOL = ThreadPoolExecutor(threads, thread_name_prefix="shira_fx-scatter")
+        return _POOL
+
+
+def _balanced_groups(sizes: list[int], n: int) -> list[list[int]]:
+    """Split layer positions into n groups of about equal element counts (largest first)."""
+    groups: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        g = load.index(min(load))
+        groups[g].append(i)
+        load[g] += sizes[i]
+    return [sorted(g) for g in groups if g]
+
+
+def _scatter_cpu(weights, indices, base, delta, scale) -> None:
+    """The CPU scatter: layers split across threads. Scattered writes are bound by memory
+    latency, not bandwidth, so two threads keep twice the misses in flight; the GIL is
+    released inside index_copy_, and each layer belongs to one thread."""
+    threads = min(torch.get_num_threads(), len(weights))
+    if threads < 2 or sum(i.numel() for i in indices) < _MIN_THREADED:
+        scatter_fused_reference_(weights, indices, base, delta, scale)
+        return
+    pool = _pool(threads)
+
+    @torch.no_grad()
+    def run(group: list[int]) -> None:
+        pick = lambda xs: [xs[i] for i in group]
+        scatter_fused_reference_(pick(weights), pick(indices), pick(base),
+                                 None if delta is None else pick(delta), scale)
+
+    groups = _balanced_groups([i.numel() for i in indices], threads)
+    futures = [pool.submit(run, g) for g in groups[1:]]
+    run(groups[0])
+    for f in futures:
+        f.result()
+
+
+def scatter_layers_(
+    weights: list[Tensor], indices: list[Tensor], base: list[Tensor], delta: list[Tensor] | None,
+    scale: float = 1.0,
+) -> None:
+    """In place, per layer: `W.flat[idx] = base + scale * delta` (or `base` when delta is None):
+    the fused Triton launch on CUDA, the threaded `index_copy_` on the CPU (the dispatcher of
+    the `shira_fx::scatter_` op)."""
+    if not weights:
+        return
+    if weights[0].is_cuda:
+        scatter_fused_(weights, indices, base, delta, scale)
+    else:
+        _scatter_cpu(weights, indices, base, delta, scale)

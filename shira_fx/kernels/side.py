@@ -1,21 +1,17 @@
 """Sparse side path: the SHiRA delta applied beside a base linear instead of fused into it,
 `y = base_linear(x) + x @ S.T` (S the sparse (out, in) delta: sorted flat `indices`, `values`),
-for a quantized base (the packed weight cannot hold base + delta) and a mixed batch (segments
-of rows, each with its own adapter, packed with per-adapter offsets: which adapter a segment
-uses is data, never a shape). Forward `x @ S.T` and input gradient `grad_y @ S` cost nnz * T
-multiply-adds each, one sparse-times-dense kernel on a CSR matrix (S by rows, or S.T by rows
-through a sort); the values' gradient is the masked gradient (`sddmm`). Indices must be sorted
-and unique per adapter (validated where adapters enter, not per call). Paths: Triton on CUDA
-(CPU only under TRITON_INTERPRET=1), `torch.sparse.mm` on CPU, a dense reference per function.
+for a quantized base (the packed weight cannot hold base + delta). Forward `x @ S.T` and input
+gradient `grad_y @ S` cost nnz * T multiply-adds each, one sparse-times-dense kernel on a CSR
+matrix (S by rows, or S.T by rows through a sort); the values' gradient is the masked gradient.
+Indices must be sorted and unique (validated where adapters enter, not per call). Paths:
+Triton on CUDA (CPU only under TRITON_INTERPRET=1), `torch.sparse.mm` on CPU (`side_cpu`), a
+GEMM on the delta written out densely where that is cheaper (`side_product`), and a dense
+reference per function. Mixed batches: `side_segmented`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
-from collections import defaultdict
-from itertools import pairwise
 
 import torch
 import triton
@@ -23,18 +19,14 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from .side_cpu import spmm_cpu
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _VALUE_FLOATS = _FLOATS + (torch.float64,)
 _INTS = (torch.int32, torch.int64)
 # elements of the (nonzeros x tokens) tile one program accumulates; BLOCK_K * BLOCK_T
 _TILE = 2048
 # the CPU path multiplies S by slices of the transposed input whose bytes fit in a core's L2
-# cache, since each nonzero reads one row of that slice; an input this small is one slice
-_CPU_SLICE_BYTES = 1 << 18
-_CPU_WHOLE_BYTES = 1 << 20
-_CPU_MIN_SLICE = 16
-
-
 # --------------------------------------------------------------------------------------------
 # Triton
 
@@ -199,88 +191,6 @@ def _csr(
 
 
 # --------------------------------------------------------------------------------------------
-# CPU
-
-
-def _cpu_slice(n_cols: int, T: int) -> int:
-    """Tokens per slice: a power of two whose fp32 (n_cols, slice) block fits the budget."""
-    if 4 * n_cols * T <= _CPU_WHOLE_BYTES:
-        return max(1, T)
-    rows = _CPU_SLICE_BYTES // (4 * max(1, n_cols))
-    return min(max(1, T), max(_CPU_MIN_SLICE, 1 << max(0, rows.bit_length() - 1)))
-
-
-def _spmm_cpu_into(out: Tensor, src: Tensor, crow: Tensor, col: Tensor, val: Tensor,
-                   n_rows: int) -> None:
-    """out (T, n_rows) = src (T, n_cols) @ M.T for one CSR matrix M, by `torch.sparse.mm` on
-    slices of tokens; bf16/fp16 inputs are multiplied in fp32 and rounded once at the end.
-
-    Each slice is transposed into one reused (n_cols, slice) buffer and multiplied into
-    another with beta = 0, so no slice allocates or zero-fills."""
-    n_cols = src.shape[1]
-    step = _cpu_slice(n_cols, src.shape[0])
-    part = torch.empty(n_cols, step, dtype=torch.float32)
-    prod = torch.empty(n_rows, step, dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        m = torch.sparse_csr_tensor(
-            crow, col, val.to(torch.float32), (n_rows, n_cols), check_invariants=False
-        )
-        for t in range(0, src.shape[0], step):
-            n = min(step, src.shape[0] - t)
-            if n < step:  # the last, shorter slice: fresh contiguous buffers
-                part, prod = part[:, :n].contiguous(), prod[:, :n].contiguous()
-            # one pass: transposed to (n_cols, n) row-major and cast to fp32
-            part.copy_(src[t : t + n].t())
-            torch.addmm(prod, m, part, beta=0.0, out=prod)
-            out[t : t + n] = prod.t()
-
-
-def _spmm_cpu(
-    src: Tensor, crow: Tensor, col: Tensor, val: Tensor, n_rows: int,
-    segments: list[tuple[int, int, int]], dtype: torch.dtype,
-) -> Tensor:
-    """(T, n_rows) in `dtype`: each (start, end, adapter) segment's rows times its adapter's
-    CSR matrix, other rows zero; segments in order and disjoint. Segments of one adapter are
-    multiplied together."""
-    T = src.shape[0]
-    out = torch.empty(T, n_rows, dtype=dtype)
-    by_adapter: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for start, end, a in segments:
-        if a >= 0 and end > start:
-            by_adapter[a].append((start, end))
-    bounds = crow[:, [0, -1]].tolist() if by_adapter else []
-    computed: list[tuple[int, int]] = []
-    for a, spans in by_adapter.items():
-        lo, hi = bounds[a]
-        if hi == lo:  # an empty index set: its rows stay zero
-            continue
-        a_crow = crow[a] - lo
-        a_col, a_val = col[lo:hi], val[lo:hi]
-        computed += spans
-        if len(spans) == 1:
-            start, end = spans[0]
-            _spmm_cpu_into(out[start:end], src[start:end], a_crow, a_col, a_val, n_rows)
-            continue
-        rows = torch.cat([src[s:e] for s, e in spans])
-        part = torch.empty(rows.shape[0], n_rows, dtype=dtype)
-        _spmm_cpu_into(part, rows, a_crow, a_col, a_val, n_rows)
-        pos = 0
-        for s, e in spans:
-            out[s:e] = part[pos : pos + e - s]
-            pos += e - s
-    # zero only the rows no product wrote
-    pos = 0
-    for start, end in sorted(computed):
-        if start > pos:
-            out[pos:start].zero_()
-        pos = max(pos, end)
-    if pos < T:
-        out[pos:].zero_()
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # argument checks (metadata only, no device synchronisation)
 
 
@@ -321,57 +231,6 @@ def _check_sparse(name: str, x: Tensor, indices: Tensor, values: Tensor) -> None
             raise ValueError(f"{name}: {label} must be on {x.device} (the input's device), found {t.device}")
 
 
-def _check_segments(name: str, x: Tensor, seg_starts: Tensor, seg_adapters: Tensor,
-                    adapter_offsets: Tensor) -> None:
-    for label, t in (("seg_starts", seg_starts), ("seg_adapters", seg_adapters),
-                     ("adapter_offsets", adapter_offsets)):
-        if not isinstance(t, Tensor) or t.dim() != 1 or t.dtype not in _INTS:
-            found = f"shape {tuple(t.shape)} dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name}: {label} must be 1-D int32 or int64, found {found}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: {label} must be on {x.device} (the input's device), found {t.device}")
-    if seg_starts.shape[0] != seg_adapters.shape[0] + 1:
-        raise ValueError(
-            f"{name}: seg_starts must have one more entry than seg_adapters "
-            f"({seg_adapters.shape[0] + 1}), found {seg_starts.shape[0]}"
-        )
-    if adapter_offsets.shape[0] < 1:
-        raise ValueError(f"{name}: adapter_offsets must hold at least one entry (0), found none")
-
-
-def _first_drop(xs: list[int]) -> int | None:
-    """The first position whose entry is below the one before it, or None."""
-    return next((i + 1 for i, (u, v) in enumerate(pairwise(xs)) if v < u), None)
-
-
-def _check_segment_values(
-    name: str, T: int, seg_starts: Tensor, seg_adapters: Tensor, adapter_offsets: Tensor,
-    nnz: int,
-) -> list[tuple[int, int, int]]:
-    """The CPU path reads the segment table on the host anyway, so it checks its values too;
-    returns the (start, end, adapter) segments."""
-    starts, ids, offs = seg_starts.tolist(), seg_adapters.tolist(), adapter_offsets.tolist()
-    drop = _first_drop(starts)
-    if drop is not None:
-        raise ValueError(f"{name}: seg_starts must be non-decreasing, found seg_starts[{drop}] = "
-                         f"{starts[drop]} after {starts[drop - 1]}")
-    if starts[0] < 0 or starts[-1] > T:
-        raise ValueError(f"{name}: seg_starts must lie within [0, {T}] (T = x.shape[0]), "
-                         f"found {starts[0]} .. {starts[-1]}")
-    n_adapters = len(offs) - 1
-    bad = next((i for i, a in enumerate(ids) if not -1 <= a < n_adapters), None)
-    if bad is not None:
-        raise ValueError(f"{name}: seg_adapters must be -1 (base) or an adapter id in [0, {n_adapters}),"
-                         f" found seg_adapters[{bad}] = {ids[bad]}")
-    drop = _first_drop(offs)
-    if offs[0] != 0 or offs[-1] != nnz or drop is not None:
-        found = (f"adapter_offsets[{drop}] = {offs[drop]} after {offs[drop - 1]}" if drop is not None
-                 else f"{offs[0]} .. {offs[-1]}")
-        raise ValueError(f"{name}: adapter_offsets must rise from 0 to {nnz} (the number of "
-                         f"indices), found {found}")
-    return [(starts[i], starts[i + 1], a) for i, a in enumerate(ids)]
-
-
 # --------------------------------------------------------------------------------------------
 # one adapter
 
@@ -407,7 +266,7 @@ def _single(name: str, src: Tensor, indices: Tensor, values: Tensor, out_feature
     if path == "triton":
         out = _untranspose(_spmm_triton(src2, crow, col, val, dst_features), src.dtype)
     else:
-        out = _spmm_cpu(src2, crow, col, val, dst_features, [(0, T, 0)], src.dtype)
+        out = spmm_cpu(src2, crow, col, val, dst_features, [(0, T, 0)], src.dtype)
     return out.reshape(*lead, dst_features)
 
 
@@ -461,103 +320,6 @@ def side_backward_x_cpu(grad_y: Tensor, indices: Tensor, values: Tensor, out_fea
 
 
 # --------------------------------------------------------------------------------------------
-# mixed batches: segments of rows, one adapter (or none) each
-
-
-@torch.no_grad()
-def _segmented(name: str, src: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor,
-               values: Tensor, adapter_offsets: Tensor, out_features: int, in_features: int,
-               transpose: bool, path: str) -> Tensor:
-    _, dst_features = _check_common(name, src, indices, values, out_features, in_features,
-                                    transpose, path, two_d=True)
-    _check_segments(name, src, seg_starts, seg_adapters, adapter_offsets)
-    T = src.shape[0]
-    if path == "cpu":
-        segments = _check_segment_values(name, T, seg_starts, seg_adapters, adapter_offsets,
-                                         indices.shape[0])
-        crow, col, val = _csr(indices, values, adapter_offsets, out_features, in_features, transpose)
-        return _spmm_cpu(src, crow, col, val, dst_features, segments, src.dtype)
-    crow, col, val = _csr(indices, values, adapter_offsets, out_features, in_features, transpose)
-    n_segments, n_adapters = seg_adapters.shape[0], adapter_offsets.shape[0] - 1
-    # an adapter id out of range cannot be reported without reading it back from the GPU:
-    # those segments' rows come out NaN rather than silently wrong
-    bad = (seg_adapters < -1) | (seg_adapters >= n_adapters)
-    ids = torch.where(bad, -1, seg_adapters)
-    out = _untranspose(_spmm_triton(src, crow, col, val, dst_features, seg_starts, ids), src.dtype)
-    if T and n_segments:
-        row_seg = torch.searchsorted(seg_starts.to(torch.int64),
-                                     torch.arange(T, device=src.device), right=True) - 1
-        inside = (row_seg >= 0) & (row_seg < n_segments)
-        row_bad = inside & bad[row_seg.clamp(0, n_segments - 1)]
-        out.masked_fill_(row_bad[:, None], float("nan"))
-    return out
-
-
-_SEGMENT_DOC = """
-
-    Rows [seg_starts[i], seg_starts[i+1]) of the (T, {src}) input form segment i, which uses
-    adapter seg_adapters[i] (-1: none, those rows come out zero, as do rows outside every
-    segment). Adapter a is indices[adapter_offsets[a]:adapter_offsets[a+1]] (sorted flat
-    offsets into its (out, in) delta) with the values there. Empty segments are allowed, so a
-    caller can pad the segment table to a fixed length. The CPU path checks the table's values
-    (ValueError); the Triton path never synchronises, and its segments with an unknown adapter
-    come out NaN.
-"""
-
-
-def side_forward_segmented(
-    x: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
-    adapter_offsets: Tensor, out_features: int, in_features: int, path: str | None = None,
-) -> Tensor:
-    """`x[rows] @ S_a.T` per segment of rows, a mixed batch's side path: (T, in) -> (T, out)
-    in x's dtype. The Triton kernel on CUDA, `torch.sparse.mm` per adapter on CPU (`path`:
-    "triton" or "cpu" forces one)."""
-    name = "side_forward_segmented" + (f"_{path}" if path else "")
-    return _segmented(name, x, seg_starts, seg_adapters, indices, values,
-                      adapter_offsets, out_features, in_features, False, path or _path(x))
-
-
-def side_backward_x_segmented(
-    grad_y: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
-    adapter_offsets: Tensor, out_features: int, in_features: int, path: str | None = None,
-) -> Tensor:
-    """`grad_y[rows] @ S_a` per segment, the input gradient of `side_forward_segmented`:
-    (T, out) -> (T, in) in grad_y's dtype (`path` as there)."""
-    name = "side_backward_x_segmented" + (f"_{path}" if path else "")
-    return _segmented(name, grad_y, seg_starts, seg_adapters, indices, values,
-                      adapter_offsets, out_features, in_features, True, path or _path(grad_y))
-
-
-# one path each, for tests and benches
-side_forward_segmented_triton = functools.partial(side_forward_segmented, path="triton")
-side_forward_segmented_cpu = functools.partial(side_forward_segmented, path="cpu")
-side_backward_x_segmented_triton = functools.partial(side_backward_x_segmented, path="triton")
-side_backward_x_segmented_cpu = functools.partial(side_backward_x_segmented, path="cpu")
-
-
-for _fn, _src in ((side_forward_segmented, "in"), (side_backward_x_segmented, "out")):
-    if _fn.__doc__:  # None under python -OO
-        _fn.__doc__ += _SEGMENT_DOC.format(src=_src)
-
-
-def pack_adapters(adapters: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-    """(indices, values, adapter_offsets) for the segmented functions from per-adapter
-    (indices, values) pairs: the concatenations and the int64 offsets [0, n0, n0 + n1, ...]."""
-    if not adapters:
-        raise ValueError("pack_adapters: expected at least one (indices, values) pair, found none")
-    for i, (idx, val) in enumerate(adapters):
-        if idx.dim() != 1 or val.shape != idx.shape:
-            raise ValueError(
-                f"pack_adapters: adapter {i} must have 1-D indices and values of one shape, "
-                f"found {tuple(idx.shape)} and {tuple(val.shape)}"
-            )
-    counts = torch.tensor([0] + [idx.shape[0] for idx, _ in adapters], dtype=torch.int64)
-    indices = torch.cat([idx for idx, _ in adapters])
-    values = torch.cat([val for _, val in adapters])
-    return indices, values, torch.cumsum(counts, 0).to(indices.device)
-
-
-# --------------------------------------------------------------------------------------------
 # references (test oracles): plain torch on the dense delta, written for clarity, not speed
 
 
@@ -581,35 +343,52 @@ def side_backward_x_reference(grad_y: Tensor, indices: Tensor, values: Tensor, o
     return (grad_y.float() @ s).to(grad_y.dtype)
 
 
-def _segmented_reference(fn, src: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor,
-                         values: Tensor, adapter_offsets: Tensor, out_features: int, in_features: int,
-                         dst_features: int) -> Tensor:
-    out = torch.zeros(src.shape[0], dst_features, dtype=src.dtype, device=src.device)
-    offs = adapter_offsets.tolist()
-    starts = seg_starts.tolist()
-    for i, a in enumerate(seg_adapters.tolist()):
-        if a < 0 or starts[i + 1] <= starts[i]:
-            continue
-        lo, hi = offs[a], offs[a + 1]
-        out[starts[i] : starts[i + 1]] = fn(src[starts[i] : starts[i + 1]], indices[lo:hi],
-                                            values[lo:hi], out_features, in_features)
-    return out
 
 
-def side_forward_segmented_reference(
-    x: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
-    adapter_offsets: Tensor, out_features: int, in_features: int,
-) -> Tensor:
-    """`side_forward_segmented` as one `side_forward_reference` per segment (the test oracle)."""
-    return _segmented_reference(side_forward_reference, x, seg_starts, seg_adapters, indices, values,
-                                adapter_offsets, out_features, in_features, out_features)
+# --------------------------------------------------------------------------------------------
+# the dispatchers of the side ops: the sparse kernel, or a GEMM on the delta written out densely
+
+# on the CPU a sparse side product (a quantized layer's adapter, a mixed batch's rows) runs as a
+# GEMM on the delta written out densely when the sparse kernel would cost more than writing it:
+# tokens * nnz multiply-adds against out * in written elements, a multiply-add through the
+# sparse kernel costing about half a written element (measured at 512x512..2048x2048,
+# 1.5-6 % density, 128-256 tokens)
+DENSE_COPY_TOKENS_X_NNZ = 2.0
 
 
-def side_backward_x_segmented_reference(
-    grad_y: Tensor, seg_starts: Tensor, seg_adapters: Tensor, indices: Tensor, values: Tensor,
-    adapter_offsets: Tensor, out_features: int, in_features: int,
-) -> Tensor:
-    """`side_backward_x_segmented` as one `side_backward_x_reference` per segment (the oracle)."""
-    return _segmented_reference(side_backward_x_reference, grad_y, seg_starts, seg_adapters, indices,
-                                values, adapter_offsets, out_features, in_features, in_features)
+def dense_is_cheaper(tokens: int, nnz: int, numel: int) -> bool:
+    """Whether writing a delta of `nnz` elements out densely (`numel`) and running a GEMM beats
+    the sparse kernel for `tokens` rows on the CPU."""
+    return nnz > 0 and tokens * nnz >= DENSE_COPY_TOKENS_X_NNZ * numel
 
+
+def _dense_delta_if_cheaper(src: Tensor, values: Tensor, indices: Tensor, out_features: int,
+                            in_features: int) -> Tensor | None:
+    """S as a dense fp32 (out, in) matrix, for a CPU side product whose tokens x nnz outweigh
+    writing S out (a GEMM then beats the sparse kernel); else None. Transient, like the
+    dequantized weight the quantized layer's own matmul forms on the CPU."""
+    if src.device.type != "cpu" or not dense_is_cheaper(src.shape[0], indices.numel(),
+                                                        out_features * in_features):
+        return None
+    dense = values.new_zeros(out_features * in_features, dtype=torch.float32)
+    dense[indices.long()] = values.detach().float()
+    return dense.view(out_features, in_features)
+
+
+def side_product(x: Tensor, indices: Tensor, values: Tensor, out_features: int, in_features: int) -> Tensor:
+    """`x @ S.T` for x (..., in) by the cheapest exact path: the `shira_fx::side_linear` op's."""
+    x2 = x.reshape(-1, x.shape[-1])
+    dense = _dense_delta_if_cheaper(x2, values, indices, out_features, in_features)
+    y = side_forward(x2, indices, values, out_features, in_features) if dense is None else (
+        (x2.float() @ dense.T).to(x.dtype))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def side_product_t(grad_y: Tensor, indices: Tensor, values: Tensor, out_features: int,
+                   in_features: int) -> Tensor:
+    """`grad_y @ S` for grad_y (..., out) by the cheapest exact path: `shira_fx::side_grad_x`'s."""
+    gy = grad_y.reshape(-1, out_features)
+    dense = _dense_delta_if_cheaper(gy, values, indices, out_features, in_features)
+    grad_x = (side_backward_x(gy, indices, values, out_features, in_features) if dense is None
+              else (gy.float() @ dense).to(grad_y.dtype))
+    return grad_x.reshape(*grad_y.shape[:-1], in_features)

@@ -7,19 +7,22 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn, get_hash_for_files
 
-from . import passes
-from .config import ShiraConfig
-from .errors import ShiraConfigError
-from .passes import RewriteReport, record_partition, rewrite_sparse_linears, tag_sparse_linear_inputs
+from ..errors import ShiraConfigError
+from . import recompute as recompute_pass
+from . import report as report_module
+from .recompute import tag_sparse_linear_inputs
+from .report import RewriteReport, record_partition
+from .rewrite import rewrite_sparse_linears
 
 log = logging.getLogger("shira_fx")
+# Inductor caches a custom pass by a hash of the files that define it
+_PASS_FILES = (recompute_pass.__file__, report_module.__file__)
 
 
 class _TagInputsPass(CustomGraphPass):
@@ -32,7 +35,7 @@ class _TagInputsPass(CustomGraphPass):
         self.report.recomputed += tag_sparse_linear_inputs(graph)
 
     def uuid(self):
-        return get_hash_for_files((passes.__file__,))
+        return get_hash_for_files(_PASS_FILES)
 
 
 def _min_cut_and_record(report: RewriteReport, joint: fx.GraphModule, inputs, **kwargs):
@@ -54,7 +57,7 @@ class _RecordingPartitioner(CustomPartitionerFn):
         return _min_cut_and_record(self.report, gm, joint_inputs, **kwargs)
 
     def uuid(self):
-        return get_hash_for_files((passes.__file__,))
+        return get_hash_for_files(_PASS_FILES)
 
 
 def _aot_eager_with_recompute(report: RewriteReport) -> Callable:
@@ -167,10 +170,6 @@ def backend(inner: str | Callable = "inductor", recompute: str = "auto",
     callable. `recompute="auto"` rebuilds each adapted layer's input in backward instead of
     saving it; `memory_budget` is torch's activation memory budget for these compiles only.
     """
-    if isinstance(inner, ShiraConfig):  # the config was once passed here, and never used
-        warnings.warn("shira_fx.backend(cfg): the config is not used by the backend (prepare "
-                      "takes it); call shira_fx.backend()", DeprecationWarning, stacklevel=2)
-        inner = "inductor"
     return ShiraBackend(inner, recompute, memory_budget)
 
 

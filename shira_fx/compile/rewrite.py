@@ -1,5 +1,5 @@
-"""torch.fx pass over Dynamo graphs: name the layers that train through `sparse_linear`, and
-route every other training use of a prepared weight through it too.
+"""The pre-AOT fx pass over Dynamo graphs: name the layers that train through `sparse_linear`,
+and route every other training use of a prepared weight through it too.
 
 A prepared module's forward calls `shira_fx::sparse_linear` itself, so Dynamo lifts the
 weight, values and indices as graph inputs (placeholders whose example inputs are the real
@@ -17,72 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from . import ops, registry  # noqa: F401  (ops registers torch.ops.shira_fx)
-from .errors import ShiraTrainingError
-from .layer import ShiraLayer
+from .. import registry
+from ..errors import ShiraTrainingError
+from ..layer import ShiraLayer
+from .report import SPARSE_LINEAR, RewriteReport
 
-SPARSE_LINEAR = torch.ops.shira_fx.sparse_linear.default
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
 MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.mm, torch.ops.aten.mm.default, "matmul", "mm")
 ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
 # higher-order ops whose body the pass enters (Dynamo's form of torch.utils.checkpoint)
 ENTERED_HOPS = (torch.ops.higher_order.tag_activation_checkpoint, torch.ops.higher_order.wrap)
-
-
-@dataclass
-class RewriteReport:
-    """What one pass run saw: the layers that train through `sparse_linear` in this graph
-    (`rewritten`) and, for every other prepared layer it saw, why not (`skipped`)."""
-
-    rewritten: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-    recompute: bool = False  # the backend asked for each rewritten linear's x to be rebuilt
-    recomputed: int = 0  # joint-graph nodes tagged
-    checkpointed: list[str] = field(default_factory=list)  # inside a checkpointed body
-    direct: list[str] = field(default_factory=list)  # weight uses outside the module rewritten
-    dense: list[str] = field(default_factory=list)  # stacked parameters: a dense gradient, gathered
-    side: list[str] = field(default_factory=list)  # quantized bases: the sparse side path beside them
-    # read off the partitioned graph (None/empty when the partitioner was not shira_fx's):
-    # layer -> what backward does with its input x
-    inputs: dict[str, str] = field(default_factory=dict)
-    held_bytes: int | None = None  # saved for backward, parameters and buffers excluded
-    held_tensors: int = 0
-
-    def summary(self) -> str:
-        if not self.rewritten and not self.skipped:
-            return "no prepared layer in this graph"
-        lines = [f"{len(self.rewritten)} layer(s) train through shira_fx::sparse_linear"]
-        if self.rewritten and self.recompute:
-            tagged = f"{self.recomputed} nodes tagged"
-            if self.checkpointed:
-                tagged += f", {len(self.checkpointed)} inside checkpointed regions"
-            lines[0] += f"; inputs rebuilt in backward ({tagged})"
-        elif self.rewritten:
-            lines[0] += "; inputs saved for backward"
-        if self.held_bytes is not None:
-            lines.append(f"  held for backward: {_readable_bytes(self.held_bytes)} in {self.held_tensors} "
-                         "tensor(s), parameters and buffers excluded")
-        for name in self.rewritten:
-            fate = self.inputs.get(name)
-            lines.append(f"  + {name}" + (f": x {fate}" if fate else "")
-                         + (" (its weight read directly too: rewritten)" if name in self.direct else "")
-                         + (" (its weight read by the model's own code: a dense gradient there, "
-                            "gathered at the mask)" if name in self.dense else "")
-                         + (" (quantized base: the adapter rides beside it, x @ S.T)"
-                            if name in self.side else ""))
-        lines += [f"  - {name}: {why}" for name, why in self.skipped.items()]
-        return "\n".join(lines)
-
-
-def _readable_bytes(nbytes: int | None) -> str:
-    """Bytes for people: '? B' when unknown (symbolic sizes), else B, KiB or MiB."""
-    if nbytes is None:
-        return "? B"
-    if nbytes < 2**10:
-        return f"{nbytes} B"
-    if nbytes < 2**20:
-        return f"{nbytes / 2**10:.1f} KiB"
-    return f"{nbytes / 2**20:.2f} MiB"
 
 
 def _body(gm: fx.GraphModule, hop: fx.Node) -> fx.GraphModule | None:
@@ -344,162 +288,3 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
     gm.graph.lint()
     gm.recompile()
     return report
-
-
-_aten, _prims = torch.ops.aten, torch.ops.prims
-# view and cast ops that are free or cheap to replay in backward
-_REPLAYABLE = {
-    _aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.t.default,
-    _aten.transpose.int, _aten.permute.default, _aten.expand.default, _aten.unsqueeze.default,
-    _aten.squeeze.dim, _aten.squeeze.dims, _aten.slice.Tensor, _aten.select.int,
-    _aten.clone.default, _aten.alias.default, _aten._to_copy.default,
-    _prims.convert_element_type.default,
-    # a LayerNorm output (post-LN BERT, pre-LN GPT-2/ViT) is rebuilt from its input and the
-    # mean and rstd that its own backward keeps anyway
-    _aten.native_layer_norm.default,
-}
-
-
-def _replayable(node: fx.Node) -> bool:
-    """Pointwise or view ops, never random ones (replaying dropout would change the mask)."""
-    target = node.target
-    if node.op == "call_function" and target is operator.getitem:  # an output of a replayable op
-        return isinstance(node.args[0], fx.Node) and _replayable(node.args[0])
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-        return False
-    if torch.Tag.nondeterministic_seeded in target.tags:
-        return False
-    return target in _REPLAYABLE or torch.Tag.pointwise in target.tags
-
-
-def _adds_a_side_product(node: fx.Node) -> bool:
-    """Whether `node` is a quantized layer's output, `base(x) + side_linear(x)`: like a
-    `sparse_linear` output, it is kept as one tensor, not rebuilt from its two terms (which
-    would keep both)."""
-    if node.op != "call_function" or node.target is not _aten.add.Tensor:
-        return False
-    for term in node.all_input_nodes:
-        while term.op == "call_function" and term.target in (_prims.convert_element_type.default,
-                                                             _aten._to_copy.default):
-            term = term.args[0]
-        if term.op == "call_function" and term.target is torch.ops.shira_fx.side_linear.default:
-            return True
-    return False
-
-
-def tag_sparse_linear_inputs(graph: fx.Graph) -> int:
-    """Joint-graph pass: mark the pointwise/view chain that produces
-    each `sparse_linear` input x as MUST_RECOMPUTE, so the min-cut partitioner rebuilds x in
-    backward from tensors it keeps anyway instead of saving x (which is what LoRA keeps).
-    The walk stops at matmuls, reductions (LayerNorm aside), random ops and graph inputs.
-    Returns how many
-    nodes were tagged."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    tagged: set[fx.Node] = set()
-    ops_with_x = [*graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default),
-                  *graph.find_nodes(op="call_function", target=torch.ops.shira_fx.side_linear.default)]
-    for node in ops_with_x:
-        stack = [node.args[0]]
-        while stack:
-            n = stack.pop()
-            if not isinstance(n, fx.Node) or n in tagged or not _replayable(n) or _adds_a_side_product(n):
-                continue
-            if "recompute" in n.meta:  # inside a checkpointed region: its own policy holds
-                continue
-            n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
-            n.meta["ac_graph_id"] = 0
-            tagged.add(n)
-            if n.target is not _aten.native_layer_norm.default:  # its input is kept anyway
-                stack.extend(n.all_input_nodes)
-    return len(tagged)
-
-
-def _nbytes(node: fx.Node) -> tuple[object, int | None]:
-    """(storage key, bytes) of a node's example value, sizes at their hints when symbolic."""
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return node, None
-    try:
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        storage = val.untyped_storage()
-        return StorageWeakRef(storage), _hint(storage.nbytes())
-    except Exception:  # a tensor subclass without one storage
-        return node, _tensor_bytes(node)
-
-
-def _hint(n) -> int | None:
-    """An int without guarding on it: int() of a symbolic size would specialise the graph."""
-    if isinstance(n, torch.SymInt):
-        hint = n.node.hint
-        return None if hint is None else int(hint)
-    return int(n)
-
-
-def _tensor_bytes(node: fx.Node) -> int | None:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return None
-    numel = 1
-    for size in val.shape:
-        size = _hint(size)
-        if size is None:
-            return None
-        numel *= size
-    return numel * val.element_size()
-
-
-def _view_source(node: fx.Node) -> fx.Node:
-    """Walk back through ops that only re-view their input (they save nothing of their own)."""
-    while (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-           and node.target.is_view and node.args and isinstance(node.args[0], fx.Node)):
-        node = node.args[0]
-    return node
-
-
-def record_partition(report: RewriteReport, joint: fx.GraphModule, backward: fx.GraphModule,
-                     static_inputs: list[int] | None) -> None:
-    """Fill `report.inputs` and `held_bytes` from a min-cut partition: which rewritten
-    linears' inputs backward rebuilds and which it keeps (and why), and the bytes of every
-    tensor saved for backward (the joint graph's parameters and buffers, `static_inputs`, and
-    the masks' plans excluded: they are held anyway)."""
-    saved = {n.name for n in backward.graph.nodes
-             if n.op == "placeholder" and not n.name.startswith("tangents")}
-    rebuilt = {n.name for n in backward.graph.nodes if n.op == "call_function"}
-    primals = [n for n in joint.graph.nodes if n.op == "placeholder"]
-    static = {primals[i].name for i in static_inputs or () if i < len(primals)}
-    for node in joint.graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default):
-        static.update(t.name for t in node.args[6])  # the mask's plan: the module holds it anyway
-    storages: dict[object, int | None] = {}
-    for node in joint.graph.nodes:
-        if node.name in saved and node.name not in static:
-            if isinstance(node.meta.get("val"), (int, torch.SymInt)):
-                continue  # a size (the plans' sizes are graph inputs): no tensor held
-            key, nbytes = _nbytes(node)
-            storages[key] = nbytes
-    sizes = list(storages.values())
-    report.held_tensors = len(sizes)
-    report.held_bytes = None if None in sizes else sum(sizes)
-    for node in joint.graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default):
-        layer = node.meta.get("custom", {}).get("shira_layer", node.name)
-        x = node.args[0]
-        size = _readable_bytes(_tensor_bytes(x))
-        source = _view_source(x)
-        if x.name in saved or source.name in saved:
-            producer = source.args[0] if source.target is operator.getitem else source
-            if source.op == "placeholder":
-                why = "a graph input"
-            elif not isinstance(producer.target, torch._ops.OpOverload):
-                why = f"the output of {producer.target}"
-            elif (torch.Tag.pointwise in producer.target.tags
-                  or "dropout" in producer.target.name()):
-                why = f"the output of {producer.target.name()}, random: never replayed"
-            else:
-                why = f"the output of {producer.target.name()}, which is not pointwise or a view"
-            report.inputs[layer] = f"({size}) saved: it is {why}"
-        elif x.name in rebuilt or source.name in rebuilt:
-            where = "its checkpointed region" if layer in report.checkpointed else "tensors kept anyway"
-            report.inputs[layer] = f"({size}) rebuilt in backward from {where}"
-        else:
-            report.inputs[layer] = f"({size}) not used by backward"

@@ -1,5 +1,6 @@
-"""Fine-tune a pretrained encoder on a text-classification task with a SHiRA adapter (through
-the shira_fx backend) or with PEFT LoRA, measuring what the demo and the benches compare.
+"""The text-classification harness that the demo, `shira-fx train` and the quality benches
+share: fine-tune a pretrained encoder with a SHiRA adapter (through the shira_fx backend) or
+with PEFT LoRA, measuring what they compare.
 
 The classification head (masked mean pooling + one linear layer) trains alongside each adapter
 and is identical in kind for both, so accuracy differences come from the adapter.
@@ -19,11 +20,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-import shira_fx
-
-from ..memory import resident_state, saved_tensor_bytes, step_peak_bytes
-from .data import minilm_path
+from .adapter import SparseAdapter, prepare
+from .compile.backend import backend
+from .config import ShiraConfig
+from .datasets import minilm_path
+from .errors import ShiraAdapterError, ShiraError
+from .memory import resident_state, saved_tensor_bytes, step_peak_bytes
+from .serve.bank import AdapterBank
 from .timing import median_ms
+from .train import train_step
 
 # every linear of the encoder blocks (attention q/k/v/out and the MLP), not the pooler
 BERT_TARGETS = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
@@ -142,23 +147,23 @@ def _optimizer(adapter_params: list[nn.Parameter], head: nn.Module, lr: float) -
 HEAD_LR = 1e-3
 
 
-def train_shira(model: TextClassifier, cfg: shira_fx.ShiraConfig, train: list[dict],
+def train_shira(model: TextClassifier, cfg: ShiraConfig, train: list[dict],
                 test: list[dict], steps: int, lr: float, inner: str | None = "inductor",
-                name: str = "SHiRA (shira_fx)") -> tuple[Run, shira_fx.SparseAdapter]:
+                name: str = "SHiRA (shira_fx)") -> tuple[Run, SparseAdapter]:
     """Prepare the backbone's targeted linears (the head stays trainable), train through the
     shira_fx backend with `train_step` (eagerly through the same op when `inner` is None), and
     evaluate. `grad`/`snip` masks calibrate on the first four training batches."""
     calib = train[:4] if cfg.mask in ("grad", "snip") else None
-    adapter = shira_fx.prepare(model, cfg, calib=calib, progress=False)
+    adapter = prepare(model, cfg, calib=calib, progress=False)
     model.head.requires_grad_(True)
     params = list(adapter.parameters())
     opt = _optimizer(params, model.head, lr)
     run = Run(name, adapter.num_trainable())
     run.peak_bytes = step_peak_bytes(model, params + list(model.head.parameters()), train[0],
-                                     adapter.attach)
-    compiled = model if inner is None else torch.compile(model, backend=shira_fx.backend(inner=inner))
+                                     adapter.check_optimizer)
+    compiled = model if inner is None else torch.compile(model, backend=backend(inner=inner))
 
-    @shira_fx.train_step(adapter, opt)
+    @train_step(adapter, opt)
     def step(batch: dict) -> torch.Tensor:
         return compiled(**batch).loss
 
@@ -168,20 +173,20 @@ def train_shira(model: TextClassifier, cfg: shira_fx.ShiraConfig, train: list[di
     return run, adapter
 
 
-def bank_switch_time(model: TextClassifier, adapter: shira_fx.SparseAdapter, test: list[dict],
-                     run: Run, repeat: int) -> shira_fx.AdapterBank:
+def bank_switch_time(model: TextClassifier, adapter: SparseAdapter, test: list[dict],
+                     run: Run, repeat: int) -> AdapterBank:
     """Serve the trained adapter from a bank over the restored base; time deactivate+activate
     and check the bank reproduces the trained model's accuracy."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "adapter.safetensors")
         adapter.save(path)
         adapter.remove()
-        bank = shira_fx.AdapterBank(model)
+        bank = AdapterBank(model)
         bank.load("trained", path)
     bank.activate("trained")
     served = accuracy(model, test)
     if abs(served - run.accuracy) > 1e-9:
-        raise shira_fx.ShiraError(f"the bank served accuracy {served}, trained {run.accuracy}")
+        raise ShiraError(f"the bank served accuracy {served}, trained {run.accuracy}")
 
     def switch() -> None:
         bank.deactivate()
@@ -263,10 +268,10 @@ def load_head(path: str | os.PathLike, hidden: int) -> tuple[nn.Linear, list[str
             classes = json.loads((f.metadata() or {}).get("classes", "null"))
             weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
     except Exception as exc:  # safetensors raises several types for a bad file
-        raise shira_fx.ShiraAdapterError(f"{path}: not a readable head file ({exc})") from exc
+        raise ShiraAdapterError(f"{path}: not a readable head file ({exc})") from exc
     if (not isinstance(classes, list) or weight.dim() != 2 or weight.shape != (len(classes), hidden)
             or bias.shape != (len(classes),)):
-        raise shira_fx.ShiraAdapterError(
+        raise ShiraAdapterError(
             f"{path}: head of shape {tuple(weight.shape)} does not fit a backbone of hidden size "
             f"{hidden} with its class list")
     head = nn.Linear(hidden, len(classes))

