@@ -26,7 +26,7 @@ from transformers import (
 )
 
 import shira_fx
-from shira_fx.cli.data import load_task, minilm_path
+from shira_fx.datasets import load_task, minilm_path
 
 
 class SaveAdapter(TrainerCallback):

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 import shira_fx
+from shira_fx.layer import structure_of
 from tests import tiny_models
 
 
@@ -129,4 +130,4 @@ def test_the_masked_gradient_plan_follows_the_module_to_another_device():
     shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.3, mask="struct"), progress=False)
     model.to("meta")
     assert model[0].shira_indices.is_meta
-    assert all(t.is_meta for t in model[0]._shira_plan)
+    assert all(t.is_meta for t in structure_of(model[0]))

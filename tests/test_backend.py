@@ -8,7 +8,7 @@ from torch import fx, nn
 from torch._dynamo.utils import counters
 
 import shira_fx
-from shira_fx import passes
+from shira_fx.compile import rewrite as passes
 from tests import tiny_models
 
 

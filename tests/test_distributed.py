@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import shira_fx
-from shira_fx.distributed import local_plan
-from shira_fx.layer import VALUES_PARAMETER
+from shira_fx.distributed import shard_map
+from shira_fx.layer import VALUES
 from tests import tiny_models
 
 WORLD, STEPS, BATCH = 2, 4, 4
@@ -160,16 +160,14 @@ def test_fsdp2_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
     _check_against_one_process(ranks, "aot_eager", 2)
 
 
-def test_register_values_exposes_them_without_changing_the_state_dict():
+def test_the_values_are_module_parameters_outside_the_state_dict():
     model = tiny_models.build("llama")
     base = {k: v.clone() for k, v in model.state_dict().items()}
     names = [n for n, _ in model.named_parameters()]
     adapter = shira_fx.prepare(model, CFG, progress=False)
-    adapter.register_values()
-    adapter.register_values()  # idempotent
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in trainable} == {id(p) for p in adapter.parameters()}
-    assert all(n.endswith(VALUES_PARAMETER) for n, p in model.named_parameters() if p.requires_grad)
+    assert all(n.endswith(VALUES) for n, p in model.named_parameters() if p.requires_grad)
     assert model.state_dict().keys() == base.keys()
     model.load_state_dict(base)  # strict: the values are not missing keys
     adapter.remove()
@@ -184,13 +182,13 @@ def test_register_values_exposes_them_without_changing_the_state_dict():
     ((6, 8), (2, 4), (2, 4)),   # a block of a 2-D mesh
     ((4, 4), (4, 0), (0, 4)),   # an empty shard (more ranks than rows)
 ])
-def test_local_plan_translates_exactly_the_indices_a_block_holds(shape, offset, local):
+def test_shard_map_translates_exactly_the_indices_a_block_holds(shape, offset, local):
     g = torch.Generator().manual_seed(0)
     numel = shape[0] * shape[1]
     indices = torch.randperm(numel, generator=g)[: numel // 3].sort().values.to(torch.int32)
     weight = torch.arange(numel).view(shape)
     block = weight[offset[0]:offset[0] + local[0], offset[1]:offset[1] + local[1]].contiguous()
-    local_indices, own = local_plan(indices, shape[1], local, offset)
+    local_indices, own = shard_map(indices, shape[1], local, offset)
     held = set(block.view(-1).tolist())
     assert indices[own].tolist() == [i for i in indices.tolist() if i in held]
     assert block.view(-1)[local_indices.long()].tolist() == indices[own].tolist()

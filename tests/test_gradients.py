@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import shira_fx
+from shira_fx.kernels.structure import STRUCTURE_FIELDS
+from shira_fx.layer import structure_of
 from tests import tiny_models
 
 
@@ -94,8 +96,8 @@ def test_a_struct_mask_trains_through_its_plan(mode, transposed):
         model = torch.nn.Sequential(torch.nn.Linear(160, 192), torch.nn.Tanh(), torch.nn.Linear(192, 96))
     ref = copy.deepcopy(model)
     adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.2, mask="struct"), progress=False)
-    perm = shira_fx.kernels.PLAN_FIELDS.index("perm")
-    assert all(m._shira_plan[perm].numel() for m in (model[0], model[2])), "the masks were not planned"
+    perm = STRUCTURE_FIELDS.index("perm")
+    assert all(structure_of(m)[perm].numel() for m in (model[0], model[2])), "the masks were not structured"
     x = torch.randn(24, 160)
     ref(x).pow(2).mean().backward()
     run = model if mode == "eager" else torch.compile(model, backend=shira_fx.backend(inner=mode))

@@ -16,26 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from shira_fx.kernels import (
-    PATHS,
-    PLAN_FIELDS,
-    choose_path,
-    dense_block,
-    masked_grad,
-    plan_mask,
-    scatter,
-    scatter_fused_,
-    scatter_fused_reference_,
-    sddmm,
-    sddmm_cpu,
-    sddmm_reference,
-    sddmm_rowdot,
-    sddmm_tiles,
-)
+from shira_fx.kernels import scatter
+from shira_fx.kernels.masked_sddmm import PATHS, choose_path
+from shira_fx.kernels.masked_sddmm import masked_sddmm as masked_grad
+from shira_fx.kernels.scatter import scatter_fused_, scatter_fused_reference_
+from shira_fx.kernels.sddmm import dense_block, sddmm, sddmm_cpu, sddmm_reference, sddmm_tiles
+from shira_fx.kernels.sddmm_inductor import sddmm_rowdot
+from shira_fx.kernels.structure import STRUCTURE_FIELDS, mask_structure
 from tests.conftest import budget
 
 sddmm_inductor = importlib.import_module("shira_fx.kernels.sddmm_inductor")
-sddmm_plan = importlib.import_module("shira_fx.kernels.sddmm_plan")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -123,7 +113,7 @@ def masked_grad_cases(draw, max_t: int = 70):
         b = b[:, :]  # a view with the same strides; b column-major below
         b = b.t().contiguous().t() if draw(st.booleans()) else b
     # a plan that always tiles (min_nnz=0) covers the tile lists on small shapes too
-    plan = plan_mask(idx, nrows, ncols, min_nnz=0) if draw(st.booleans()) else []
+    plan = mask_structure(idx, nrows, ncols, min_nnz=0) if draw(st.booleans()) else []
     return a, b, idx, ncols, plan
 
 
@@ -150,7 +140,7 @@ def test_rowdot_and_plan_over_several_chunks_and_cpu_tiles(dtype):
                      torch.arange(400, dtype=torch.int64) * 211 + 11]).unique()
     a = torch.randn(t, rows, generator=g).to(dtype)
     b = torch.randn(t, cols, generator=g).to(dtype)
-    plan = plan_mask(idx, rows, cols)
+    plan = mask_structure(idx, rows, cols)
     p = _fields(plan)
     assert p["rows"].numel() == len(range(0, rows, 40)) and p["cols"].numel() == 0
     assert p["diag"].numel() == min(rows, cols) and p["rest"].numel() > 0
@@ -162,7 +152,7 @@ def test_rowdot_and_plan_over_several_chunks_and_cpu_tiles(dtype):
 
 
 def _fields(plan) -> dict:
-    return dict(zip(PLAN_FIELDS, plan, strict=True))
+    return dict(zip(STRUCTURE_FIELDS, plan, strict=True))
 
 
 def _positions(plan, nrows, ncols):
@@ -178,8 +168,8 @@ def _positions(plan, nrows, ncols):
 def test_plan_splits_dense_lines_and_orders_the_rest_tile_by_tile(kind, rows, cols):
     g = torch.Generator().manual_seed(4)
     idx, (nrows, ncols) = _mask(kind, rows, cols, 0.05, torch.int32, g)
-    plan = plan_mask(idx, nrows, ncols, min_nnz=0)
-    assert len(plan) == len(PLAN_FIELDS)
+    plan = mask_structure(idx, nrows, ncols, min_nnz=0)
+    assert len(plan) == len(STRUCTURE_FIELDS)
     p = _fields(plan)
     assert p["perm"].dtype == torch.int64 and p["rest"].dtype == idx.dtype
     assert p["tile_ptr"].dtype == p["tile_ids"].dtype == torch.int32
@@ -214,40 +204,40 @@ def test_plan_splits_dense_lines_and_orders_the_rest_tile_by_tile(kind, rows, co
 def test_plan_makes_dense_rows_of_a_partial_row_beside_struct_rows():
     # struct's budget top-up leaves part of one more row: a GEMM row, not a transpose of a and b
     idx = torch.cat([_struct_indices(200, 300, 50, False, torch.int64), 150 * 300 + torch.arange(40)])
-    p = _fields(plan_mask(idx.unique(), 200, 300))
+    p = _fields(mask_structure(idx.unique(), 200, 300))
     assert p["rows"].tolist() == [0, 50, 100, 150] and p["rest"].numel() == 0
 
 
 def test_plan_is_empty_without_structure_worth_using():
     g = torch.Generator().manual_seed(5)
-    assert plan_mask(torch.zeros(0, dtype=torch.int32), 10, 10) == []
+    assert mask_structure(torch.zeros(0, dtype=torch.int32), 10, 10) == []
     small = _random_indices(300 * 300, 0.01, torch.int32, g)  # 900 scattered elements
-    assert plan_mask(small, 300, 300) == []
-    assert plan_mask(_random_indices(50 * 60, 0.2, torch.int64, g), 50, 60) == []  # one tile
+    assert mask_structure(small, 300, 300) == []
+    assert mask_structure(_random_indices(50 * 60, 0.2, torch.int64, g), 50, 60) == []  # one tile
     big = _random_indices(600 * 500, 0.05, torch.int32, g)
-    assert len(plan_mask(big, 600, 500)) == len(PLAN_FIELDS)  # tile order pays from MIN_PLANNED_NNZ
+    assert len(mask_structure(big, 600, 500)) == len(STRUCTURE_FIELDS)  # tile order pays from 4096
     # dense lines are structure at any size
-    assert len(plan_mask(torch.arange(0, 12, dtype=torch.int32), 3, 4)) == len(PLAN_FIELDS)
+    assert len(mask_structure(torch.arange(0, 12, dtype=torch.int32), 3, 4)) == len(STRUCTURE_FIELDS)
 
 
 def test_plan_rejects_unsorted_duplicated_or_out_of_range_indices():
     with pytest.raises(ValueError, match="sorted and unique"):
-        plan_mask(torch.tensor([3, 1]), 2, 2)
+        mask_structure(torch.tensor([3, 1]), 2, 2)
     with pytest.raises(ValueError, match="sorted and unique"):
-        plan_mask(torch.tensor([1, 1]), 2, 2)
+        mask_structure(torch.tensor([1, 1]), 2, 2)
     with pytest.raises(ValueError, match=r"in \[0, 4\) for a \(2, 2\) matrix, found \[0, 4\]"):
-        plan_mask(torch.tensor([0, 4]), 2, 2)
+        mask_structure(torch.tensor([0, 4]), 2, 2)
     with pytest.raises(ValueError, match="int32 or int64 indices"):
-        plan_mask(torch.tensor([0.0]), 2, 2)
+        mask_structure(torch.tensor([0.0]), 2, 2)
 
 
 def test_masked_grad_rejects_a_plan_or_path_that_does_not_fit():
     a, b, idx = torch.randn(4, 3), torch.randn(4, 5), torch.tensor([0, 7, 14])
     with pytest.raises(ValueError, match="path must be one of"):
         masked_grad(a, b, idx, 5, [], path="magic")
-    with pytest.raises(ValueError, match="plan holds 7 tensors"):
+    with pytest.raises(ValueError, match="structure holds 7 tensors"):
         masked_grad(a, b, idx, 5, [idx])
-    plan = plan_mask(torch.arange(15), 3, 5)
+    plan = mask_structure(torch.arange(15), 3, 5)
     with pytest.raises(ValueError, match="made for 15 indices, found 3"):
         masked_grad(a, b, idx, 5, plan)
     if not INTERPRETED and not torch.cuda.is_available():
@@ -301,7 +291,7 @@ def test_masked_grad_makes_no_activation_sized_copy(path, dtype):
     a, b = torch.randn(t, rows, generator=g).to(dtype), torch.randn(t, cols, generator=g).to(dtype)
     idx = torch.cat([_struct_indices(rows, cols, 300, False, torch.int64),
                      _random_indices(rows * cols, 0.01, torch.int64, g)]).unique()
-    plan = plan_mask(idx, rows, cols)
+    plan = mask_structure(idx, rows, cols)
     assert plan and _fields(plan)["rows"].numel() == 3
     sddmm_inductor.available()  # compile before measuring
     out = masked_grad(a, b, idx, cols, plan, path=path)
@@ -341,7 +331,7 @@ def test_triton_kernels_sum_split_t_partials_deterministically():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, 9, generator=g), torch.randn(300, 7, generator=g)
     idx = _random_indices(63, 0.3, torch.int32, g)
-    p = {k: v.to(DEVICE) for k, v in _fields(plan_mask(idx, 9, 7, min_fill=2.0, min_nnz=0)).items()}
+    p = {k: v.to(DEVICE) for k, v in _fields(mask_structure(idx, 9, 7, min_fill=2.0, min_nnz=0)).items()}
     rows = torch.tensor([1, 4])
     calls = {
         "gather": lambda a, b, i: sddmm(a, b, i, 7),
@@ -374,7 +364,7 @@ def test_masked_grad_edge_cases_match_dense_product(path, t, rows, cols, flat):
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(t, rows, generator=g), torch.randn(t, cols, generator=g)
     idx = torch.tensor(flat, dtype=torch.int64)
-    for plan in ([], plan_mask(idx, rows, cols, min_nnz=0)):
+    for plan in ([], mask_structure(idx, rows, cols, min_nnz=0)):
         out = _run_path(path, a, b, idx, cols, plan)
         _assert_close_to_oracle(out, (a.T @ b).view(-1)[idx], a, b, idx, cols)
 

@@ -1,10 +1,12 @@
-"""The package's shape: the library imports no application, and no two library modules import
-each other in a cycle (imports inside functions included)."""
+"""The package's shape: the rooms in their order, arrows pointing down only (imports inside
+functions included), the library importing no application, and no import cycle inside a room."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "shira_fx"
 
@@ -51,6 +53,34 @@ def _is_application(module: str) -> bool:
     return module in ("shira_fx.cli", "shira_fx.__main__") or module.startswith("shira_fx.cli.")
 
 
+# the rooms of the house, lowest first (docs/design.md says what each holds): a module imports
+# only modules of rooms listed before its own, or of its own room (a subpackage's files)
+ROOMS = [
+    "errors", "config", "quantized", "targets", "masks", "registry", "kernels", "ops", "adapter_files",
+    "layer", "attach", "memory", "adapter", "train", "checkpoint", "distributed", "compile", "serve",
+    "timing", "datasets", "finetune", "cli", "__main__",
+]
+
+
+def _room(module: str) -> int:
+    part = module.split(".")[1]
+    assert part in ROOMS, f"{module} belongs to no room of ROOMS: name its room in tests/test_layout.py"
+    return ROOMS.index(part)
+
+
+def test_every_arrow_points_down_the_rooms():
+    graph = _graph()
+    up = {m: sorted(d for d in deps if d != "shira_fx" and _room(d) > _room(m))
+          for m, deps in graph.items() if m != "shira_fx"}
+    assert not {m: d for m, d in up.items() if d}, "imports of a later room"
+
+
+def test_the_subpackages_are_rooms():
+    graph = _graph()
+    for room in ("kernels", "compile", "serve", "cli"):
+        assert any(m.startswith(f"shira_fx.{room}.") for m in graph), f"shira_fx/{room}/ has no modules"
+
+
 def test_the_library_imports_no_application():
     graph = _graph()
     offenders = {m: sorted(i for i in deps if _is_application(i))
@@ -86,3 +116,15 @@ def test_the_cycle_finder_sees_a_cycle(tmp_path, monkeypatch):
     monkeypatch.setattr(f"{__name__}.PACKAGE", pkg)
     graph = _graph()
     assert graph["shira_fx.a"] == {"shira_fx.b"} and graph["shira_fx.b"] == {"shira_fx.a"}
+
+
+def test_the_room_order_sees_an_arrow_up(tmp_path, monkeypatch):
+    """The order can fail: a low room importing a higher one is reported."""
+    pkg = tmp_path / "shira_fx"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "errors.py").write_text("from .config import ShiraConfig\n")
+    (pkg / "config.py").write_text("")
+    monkeypatch.setattr(f"{__name__}.PACKAGE", pkg)
+    with pytest.raises(AssertionError, match="imports of a later room"):
+        test_every_arrow_points_down_the_rooms()

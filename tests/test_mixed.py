@@ -11,6 +11,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import shira_fx
+from shira_fx.kernels import side
+from shira_fx.serve import mixed as mixed_batches
 from tests import tiny_models
 from tests.thread_helpers import join, start, until
 
@@ -63,7 +65,7 @@ NAMES = ["a0", None, "a2", {"a0": 1.0, "a1": 0.5}, "a1", "a0"]
 def test_each_row_equals_its_adapter_computed_alone(bank, active, copy_at, monkeypatch):
     """Both ways a CPU mixed batch runs an adapter's rows: on a copy of the weight with the
     correction written in, and as the weight's product plus the sparse side product."""
-    monkeypatch.setattr(shira_fx.ops, "DENSE_COPY_TOKENS_X_NNZ", copy_at)
+    monkeypatch.setattr(side, "DENSE_COPY_TOKENS_X_NNZ", copy_at)
     ids = _ids()
     want = torch.stack([_alone(bank, ids, spec)[i] for i, spec in enumerate(NAMES)])
     if active is not None:
@@ -82,7 +84,7 @@ def test_each_row_equals_its_adapter_computed_alone(bank, active, copy_at, monke
 def test_request_linear_equals_each_rows_dense_weight(transposed, copy_at, monkeypatch):
     """The op alone against its definition: row b times (W + its correction, scattered into a
     dense copy), for weights stored (out, in) and (in, out); an unknown adapter id is refused."""
-    monkeypatch.setattr(shira_fx.ops, "DENSE_COPY_TOKENS_X_NNZ", copy_at)
+    monkeypatch.setattr(side, "DENSE_COPY_TOKENS_X_NNZ", copy_at)
     g = torch.Generator().manual_seed(0)
     out_f, in_f, rows = 9, 5, [1, -1, 0, 1, 2]
     weight = torch.randn((in_f, out_f) if transposed else (out_f, in_f), generator=g)
@@ -242,10 +244,10 @@ def test_mixed_batches_and_requests_for_the_active_adapter_run_together(bank, co
     for i, names in enumerate(lists):
         torch.testing.assert_close(got[i], want[i], rtol=1e-5, atol=1e-5, msg=f"batch {names}")
     torch.testing.assert_close(got["a1"], want_active, rtol=1e-5, atol=1e-5)
-    assert bank.active == {"a1": 1.0} and not hasattr(bank._requests, "rows")
+    assert bank.active == {"a1": 1.0} and not hasattr(bank._rows, "rows")
 
 
-def test_a_fusion_not_served_before_packs_alone_and_the_table_keeps_it(bank):
+def test_a_fusion_not_served_before_packs_alone_and_the_table_keeps_it(bank, monkeypatch):
     """A mixed batch that needs a new table entry packs as a writer: it waits for the mixed
     batch inside, and a later batch that needs nothing new waits behind it (writers first);
     afterwards the table holds the new entry and the earlier batches pack nothing."""
@@ -253,13 +255,13 @@ def test_a_fusion_not_served_before_packs_alone_and_the_table_keeps_it(bank):
     fused = ["a0", {"a1": 1.0, "a2": 0.25}, None, "a2", "a1", "a0"]
     want = torch.stack([_alone(bank, ids, spec)[i] for i, spec in enumerate(fused)])
     packs, errors = [], []
-    pack = bank._pack
+    pack = mixed_batches._pack
 
-    def logged(specs):
+    def logged(bank, specs):
         packs.append(len(specs))
-        pack(specs)
+        pack(bank, specs)
 
-    bank._pack = logged
+    monkeypatch.setattr(mixed_batches, "_pack", logged)
     with torch.no_grad(), bank.per_request(NAMES):
         pass
     assert packs == [B]
@@ -296,7 +298,7 @@ def test_a_fusion_not_served_before_packs_alone_and_the_table_keeps_it(bank):
     assert packs == [B, B], "the table shrank: a batch served before packed again"
 
 
-def test_the_table_keeps_the_last_max_mixed_fusions(tmp_path):
+def test_the_table_keeps_the_last_max_mixed_fusions(tmp_path, monkeypatch):
     """Beyond `max_mixed` fusions the oldest not in the batch is dropped (that batch packs
     again when it comes back); a batch with more fusions than that still gets them all."""
     model = tiny_models.build("llama").eval()
@@ -305,8 +307,8 @@ def test_the_table_keeps_the_last_max_mixed_fusions(tmp_path):
         bank.load(f"a{i}", path)
     fusions = [{"a0": 1.0, "a1": w} for w in (0.25, 0.5, 0.75)]
     packs = []
-    pack = bank._pack
-    bank._pack = lambda specs: (packs.append(1), pack(specs))
+    pack = mixed_batches._pack
+    monkeypatch.setattr(mixed_batches, "_pack", lambda bank, specs: (packs.append(1), pack(bank, specs)))
     ids = _ids(5)
     for f in [*fusions, fusions[2], fusions[1], fusions[0]]:
         with torch.no_grad(), bank.per_request([f] * B):
@@ -339,6 +341,6 @@ def test_nesting_rules_and_an_error_inside_releases_everything(bank):
             raise RuntimeError("boom")
     gate = bank._gate
     assert gate.readers == gate.waiting == gate.blocked == 0 and not gate.writing
-    assert not hasattr(bank._requests, "rows") and gate.held() is None
+    assert not hasattr(bank._rows, "rows") and gate.held() is None
     bank.activate("a2")  # would hang on a leaked reader
     assert bank.active == {"a2": 1.0}

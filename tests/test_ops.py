@@ -7,13 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shira_fx import ops
-from shira_fx.kernels import scatter_fused_reference_, sddmm_reference
+from shira_fx.kernels import scatter, side
+from shira_fx.kernels.scatter import scatter_fused_reference_
+from shira_fx.kernels.sddmm import sddmm_reference
 from tests.conftest import budget
 
 
 @given(st.lists(st.integers(0, 10_000), min_size=1, max_size=40), st.integers(1, 4))
 def test_balanced_groups_cover_every_layer_once(sizes, n):
-    groups = ops._balanced_groups(sizes, n)
+    groups = scatter._balanced_groups(sizes, n)
     assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
     assert len(groups) <= n
 
@@ -76,7 +78,7 @@ def test_masked_grad_op_matches_the_reference(t, a, b, seed, dtype):
 def test_side_linear_either_cpu_path_equals_the_dense_delta(copy_at, monkeypatch):
     """The side path beside a quantized weight, both ways the CPU runs it (a GEMM on S written
     out, or the sparse kernel): output, input gradient and values' gradient against x @ S.T."""
-    monkeypatch.setattr(ops, "DENSE_COPY_TOKENS_X_NNZ", copy_at)
+    monkeypatch.setattr(side, "DENSE_COPY_TOKENS_X_NNZ", copy_at)
     g = torch.Generator().manual_seed(0)
     out_f, in_f = 6, 8
     indices = torch.randperm(out_f * in_f, generator=g)[:13].sort().values.int()

@@ -6,25 +6,27 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shira_fx.kernels import side
+from shira_fx.kernels import side_cpu
 from shira_fx.kernels.side import (
-    pack_adapters,
     side_backward_x,
     side_backward_x_cpu,
     side_backward_x_reference,
-    side_backward_x_segmented,
-    side_backward_x_segmented_cpu,
-    side_backward_x_segmented_reference,
-    side_backward_x_segmented_triton,
     side_backward_x_triton,
     side_forward,
     side_forward_cpu,
     side_forward_reference,
+    side_forward_triton,
+)
+from shira_fx.kernels.side_segmented import (
+    pack_adapters,
+    side_backward_x_segmented,
+    side_backward_x_segmented_cpu,
+    side_backward_x_segmented_reference,
+    side_backward_x_segmented_triton,
     side_forward_segmented,
     side_forward_segmented_cpu,
     side_forward_segmented_reference,
     side_forward_segmented_triton,
-    side_forward_triton,
 )
 from tests.conftest import budget
 
@@ -149,9 +151,9 @@ def test_dispatchers_pick_the_device_path_and_agree():
 
 def test_cpu_path_over_several_token_slices(monkeypatch):
     # a slice budget of 64 bytes over 6 fp32 features: 16 tokens per slice, 3 slices here
-    monkeypatch.setattr(side, "_CPU_SLICE_BYTES", 64)
-    monkeypatch.setattr(side, "_CPU_WHOLE_BYTES", 64)
-    assert side._cpu_slice(6, 40) == 16
+    monkeypatch.setattr(side_cpu, "_CPU_SLICE_BYTES", 64)
+    monkeypatch.setattr(side_cpu, "_CPU_WHOLE_BYTES", 64)
+    assert side_cpu._cpu_slice(6, 40) == 16
     g = torch.Generator().manual_seed(3)
     idx, vals = _indices(30, 12, torch.int64, g), torch.randn(12, generator=g)
     x = torch.randn(40, 6, generator=g).to(torch.bfloat16)

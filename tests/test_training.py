@@ -89,11 +89,11 @@ def test_fused_weight_equals_base_plus_values_after_1000_steps():
 
 
 def test_optimizer_hook_syncs_weights_without_the_decorator():
-    """No attach needed: every optimizer step syncs the layers whose values it holds, once."""
+    """Nothing to attach: every optimizer step syncs the layers whose values it holds, once."""
     model = tiny_models.build("mlp")
     adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
     opt = torch.optim.SGD(adapter.parameters(), lr=0.1)
-    adapter.attach(opt)  # only checks the optimizer: kept for older code
+    adapter.check_optimizer(opt)  # only checks the optimizer
     model(torch.randn(4, 24)).pow(2).mean().backward()
     calls = []
     real = shira_fx.ops.scatter_weights_

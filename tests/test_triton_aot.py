@@ -52,7 +52,7 @@ def record_launches() -> list[tuple]:
 
     sddmm_mod = importlib.import_module("shira_fx.kernels.sddmm")
     scatter_mod = importlib.import_module("shira_fx.kernels.scatter")
-    from shira_fx.kernels import PLAN_FIELDS, plan_mask
+    from shira_fx.kernels.structure import STRUCTURE_FIELDS, mask_structure
 
     log: list = []
     names = [(sddmm_mod, "_gather_dot_kernel"), (sddmm_mod, "_tile_kernel"),
@@ -76,7 +76,8 @@ def record_launches() -> list[tuple]:
             a = a.t().contiguous().t() if col_major else a
             b = torch.randn(t, cols).to(dtype_b)
             idx = torch.arange(0, rows * cols, 7, dtype=idx_dtype)
-            plan = dict(zip(PLAN_FIELDS, plan_mask(idx, rows, cols, min_fill=2.0, min_nnz=0), strict=True))
+            structure = mask_structure(idx, rows, cols, min_fill=2.0, min_nnz=0)
+            plan = dict(zip(STRUCTURE_FIELDS, structure, strict=True))
             sddmm_mod.sddmm(a, b, idx, cols)
             sddmm_mod.sddmm_tiles(a, b, plan["rest"], cols, plan["tile_ptr"], plan["tile_ids"])
             sddmm_mod.dense_block(a, b, rows=torch.tensor([1, 5]))

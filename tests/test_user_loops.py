@@ -126,7 +126,7 @@ def test_hf_trainer_trains_the_adapter_with_no_glue(tmp_path, bf16, compile_firs
 
 # -- compile by name and mode ----------------------------------------------------------------
 def test_the_backend_is_registered_by_name():
-    from shira_fx.backend import default_backend
+    from shira_fx.compile.backend import default_backend
 
     assert torch._dynamo.lookup_backend("shira_fx") is default_backend
 

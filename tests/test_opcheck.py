@@ -1,0 +1,134 @@
+"""Every `shira_fx::` op passes `torch.library.opcheck` (schema, fake kernel against the real
+one, autograd registration, AOT dispatch with dynamic shapes) over a few shapes and dtypes,
+and its fake kernel refuses operands that do not fit, naming the operand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shira_fx import ops  # noqa: F401  (registers torch.ops.shira_fx)
+from shira_fx.kernels.structure import mask_structure, no_structure
+
+OPS = torch.ops.shira_fx
+G = torch.Generator().manual_seed(0)
+
+
+def _indices(numel: int, nnz: int, dtype=torch.int32) -> torch.Tensor:
+    return torch.randperm(numel, generator=G)[:nnz].sort().values.to(dtype)
+
+
+def _rand(*shape, dtype=torch.float32, grad=False) -> torch.Tensor:
+    return torch.randn(*shape, generator=G).to(dtype).requires_grad_(grad)
+
+
+def _sparse_linear_cases():
+    for dtype, transposed, lead, structured in [(torch.float32, False, (5,), False),
+                                                (torch.float32, True, (2, 3), True),
+                                                (torch.bfloat16, False, (2, 4), True)]:
+        out_f, in_f = 6, 8
+        shape = (in_f, out_f) if transposed else (out_f, in_f)
+        idx = _indices(out_f * in_f, 12) if not structured else torch.arange(shape[1], 3 * shape[1],
+                                                                              dtype=torch.int32)
+        structure = mask_structure(idx, *shape, min_nnz=0) or no_structure(idx)
+        yield (_rand(*lead, in_f, dtype=dtype, grad=True), _rand(*shape), _rand(out_f, grad=True),
+               _rand(idx.numel(), grad=True), idx, transposed, structure)
+
+
+def _masked_grad_cases():
+    for dtype, structured in [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False)]:
+        a, b = _rand(7, 5, dtype=dtype), _rand(7, 9, dtype=dtype)
+        idx = _indices(45, 10) if not structured else torch.arange(9, 27, dtype=torch.int64)
+        yield a, b, idx, 9, mask_structure(idx, 5, 9, min_nnz=0) if structured else []
+
+
+def _scatter_cases():
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = [_rand(4, 6, dtype=dtype), _rand(3, 5, dtype=dtype)]
+        indices = [_indices(24, 5), _indices(15, 4, torch.int64)]
+        base = [w.view(-1)[i.long()].clone() for w, i in zip(weights, indices, strict=True)]
+        yield weights, indices, base, [_rand(5), _rand(4)], 0.5
+        yield [w.clone() for w in weights], indices, base, [], 1.0
+
+
+def _side_cases(grad: bool):
+    """side_linear's (x, ...) with grad; side_grad_x's (grad_y, ...) without (S is (5, 8))."""
+    for dtype, lead in [(torch.float32, (6,)), (torch.bfloat16, (2, 3))]:
+        idx = _indices(40, 9)
+        yield _rand(*lead, 8 if grad else 5, dtype=dtype, grad=grad), _rand(9, grad=grad), idx, 5, 8
+
+
+def _request_cases():
+    for transposed in (False, True):
+        out_f, in_f = 6, 4
+        weight = _rand(*((in_f, out_f) if transposed else (out_f, in_f)))
+        parts = [_indices(24, 5), _indices(24, 7)]
+        indices, values = torch.cat(parts), _rand(12)
+        offsets = torch.tensor([0, 5, 12])
+        yield (_rand(3, 2, in_f), weight, _rand(out_f), torch.tensor([1, -1, 0]), indices, values, offsets,
+               transposed)
+
+
+def _segmented_cases():
+    for transposed in (False, True):
+        parts = [_indices(24, 5), _indices(24, 7)]
+        yield (_rand(6, 4), torch.tensor([0, 2, 2, 6]), torch.tensor([1, -1, 0]), torch.cat(parts), _rand(12),
+               torch.tensor([0, 5, 12]), 6, 4, transposed)
+
+
+CASES = {
+    "sparse_linear": _sparse_linear_cases,
+    "masked_grad": _masked_grad_cases,
+    "scatter_": _scatter_cases,
+    "side_linear": lambda: _side_cases(grad=True),
+    "side_grad_x": lambda: _side_cases(grad=False),
+    "request_linear": _request_cases,
+    "side_segmented": _segmented_cases,
+}
+
+
+def test_every_op_is_checked():
+    registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("shira_fx::")}
+    assert registered == set(CASES), "an op without opcheck cases (or cases for no op)"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_opcheck(name):
+    op = getattr(OPS, name).default
+    for args in CASES[name]():
+        torch.library.opcheck(op, args)
+
+
+def _fake(fn, *args):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return fn(*args)
+
+
+def test_fake_kernels_name_the_operand_that_does_not_fit():
+    x, w, idx = torch.randn(3, 8), torch.randn(6, 8), _indices(48, 5)
+    vals = torch.randn(5)
+    with pytest.raises(RuntimeError, match=r"sparse_linear: x must end in the weight's 8 input features"):
+        _fake(OPS.sparse_linear, torch.randn(3, 7), w, None, vals, idx, False, [])
+    with pytest.raises(RuntimeError, match=r"sparse_linear: values \(4\) and indices \(5\)"):
+        _fake(OPS.sparse_linear, x, w, None, torch.randn(4), idx, False, [])
+    with pytest.raises(RuntimeError, match=r"sparse_linear: bias must have shape \(6,\)"):
+        _fake(OPS.sparse_linear, x, w, torch.randn(8), vals, idx, False, [])
+    with pytest.raises(RuntimeError, match=r"masked_grad: a and b must share T"):
+        _fake(OPS.masked_grad, torch.randn(3, 6), torch.randn(4, 8), idx, 8, [])
+    with pytest.raises(RuntimeError, match=r"masked_grad: indices must be 1-D int32/int64"):
+        _fake(OPS.masked_grad, torch.randn(3, 6), torch.randn(3, 8), idx.float(), 8, [])
+    with pytest.raises(RuntimeError, match=r"side_linear: x must end in in_features = 8"):
+        _fake(OPS.side_linear, torch.randn(3, 5), vals, idx, 6, 8)
+    with pytest.raises(RuntimeError, match=r"side_grad_x: grad_y must end in out_features = 6"):
+        _fake(OPS.side_grad_x, torch.randn(3, 5), vals, idx, 6, 8)
+    with pytest.raises(RuntimeError, match=r"scatter_: base\[0\] must be torch.float32"):
+        _fake(OPS.scatter_, [w], [idx], [torch.zeros(4)], [], 1.0)
+    with pytest.raises(RuntimeError, match=r"request_linear: row_adapters must be 1-D ints, one per batch row"):
+        _fake(OPS.request_linear, torch.randn(2, 3, 8), w, None, torch.tensor([0]), idx, vals,
+              torch.tensor([0, 5]), False)
+    with pytest.raises(RuntimeError, match=r"side_segmented: seg_starts must have one more entry"):
+        _fake(OPS.side_segmented, torch.randn(4, 8), torch.tensor([0, 4]), torch.tensor([0, 0]), idx, vals,
+              torch.tensor([0, 5]), 6, 8, False)
