@@ -222,13 +222,20 @@ def side_linear(x: Tensor, values: Tensor, indices: Tensor, out_features: int, i
     return kernels.side_product(x, indices, values, out_features, in_features)
 
 
+def _side_fake(op: str, name: str, src: Tensor, values: Tensor, indices: Tensor, features: tuple) -> Tensor:
+    """The side ops' fake: `src` ends in `features[0]` (named `features[1]`), the result in
+    `features[2]`."""
+    have, label, result = features
+    _check(src.dim() >= 1 and src.shape[-1] == have, op,
+           f"{name} must end in {label} = {have}, found shape {tuple(src.shape)}")
+    _check_float(op, name, src)
+    _check_sparse(op, indices, values, src)
+    return src.new_empty(*src.shape[:-1], result)
+
+
 @side_linear.register_fake
 def _(x, values, indices, out_features, in_features):
-    _check(x.dim() >= 1 and x.shape[-1] == in_features, "side_linear",
-           f"x must end in in_features = {in_features}, found shape {tuple(x.shape)}")
-    _check_float("side_linear", "x", x)
-    _check_sparse("side_linear", indices, values, x)
-    return x.new_empty(*x.shape[:-1], out_features)
+    return _side_fake("side_linear", "x", x, values, indices, (in_features, "in_features", out_features))
 
 
 @torch.library.custom_op("shira_fx::side_grad_x", mutates_args=())
@@ -241,11 +248,8 @@ def side_grad_x(grad_y: Tensor, values: Tensor, indices: Tensor, out_features: i
 
 @side_grad_x.register_fake
 def _(grad_y, values, indices, out_features, in_features):
-    _check(grad_y.dim() >= 1 and grad_y.shape[-1] == out_features, "side_grad_x",
-           f"grad_y must end in out_features = {out_features}, found shape {tuple(grad_y.shape)}")
-    _check_float("side_grad_x", "grad_y", grad_y)
-    _check_sparse("side_grad_x", indices, values, grad_y)
-    return grad_y.new_empty(*grad_y.shape[:-1], in_features)
+    return _side_fake("side_grad_x", "grad_y", grad_y, values, indices,
+                      (out_features, "out_features", in_features))
 
 
 def _side_setup(ctx, inputs, output) -> None:
