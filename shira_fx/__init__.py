@@ -5,7 +5,7 @@ from .adapter_files import StoredAdapter, load_adapter
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compile.backend import ShiraBackend, backend, explain
 from .config import ShiraConfig
-from .errors import ShiraAdapterError, ShiraConfigError, ShiraError, ShiraTrainingError
+from .errors import ShiraAdapterError, ShiraConfigError, ShiraError, ShiraTrainingError, ShiraWarning
 from .layer import ShiraLayer
 from .serve.bank import AdapterBank
 from .serve.export import export_dense
@@ -30,4 +30,5 @@ __all__ = [
     "ShiraConfigError",
     "ShiraError",
     "ShiraTrainingError",
+    "ShiraWarning",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 
@@ -21,7 +22,7 @@ from . import ops, quantized, registry
 from .adapter_files import StoredAdapter, check_layer_tensors, write_peft, write_shira_fx
 from .attach import attach, detach, state_dict_hooks, sync_layers, weight_arrived
 from .config import ShiraConfig
-from .errors import ShiraAdapterError, ShiraConfigError, ShiraTrainingError
+from .errors import ShiraAdapterError, ShiraConfigError, ShiraTrainingError, ShiraWarning
 from .layer import BASE, INDICES, VALUES, ShiraLayer, has_training_state, layer_of, state_name
 from .masks import WEIGHT_FREE_MASKS, build_masks
 from .targets import TargetLayer, find_targets
@@ -43,6 +44,7 @@ class SparseAdapter(nn.Module):
         self._undo: list[Callable[[], None]] = []  # other changes prepare made to the model
         self._hooks: list = []
         self._removed = False
+        self._model: Callable[[], nn.Module | None] = lambda: None  # the prepared model (a weak ref)
         _LIVE.add(self)
 
     def forward(self, *args, **kwargs):
@@ -216,8 +218,28 @@ def _check_before_first_step(optimizer: torch.optim.Optimizer, args, kwargs) -> 
     if optimizer in _CHECKED:
         return
     _CHECKED.add(optimizer)
-    check_backward_reached({layer.name: layer.values.grad is not None for layer in _layers_of(optimizer)},
-                           "optimizer.step()")
+    layers = _layers_of(optimizer)
+    check_backward_reached({la.name: la.values.grad is not None for la in layers}, "optimizer.step()")
+    _warn_if_compiled_without_layers(layers)
+
+
+def _warn_if_compiled_without_layers(layers: list[ShiraLayer]) -> None:
+    """A model compiled with the shira_fx backend whose training graphs hold none of its
+    prepared layers (Dynamo broke the graph around them, so they all ran eagerly: right, but
+    uncompiled) is reported once, with the graph breaks Dynamo counted."""
+    if not layers or any(layer.compiled for layer in layers):
+        return
+    ids = {id(layer) for layer in layers}
+    models = [a._model() for a in list(_LIVE) if any(id(la) in ids for la in a.layers.values())]
+    if not any(m is not None and any(registry.was_compiled(p) for p in m.parameters()) for m in models):
+        return
+    breaks = torch._dynamo.utils.counters["graph_break"].most_common(3)
+    reasons = "; ".join(f"{reason.strip().splitlines()[0][:160]} (x{n})" for reason, n in breaks)
+    warnings.warn(ShiraWarning(
+        f"torch.compile with the shira_fx backend compiled training graphs of this model, but none "
+        f"holds any of its {len(layers)} prepared layers: they ran eagerly (they train right, "
+        f"uncompiled). Dynamo broke the graph: {reasons or 'no break counted'}. "
+        "torch._logging.set_logs(graph_breaks=True) shows where"), stacklevel=3)
 
 
 def _sync_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -304,14 +326,22 @@ def prepare(
     Everything that can fail (target matching, mask building, layout checks) runs before the
     model is touched, so a failed `prepare` leaves the model as it was. A model on the meta
     device can be prepared with a mask that needs no weights; its layers take their base
-    values when the weights arrive through `load_state_dict`.
+    values when the weights arrive through `load_state_dict`. Every bitsandbytes 4-bit layer
+    of the model is settled in its standard layout first (`quantized.settle_layout`), so the
+    masks, training and compiled graphs all read one layout.
     """
     cfg = cfg or ShiraConfig()
     if not isinstance(cfg, ShiraConfig):
         raise ShiraConfigError(f"prepare: expected a ShiraConfig, found {type(cfg).__name__}")
     targets = find_targets(model, cfg)
     _check_targets(model, targets, cfg)
-    masks = build_masks(model, targets, cfg, calib=calib, loss_fn=loss_fn, progress=progress)
+    settled = settle_layouts(model)
+    try:
+        masks = build_masks(model, targets, cfg, calib=calib, loss_fn=loss_fn, progress=progress)
+    except BaseException:
+        for undo in settled:
+            undo()
+        raise
 
     def is_values(p: Tensor) -> bool:
         layer = registry.layer_for(p)
@@ -331,8 +361,19 @@ def prepare(
     layers = {t.name: attach(t, masks[t.name], cfg) for t in targets}
     holds = [p for p in model.parameters() if not p.requires_grad]
     adapter = SparseAdapter(cfg, layers, frozen, holds)
+    adapter._model = weakref.ref(model)
     for layer in layers.values():
         adapter._hooks += state_dict_hooks(layer)
     if input_grads:
         adapter._undo.append(model.disable_input_require_grads)
+    adapter._undo += settled
     return adapter
+
+
+def settle_layouts(model: nn.Module) -> list[Callable[[], None]]:
+    """`quantized.settle_layout` for every module of `model`; the undos of those it pinned."""
+    try:
+        undos = [quantized.settle_layout(m) for m in model.modules()]
+    except ValueError as e:
+        raise ShiraConfigError(f"prepare: {e}") from None
+    return [u for u in undos if u is not None]

@@ -15,3 +15,8 @@ class ShiraAdapterError(ShiraError, ValueError):
 
 class ShiraTrainingError(ShiraError, RuntimeError):
     """A training step was refused (non-finite loss or gradient); nothing was applied."""
+
+
+class ShiraWarning(UserWarning):
+    """Something works, but not as the user likely expects (e.g. a compiled model that runs
+    its prepared layers eagerly); the message says why and what to do."""

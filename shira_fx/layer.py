@@ -73,6 +73,7 @@ class ShiraLayer:
     # (values, indices, base) as they were when the adapter was removed
     removed: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
     loading: bool = field(default=False, repr=False)  # a state dict with this weight is loading
+    compiled: bool = field(default=False, repr=False)  # a compiled training graph holds it
 
     def attr(self, kind: str) -> str:
         return state_name(self.param, kind)

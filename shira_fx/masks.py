@@ -32,6 +32,7 @@ _RANDPERM_FRACTION = 4
 _INT32_MAX = 2**31 - 1
 
 WEIGHT_FREE_MASKS = ("rand", "struct")  # the kinds that need only the weights' shapes
+_BAR_DELAY_S = 1.0  # progress bars appear once the work has taken this long
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Pairs = list[tuple[torch.Tensor, torch.Tensor]]
@@ -73,7 +74,9 @@ def build_masks(
             )
         pairs = _calibrate(model, targets, calib, loss_fn or default_loss, kind, progress)
     masks = {}
-    for t in tqdm(targets, desc=f"shira {kind} masks", unit="layer", disable=not progress):
+    # a bar only for work that lasts: tqdm draws nothing before `delay` seconds
+    bar = tqdm(targets, desc=f"shira {kind} masks", unit="layer", disable=not progress, delay=_BAR_DELAY_S)
+    for t in bar:
         k = cfg.budget(t.out_features, t.in_features)
         if t.param != "weight":  # stacked experts: a mask over each expert's matrix
             masks[t.name] = _stacked_mask(t, k, cfg)
@@ -310,7 +313,8 @@ def _calibrate(
             for i, t in enumerate(targets)
         ]
         with torch.enable_grad():
-            bar = tqdm(calib, desc=f"shira {kind} calibration", unit="batch", disable=not progress)
+            bar = tqdm(calib, desc=f"shira {kind} calibration", unit="batch", disable=not progress,
+                       delay=_BAR_DELAY_S)
             for b, batch in enumerate(bar):
                 calls.clear()
                 loss = _checked_loss(loss_fn(model, batch), kind, b)

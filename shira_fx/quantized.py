@@ -7,11 +7,19 @@ layer rides beside it, `y = base_forward(layer, x) + x @ S.T`). Known kinds
 layer is named by `unknown_quantized`, so callers refuse it by name. bitsandbytes and torchao
 are optional and never imported here: a layer of theirs exists only once its library is
 imported, so the checks look it up in `sys.modules`.
+
+bitsandbytes stores a 4-bit weight in one of two layouts: the standard one ((n, 1) bytes), and
+on CPUs with AVX512-BF16 a CPU-packed one that `Linear4bit.forward` converts to the first time
+it runs in inference mode (its absmax rounded to bf16; its forward then has no backward).
+`dequantized_weight` reads both; `settle_layout` puts a layer in the standard layout and keeps
+it there, so a weight never changes shape under a compiled graph or a training step.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +41,8 @@ _TORCHAO_KINDS = {
 _PACKED_ATTRS = ("qweight", "_packed_params", "W_q", "packed_weight")
 # rows of the identity sent through a layer at a time when its weight is read by a probe
 _PROBE_ROWS = 1024
+# the Linear4bit attribute that lets its forward repack the weight for AVX512-BF16 CPUs
+_REPACKS = "support_avx512bf16_for_cpu"
 
 
 def _bnb_module(module: nn.Module) -> tuple[Any, str] | None:
@@ -185,7 +195,10 @@ def dequantized_weight(module: nn.Module) -> Tensor:
             if scb is None:
                 scb = module.state.SCB
             return bnb_f.int8_vectorwise_dequant(weight.data, scb)
-        return bnb_f.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = weight.data, weight.quant_state
+        if is_cpu_packed(module):  # unpacked on copies: the layer stays as it is
+            data, state = _unpacked(data, state)
+        return bnb_f.dequantize_4bit(data, state)
     if kind == "torchao_nf4":
         return weight.get_original_weight()
     if kind == "torchao_int4":  # its packing variants have no dequantize on every device
@@ -197,3 +210,57 @@ def base_forward(module: nn.Module, x: Tensor) -> Tensor:
     """The layer's own forward by its class: the library's op (bitsandbytes' matmul, torchao's
     linear dispatch) even when an instance-level forward has been pointed elsewhere; no hooks."""
     return type(module).forward(module, x)
+
+
+def is_cpu_packed(module: nn.Module) -> bool:
+    """Whether a bitsandbytes 4-bit layer holds its weight in the CPU-packed layout."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def was_repacked(module: nn.Module) -> bool:
+    """Whether a bitsandbytes 4-bit layer was ever converted to the CPU-packed layout (its
+    absmax then rounded to bf16), packed now or converted back since."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return is_cpu_packed(module) or hasattr(state, "original_qshape")
+
+
+def _unpacked(data: Tensor, state: Any) -> tuple[Tensor, Any]:
+    """(data, quant state) of a CPU-packed bitsandbytes 4-bit weight in the standard layout, on
+    copies, computing exactly what the packed layer computes with. The nibbles are unpacked by
+    bitsandbytes' own conversion; the block scales are taken as the packed layer holds them
+    (bf16, one row per block, transposed), un-transposed and kept unquantized: bitsandbytes'
+    conversion would leave them transposed (non-nested states) or quantize them again (nested)."""
+    import bitsandbytes.functional as bnb_f  # loaded already: a layer of its is packed
+
+    unpack = getattr(bnb_f, "_convert_weight_packed_for_cpu_inverse", None)
+    if unpack is None:
+        raise ValueError("a bitsandbytes 4-bit weight is in the CPU-packed layout, but this "
+                         "bitsandbytes has no conversion back (_convert_weight_packed_for_cpu_inverse)")
+    state = copy.deepcopy(state)
+    scales = state.absmax  # (in / blocksize, out): block b of row r at [b, r]
+    state.original_nested = False  # unpack the nibbles only
+    data, state = unpack(data.clone(), state)
+    state.absmax = scales.t().reshape(-1).to(torch.float32).contiguous()
+    return data, state
+
+
+def settle_layout(module: nn.Module) -> Callable[[], None] | None:
+    """Put a bitsandbytes 4-bit layer in the standard layout (a CPU-packed weight converted
+    back: `_unpacked`) and keep it there: its forward no longer repacks. Returns the undo
+    (bitsandbytes may repack again), or None for any other layer. What the layer computes with
+    does not change (an earlier repack already rounded its absmax); a training step or a
+    compiled graph then never meets a new layout."""
+    found = _bnb_module(module)
+    if found is None or found[1] == "bnb_int8":
+        return None
+    weight = module.weight
+    if is_cpu_packed(module):
+        weight.data, weight.quant_state = _unpacked(weight.data, weight.quant_state)
+        if getattr(module, "quant_state", None) is not None:
+            module.quant_state = weight.quant_state
+    repacks = getattr(module, _REPACKS, None)
+    if not repacks:
+        return lambda: None
+    setattr(module, _REPACKS, False)
+    return lambda: setattr(module, _REPACKS, repacks)

@@ -1,6 +1,8 @@
 """Which prepared layer a tensor belongs to, by identity: the backend's pass and the optimizer
-hook look weights and values up here. Entries hold weak references (the module keeps its
-layer alive) and vanish with the tensor, so a dropped prepared model is freed."""
+hook look weights and values up here; and which parameters a shira_fx training graph took
+as inputs (so the first optimizer step can tell a compiled model from an eager one). Entries
+hold weak references (the module keeps its layer alive) and vanish with the tensor, so a
+dropped prepared model is freed."""
 
 from __future__ import annotations
 
@@ -39,6 +41,24 @@ def forget(layers: Iterable[Any]) -> None:
     for key, (_, layer_ref) in entries:
         if id(layer_ref()) in gone:
             _ENTRIES.pop(key, None)
+
+
+# id(parameter) -> weakref to it, for the parameters of compiled training graphs
+_COMPILED: dict[int, weakref.ref] = {}
+
+
+def note_compiled(tensors: Iterable[Any]) -> None:
+    """Remember that these tensors were inputs of a training graph the backend compiled."""
+    for t in tensors:
+        if id(t) not in _COMPILED:
+            _COMPILED[id(t)] = weakref.ref(t)
+            weakref.finalize(t, _COMPILED.pop, id(t), None)
+
+
+def was_compiled(tensor: object) -> bool:
+    """Whether `tensor` (this very object) was an input of a compiled training graph."""
+    ref = _COMPILED.get(id(tensor))
+    return ref is not None and ref() is tensor
 
 
 def is_dtensor(t: object) -> bool:

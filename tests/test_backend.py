@@ -1,6 +1,7 @@
 """The backend's pass: what it rewrites, what it leaves, and that it costs no graph break."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -347,3 +348,50 @@ def test_a_twelve_block_llama_compiled_block_by_block_compiles_two_graphs():
     for name, layer in adapter.layers.items():
         want = modules[name].weight.grad.view(-1)[layer.indices.long()]
         torch.testing.assert_close(layer.values.grad, want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+class _EagerLayers(torch.nn.Module):
+    """A model whose prepared layers Dynamo cannot trace (they run in a disabled function)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.a = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return _run_eagerly(self.a, self.norm(x)).pow(2).mean()
+
+
+@torch.compiler.disable
+def _run_eagerly(module, x):
+    return module(x)
+
+
+def test_a_compiled_model_whose_graphs_hold_no_layer_is_reported_at_the_first_step():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = _EagerLayers()
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(target_modules=["a"], density=0.5), progress=False)
+    compiled = torch.compile(model, backend=shira_fx.backend(inner="aot_eager"))
+    opt = torch.optim.SGD(adapter.parameters(), lr=0.1)
+    compiled(torch.randn(4, 8)).backward()
+    with pytest.warns(shira_fx.ShiraWarning, match=r"none holds any of its 1 prepared layers.*disable"):
+        opt.step()
+    assert model.a.shira_values.abs().sum() > 0  # it trained, eagerly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: later steps say nothing
+        compiled(torch.randn(4, 8)).backward()
+        opt.step()
+
+
+def test_compiled_and_eager_models_that_train_their_layers_are_not_reported():
+    for compile_it in (False, True):
+        torch._dynamo.reset()
+        model = tiny_models.build("mlp")
+        adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1), progress=False)
+        run = torch.compile(model, backend=shira_fx.backend(inner="aot_eager")) if compile_it else model
+        opt = torch.optim.SGD(adapter.parameters(), lr=0.1)
+        run(torch.randn(4, 24)).pow(2).mean().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", shira_fx.ShiraWarning)
+            opt.step()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -145,11 +146,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what libraries the commands do not use print when transformers or PEFT import them (torchao's
+# CUDA extensions on a CPU, bitsandbytes' hub kernel, torchao's pytree registrations): logger,
+# and the start of the message
+_NOISE = {
+    "torchao": ("Failed to load ",),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+    "torch.utils._pytree": ("<enum 'KernelPreference'>", "<enum 'ScaleCalculationMode'>"),
+}
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def _quiet_unused_libraries() -> None:
+    """Keep the first run quiet: drop the known messages of libraries a command does not use
+    (only those messages: anything else those loggers say still shows)."""
+    for name, starts in _NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise(starts))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command: 0 on success, 2 on a shira_fx error (reported on one stderr line).
     The measurements come from the command functions (and `--json`), not from here."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_unused_libraries()
     try:
         args.func(args)
     except ShiraError as exc:

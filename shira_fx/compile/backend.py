@@ -13,6 +13,7 @@ import torch
 from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn, get_hash_for_files
 
+from .. import registry
 from ..errors import ShiraConfigError
 from . import recompute as recompute_pass
 from . import report as report_module
@@ -21,6 +22,14 @@ from .report import RewriteReport, record_partition
 from .rewrite import rewrite_sparse_linears
 
 log = logging.getLogger("shira_fx")
+
+# Under gradient checkpointing Dynamo refuses a forward's side effect on an object from outside
+# the checkpointed region (it would have to replay it in the recomputation) and runs the whole
+# region eagerly. transformers' `kernels` package makes one in every attention block (it sets
+# and resets a context variable, undoing itself), so without this every checkpointed block of
+# a transformers model would run uncompiled. Not replaying such a side effect in the
+# recomputation is exact for it; README ("Gradient checkpointing") says how to turn it off.
+torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 # Inductor caches a custom pass by a hash of the files that define it
 _PASS_FILES = (recompute_pass.__file__, report_module.__file__)
 
@@ -131,6 +140,8 @@ class ShiraBackend:
         """Compile one Dynamo graph; `mode` and `options` are torch.compile's, for Inductor."""
         inductor_options = _inductor_options(mode, options)
         report = rewrite_sparse_linears(gm, example_inputs)
+        if torch.is_grad_enabled():  # a training graph: the first optimizer step checks it took layers
+            registry.note_compiled(t for t in example_inputs if isinstance(t, torch.nn.Parameter))
         if inductor_options.get("triton.cudagraphs") and report.rewritten:
             raise ShiraConfigError(
                 f"torch.compile(mode={mode!r}) captures CUDA graphs, which shira_fx does not "

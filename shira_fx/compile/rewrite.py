@@ -278,6 +278,8 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
                     refused[layer.name] = why
         if layer.name not in report.rewritten and layer.name not in refused:
             refused[layer.name] = "its weight is read in this graph but never through its forward"
+        if layer.name in report.rewritten:
+            layer.compiled = True
     if refused:
         report.skipped.update(refused)
         raise ShiraTrainingError(

@@ -21,10 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..adapter import SparseAdapter
+from ..adapter import SparseAdapter, settle_layouts
 from ..adapter_files import StoredAdapter, fingerprint, load_adapter
 from ..errors import ShiraAdapterError, ShiraConfigError
 from ..layer import serve_beside, set_side
+from ..quantized import was_repacked
 from ..targets import resolve_layer
 from . import mixed
 from .gate import MIXED, Gate
@@ -64,6 +65,9 @@ class AdapterBank:
     under a running request; calling them inside a `using` block of the same thread raises
     instead of deadlocking, and a `using` of the same spec may nest. Reads of the weights
     outside any `using` block (a bare `model(x)`) are not protected.
+
+    The bank settles the model's bitsandbytes 4-bit layers in their standard layout
+    (`quantized.settle_layout`): they no longer repack for AVX512-BF16 CPUs while it serves.
     """
 
     def __init__(self, model: nn.Module, keep_on_device: bool = True, max_plans: int = 8,
@@ -72,6 +76,7 @@ class AdapterBank:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ShiraConfigError(f"AdapterBank: {what} must be a positive int, found {n!r}")
         self.model = model
+        settle_layouts(model)  # quantized layers compute with one layout from now on
         self.keep_on_device = keep_on_device
         self.max_plans = max_plans
         self.max_mixed = max_mixed
@@ -182,10 +187,14 @@ class AdapterBank:
                     raise stored.error(f"trained on {spec.dtype} weights, the model has {wdtype} "
                                        "(pass check_base=False to serve it anyway)", layer_name)
                 if fingerprint(idx, base) != spec.fingerprint:
-                    raise stored.error("base fingerprint differs: the adapter was trained on "
-                                       "another base model (or this model's weights there are "
-                                       "not its base: an adapter still fused by training? "
-                                       "call adapter.remove() first)", layer_name)
+                    repacked = found.quantized and was_repacked(found.module)
+                    raise stored.error(
+                        "base fingerprint differs: the adapter was trained on another base model "
+                        + ("(this layer was repacked by bitsandbytes for AVX512-BF16 CPUs, which rounds "
+                           "its scales to bf16, the first time it ran in inference mode: build the "
+                           "bank before the model's first inference, or pass check_base=False)"
+                           if repacked else "(or this model's weights there are not its base: an "
+                           "adapter still fused by training? call adapter.remove() first)"), layer_name)
             slots[layer_name] = self._keep(Slot(idx, base, delta.to(w.device)))
         for module in beside:
             serve_beside(module, self._rows)

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +21,6 @@ from ..layer import serve_beside, served_device, set_request_table
 from ..targets import resolve_layer
 from .gate import MIXED
 from .slots import fuse
-
-if TYPE_CHECKING:
-    from .bank import AdapterBank
 
 
 class RowsPerThread(threading.local):
@@ -47,8 +44,8 @@ class Table:
 
 
 @contextmanager
-def per_request(bank: AdapterBank, names: Sequence[str | Mapping[str, float] | None]) -> Iterator[nn.Module]:
-    """`AdapterBank.per_request` (its docstring says what a mixed batch does)."""
+def per_request(bank: Any, names: Sequence[str | Mapping[str, float] | None]) -> Iterator[nn.Module]:
+    """`AdapterBank.per_request` of `bank` (its docstring says what a mixed batch does)."""
     if isinstance(names, str) or not isinstance(names, Sequence) or not names:
         raise ShiraAdapterError(f"per_request: expected a non-empty list with one adapter (or None) "
                                 f"per batch row, found {names!r}")
@@ -77,7 +74,7 @@ def per_request(bank: AdapterBank, names: Sequence[str | Mapping[str, float] | N
         gate.release_read()
 
 
-def _table_serves(bank: AdapterBank, specs: list[dict[str, float] | None]) -> bool:
+def _table_serves(bank: Any, specs: list[dict[str, float] | None]) -> bool:
     """Whether the packed table holds every spec, as corrections from the active adapter."""
     table = bank._table
     return (table is not None and table.active == (bank._active or {})
@@ -85,7 +82,7 @@ def _table_serves(bank: AdapterBank, specs: list[dict[str, float] | None]) -> bo
 
 
 @torch.no_grad()
-def _pack(bank: AdapterBank, specs: list[dict[str, float] | None]) -> None:
+def _pack(bank: Any, specs: list[dict[str, float] | None]) -> None:
     """Pack, per layer, every table entry's correction (entry minus the active adapter) into
     the layer's request buffers. Entries: the base, each adapter, then the fusions and
     weights per_request has served, at most `max_mixed` (the oldest dropped first) beyond
