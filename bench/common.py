@@ -1,19 +1,22 @@
-"""Helpers shared by the bench scripts: one timer, one copy-bandwidth yardstick, one way to
-describe the machine, print markdown tables and write JSON, so every bench reports alike."""
+"""Helpers shared by the bench scripts: one command line (`BenchParser`: --json, --smoke and the
+options several benches share), one timer, one copy-bandwidth yardstick, one way to describe the
+machine, print markdown tables and write JSON, so every bench is run and reports alike."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from shira_fx.cli.timing import median_ms  # noqa: F401  (the one timer, re-exported for the benches)
+from shira_fx.timing import median_ms  # noqa: F401  (the one timer, re-exported for the benches)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -149,3 +152,120 @@ def copy_bandwidth(device: torch.device | str = "cpu", mib: int = 256, repeat: i
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), repeat, warmup=2, device=device)
     return 2 * src.numel() * 4 / (ms / 1e3)
+
+
+# -- the command line every bench shares ---------------------------------------------------------
+
+SHAPE_HELP = {
+    "hidden": "hidden size",
+    "layers": "decoder layers",
+    "vocab": "vocabulary size",
+    "batch": "sequences per batch",
+    "seq": "tokens per sequence",
+    "r": "LoRA rank r; SHiRA gets its count r*(out+in) per weight",
+}
+
+
+class BenchParser(argparse.ArgumentParser):
+    """A bench's command line (`python -m bench.<name>`): the module docstring as its help,
+    `--json` (default bench/results/<name>.json; none with --smoke unless `json_with_smoke`)
+    and `--smoke` (help text `smoke`; None: no --smoke and no --json), one method per option
+    that several benches share, and `parse`, which applies --smoke's settings and the defaults
+    that depend on them."""
+
+    def __init__(self, name: str, doc: str | None, *, smoke: str | None = "tiny shapes, for the test suite",
+                 json_with_smoke: bool = False):
+        super().__init__(prog=f"python -m bench.{name}", description=doc,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.bench_name, self.json_with_smoke = name, json_with_smoke
+        self.has_smoke = smoke is not None
+        self.compiler_defaults: tuple[str, str] | None = None
+        if self.has_smoke:
+            where = default_json(name)
+            self.add_argument("--json", default=None, help=f"results file (default {where}"
+                              + (")" if json_with_smoke else "; none with --smoke)"))
+            self.add_argument("--smoke", action="store_true", help=smoke)
+
+    def add_shape(self, **defaults: int | tuple[int, str]) -> None:
+        """Integer model-shape options (hidden, layers, vocab, batch, seq, r), each given as its
+        default or as (default, help)."""
+        for key, value in defaults.items():
+            default, help_ = value if isinstance(value, tuple) else (value, SHAPE_HELP[key])
+            self.add_argument(f"--{key}", type=int, default=default, help=help_)
+
+    def add_device(self) -> None:
+        self.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    def add_threads(self, help: str, default: int | None = None) -> None:
+        self.add_argument("--threads", type=int, default=default, help=help)
+
+    def add_compiler(self, default: str = "inductor", smoke: str = "aot_eager",
+                     help: str | None = None) -> None:
+        """--compiler: the inner compiler; unset, `smoke` under --smoke and `default` otherwise."""
+        self.compiler_defaults = (default, smoke)
+        self.add_argument("--compiler", default=None,
+                          help=help or f"inner compiler of compiled rows (default {default})")
+
+    def parse(self, argv: Sequence[str] | None = None,
+              smoke: Mapping[str, Any] | None = None) -> argparse.Namespace:
+        """Parse `argv`; under --smoke set every option in `smoke` to its value (whatever was
+        given), then fill in --compiler and --json where they were not given."""
+        args = self.parse_args(argv)
+        on_smoke = self.has_smoke and args.smoke
+        if on_smoke:
+            for key, value in (smoke or {}).items():
+                if not hasattr(args, key):
+                    raise AttributeError(f"BenchParser.parse: --smoke sets {key!r}, which is no option")
+                setattr(args, key, value)
+        if self.compiler_defaults is not None:
+            args.compiler = args.compiler or self.compiler_defaults[1 if on_smoke else 0]
+        if self.has_smoke and args.json is None and (self.json_with_smoke or not on_smoke):
+            args.json = default_json(self.bench_name)
+        return args
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `n` inside (unchanged for None), restored after."""
+    before = torch.get_num_threads()
+    try:
+        if n:
+            torch.set_num_threads(n)
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def recompile_limit(at_least: int = 64) -> None:
+    """Raise Dynamo's recompile limit: benches keep many rows compiled at once (interleaved
+    timing), each compiling the same model frames, past the default of 8 per code object."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, at_least)
+
+
+# -- what every bench reports --------------------------------------------------------------------
+
+
+def bench_result(name: str, info: dict[str, Any], args: argparse.Namespace, **fields: Any) -> dict[str, Any]:
+    """A bench's result: its name, the machine, its arguments, then its own fields (plot.py and
+    the tests rely on the first three)."""
+    return {"bench": name, "machine": info, "args": vars(args), **fields}
+
+
+def print_table(caption: str | None, headers: Sequence[str], rows: Sequence[Sequence[Any]],
+                align: str | None = None) -> None:
+    """A caption between blank lines (when given), then the markdown table."""
+    if caption is not None:
+        print(f"\n{caption}\n")
+    print(markdown_table(headers, rows, align))
+
+
+def verdict(ok: bool | None) -> str:
+    """A target's line prefix: pass, MISS, or n/a when it could not be measured."""
+    return "n/a" if ok is None else ("pass" if ok else "MISS")
+
+
+def save(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+    """Write `result` to --json when there is one; return it (every bench's `main` ends here)."""
+    if args.json:
+        write_json(args.json, result)
+    return result

@@ -10,17 +10,17 @@ collectives); what stays resident on a rank (local weight shards, buffers, adapt
 optimizer state); the median step time; and, for shira_fx, that every rank holds the same
 values. Prints a markdown table and writes JSON.
 
-    python bench/distributed.py                       # 2 CPU processes (gloo) under torchrun
-    torchrun --nproc-per-node 2 bench/distributed.py  # the same, launched by hand; nccl on CUDA
-    python bench/distributed.py --smoke               # tiny shapes, aot_eager, 1 step
+    python -m bench.distributed                          # 2 CPU processes (gloo) under torchrun
+    torchrun --nproc-per-node 2 -m bench.distributed     # the same, launched by hand; nccl on CUDA
+    python -m bench.distributed --smoke                  # tiny shapes, aot_eager, 1 step
 
-Without torchrun's environment the script relaunches itself with
-`python -m torch.distributed.run --standalone --nproc-per-node N` and waits for it.
+Without torchrun's environment the module relaunches itself with
+`python -m torch.distributed.run --standalone --nproc-per-node N -m bench.distributed` (the
+repository root on the ranks' PYTHONPATH) and waits for it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -37,20 +37,22 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    default_json,
+import shira_fx
+import shira_fx.distributed
+from bench.common import (
+    REPO,
+    BenchParser,
+    bench_result,
     describe,
     fmt,
     llama,
     machine,
-    markdown_table,
+    print_table,
+    recompile_limit,
+    save,
     unique_bytes,
     write_json,
 )
-
-import shira_fx  # noqa: E402
-import shira_fx.distributed  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROWS = [(e, m) for e in ("DDP", "FSDP2") for m in ("full fine-tuning", "PEFT LoRA", "shira_fx")]
@@ -103,8 +105,6 @@ class Row:
         self.trainable = sum(p.numel() for p in params)
         blocks = list((model.get_base_model() if method == "PEFT LoRA" else model).model.layers)
         if engine == "DDP":
-            if self.adapter is not None:
-                self.adapter.register_values()
             net = nn.parallel.DistributedDataParallel(model)
         elif self.adapter is not None:
             net = shira_fx.distributed.fully_shard(model, self.adapter, modules=blocks)
@@ -120,7 +120,7 @@ class Row:
         self.run = torch.compile(net, backend=backend)
         self.opt = torch.optim.AdamW(params, lr=1e-4)
         if self.adapter is not None:
-            self.adapter.attach(self.opt)
+            self.adapter.check_optimizer(self.opt)
         self.times: list[float] = []
 
     def step(self, batch: dict) -> float:
@@ -225,8 +225,8 @@ def worker(args) -> dict | None:
             f"gradients {row['gradient_MiB_per_step']:.3f} MiB/step")
     if rank != 0:
         return None
-    return {"bench": "distributed", "machine": machine(args.device), "world": world,
-            "backend": dist.get_backend(), "args": vars(args), "rows": out}
+    return bench_result("distributed", machine(args.device), args, world=world, backend=dist.get_backend(),
+                        rows=out)
 
 
 def ratios(rows: list[dict]) -> None:
@@ -242,10 +242,10 @@ def ratios(rows: list[dict]) -> None:
 
 def report(result: dict) -> None:
     a = result["args"]
-    print(f"\nLlama hidden {a['hidden']}, {a['layers']} layers, vocab {a['vocab']}; "
-          f"{result['world']} ranks ({result['backend']}), batch {a['batch']}x{a['seq']} per rank, "
-          f"r={a['r']} (shira_fx at LoRA's count), torch.compile({a['compiler']}); "
-          f"{describe(result['machine'])} per rank\n")
+    caption = (f"Llama hidden {a['hidden']}, {a['layers']} layers, vocab {a['vocab']}; "
+               f"{result['world']} ranks ({result['backend']}), batch {a['batch']}x{a['seq']} per rank, "
+               f"r={a['r']} (shira_fx at LoRA's count), torch.compile({a['compiler']}); "
+               f"{describe(result['machine'])} per rank")
     headers = ["engine", "method", "trainable", "gradient MiB/step", "/ full", "/ LoRA",
                "gathered MiB/step", "resident MiB/rank", "step ms", "/ LoRA", "ranks agree"]
     table = [[r["engine"], r["method"], f"{r['trainable']:,}", fmt(r["gradient_MiB_per_step"], ".2f"),
@@ -254,64 +254,51 @@ def report(result: dict) -> None:
               fmt(r["step_ms"], ".0f"), fmt(r["step_ms_vs_lora"], ".2f"),
               {None: "-", True: "yes", False: "NO"}[r["same_values_on_every_rank"]]]
              for r in result["rows"]]
-    print(markdown_table(headers, table, "ll" + "r" * 9))
+    print_table(caption, headers, table, "ll" + "r" * 9)
 
 
 def launch(args, argv: list[str]) -> dict:
-    """Run this script under torchrun (standalone rendezvous on this host) and return what
-    rank 0 wrote."""
+    """Run this module under torchrun (`-m bench.distributed`, standalone rendezvous on this
+    host; the repository root on the ranks' PYTHONPATH, whatever the working directory) and
+    return what rank 0 wrote."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), SHIRA_FX_BENCH_OUT=out)
+        path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), SHIRA_FX_BENCH_OUT=out, PYTHONPATH=path)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={args.nproc}", os.path.abspath(__file__), *argv]
+               f"--nproc-per-node={args.nproc}", "-m", "bench.distributed", *argv]
         try:
             subprocess.run(cmd, env=env, check=True, timeout=args.timeout)
         except subprocess.TimeoutExpired as e:
-            raise SystemExit(f"bench/distributed.py: the {args.nproc} ranks did not finish in "
+            raise SystemExit(f"bench.distributed: the {args.nproc} ranks did not finish in "
                              f"{args.timeout:.0f} s") from e
         except subprocess.CalledProcessError as e:
-            raise SystemExit(f"bench/distributed.py: torchrun exited with status {e.returncode}") from e
+            raise SystemExit(f"bench.distributed: torchrun exited with status {e.returncode}") from e
         with open(out) as f:
             return json.load(f)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--batch", type=int, default=2, help="sequences per rank")
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--r", type=int, default=8)
+    p = BenchParser("distributed", __doc__, smoke="tiny model, aot_eager, 1 timed step")
+    p.add_shape(hidden=256, layers=4, vocab=8000, batch=(2, "sequences per rank"), seq=256, r=8)
     p.add_argument("--steps", type=int, default=8, help="timed steps per row (interleaved)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rows", default=None, help='only these, e.g. "DDP shira_fx,FSDP2 PEFT LoRA"')
-    p.add_argument("--compiler", default=None, help="inner compiler (default inductor)")
-    p.add_argument("--nproc", type=int, default=2, help="ranks when this script launches torchrun")
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                   help="CPU threads per rank when this script launches torchrun")
+    p.add_compiler(help="inner compiler (default inductor)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks when this module launches torchrun")
+    p.add_threads("CPU threads per rank when this module launches torchrun",
+                  default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--timeout", type=float, default=3600.0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", default=None, help=f"default {default_json('distributed')} (none with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny model, aot_eager, 1 timed step")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.hidden, args.layers, args.vocab, args.batch, args.seq, args.r = 64, 1, 64, 2, 16, 2
-        args.steps, args.warmup, args.compiler = 1, 1, args.compiler or "aot_eager"
-    args.compiler = args.compiler or "inductor"
-    if args.json is None and not args.smoke:
-        args.json = default_json("distributed")
+    p.add_device()
+    args = p.parse(argv, smoke=dict(hidden=64, layers=1, vocab=64, batch=2, seq=16, r=2, steps=1, warmup=1))
     if "RANK" not in os.environ:  # not under torchrun: relaunch under it
         result = launch(args, argv)
         report(result)
-        if args.json:
-            write_json(args.json, result)
-        return result
+        return save(args, result)
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    recompile_limit(64)
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     try:
         result = worker(args)
@@ -320,12 +307,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     if result is not None:
         ratios(result["rows"])
         out = os.environ.get("SHIRA_FX_BENCH_OUT")
-        if out:  # launched by this script: the parent reports
+        if out:  # launched by this module: the parent reports
             write_json(out, result)
         else:
             report(result)
-            if args.json:
-                write_json(args.json, result)
+            save(args, result)
     return result
 
 

@@ -7,8 +7,8 @@ markdown into bench/results (gpu.json, gpu.md).
 2. Rooflines measured here: bf16 and fp32 (IEEE) `torch.mm` TFLOP/s on 8192^2, and the copy
    bandwidth of a 1 GiB `copy_`.
 3. Masked gradient per weight size N, T, dtype and mask (random at several densities, and
-   struct): `masked_grad` with its plan and the cost model's path ("auto"), every Triton path
-   forced (gather-dot without and with the plan's tile order, tile kernel), the dense
+   struct): `masked_sddmm` with the mask's structure and the cost model's path ("auto"), every
+   Triton path forced (gather-dot without and with the structure's tile order, tile kernel), the dense
    `grad_y.T @ x` + gather, and for struct masks a GEMM over just the dense rows. Per method:
    median ms (triton.testing.do_bench), max relative error against an fp32 dense reference,
    time over the dense dW's, and over two rooflines: the dense dW at the measured tensor-core
@@ -16,13 +16,12 @@ markdown into bench/results (gpu.json, gpu.md).
    at the copy bandwidth (what any exact method costs at least). Whether the cost model's pick
    was the fastest path is recorded per point.
 
-    python bench/gpu.py                     # all of it
-    python bench/gpu.py --skip-tests --sizes 4096 --tokens 2048
+    python -m bench.gpu                     # all of it
+    python -m bench.gpu --skip-tests --sizes 4096 --tokens 2048
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -30,10 +29,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
+from bench.common import (
     REPO,
     RESULTS,
+    BenchParser,
+    bench_result,
     copy_bandwidth,
     describe,
     fmt,
@@ -42,9 +42,8 @@ from common import (  # noqa: E402
     median_ms,
     write_json,
 )
-from kernel_ops import AUTO, DENSE, ROWS_GEMM, mask_indices, sddmm_methods  # noqa: E402
-
-from shira_fx.kernels import PLAN_FIELDS, plan_mask  # noqa: E402
+from bench.kernel_ops import AUTO, DENSE, ROWS_GEMM, mask_indices, sddmm_methods
+from shira_fx.kernels.structure import STRUCTURE_FIELDS, mask_structure
 
 DENSITIES = (0.002, 0.01, 0.03)
 
@@ -96,9 +95,9 @@ def kernel_rows(n: int, T: int, dtype: torch.dtype, masks: list[str], densities:
         for d in densities if kind == "rand" else densities[len(densities) // 2:][:1]:
             idx = mask_indices(kind, n, max(1, round(d * n * n)), perm)
             nnz = idx.shape[0]
-            plan = plan_mask(idx, n, n)
-            parts = dict(zip(PLAN_FIELDS, plan, strict=True)) if plan else {}
-            methods = sddmm_methods(grad_y, x, idx, n, plan, kind, device)
+            structure = mask_structure(idx, n, n)
+            parts = dict(zip(STRUCTURE_FIELDS, structure, strict=True)) if structure else {}
+            methods = sddmm_methods(grad_y, x, idx, n, structure, kind, device)
             ref = dense_ref[idx.long()]
             scale = ref.abs().max().item() or 1.0
             ms, errs = {}, {}
@@ -114,7 +113,7 @@ def kernel_rows(n: int, T: int, dtype: torch.dtype, masks: list[str], densities:
             for name in methods:
                 rows.append({
                     "size": n, "tokens": T, "dtype": str(dtype).replace("torch.", ""), "mask": kind,
-                    "density": d, "nnz": nnz, "tiles": int(parts["tile_ids"].numel()) if plan else None,
+                    "density": d, "nnz": nnz, "tiles": int(parts["tile_ids"].numel()) if structure else None,
                     "method": name, "path": paths[name], "median_ms": ms[name], "max_rel_err": errs[name],
                     "vs_dense": ms[name] / ms[DENSE], "vs_dense_roofline": ms[name] / dense_roof_ms,
                     "vs_read_roofline": ms[name] / read_roof_ms,
@@ -150,11 +149,10 @@ def markdown(result: dict) -> str:
 
 
 def training(out: str) -> dict:
-    """bench/train.py on the GPU: a Llama of hidden 2048, 4 layers, bf16, batch 4x1024, all 7
+    """bench.train on the GPU: a Llama of hidden 2048, 4 layers, bf16, batch 4x1024, all 7
     linears, compiled: shira_fx (rand and struct) vs PEFT LoRA vs PEFT SHiRA; step time and
     `max_memory_allocated`, written beside gpu.json as train_gpu.json."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import train
+    from bench import train
 
     return train.main(["--sizes", "2048x4", "--batch", "4", "--seq", "1024", "--device", "cuda",
                        "--dtype", "bfloat16", "--modes", "compiled", "--steps", "6", "--rounds", "2",
@@ -163,7 +161,7 @@ def training(out: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchParser("gpu", __doc__, smoke=None)
     p.add_argument("--sizes", default="4096,8192", help="square weight sides N")
     p.add_argument("--tokens", default="2048,8192", help="T values")
     p.add_argument("--dtypes", default="bfloat16,float32")
@@ -175,13 +173,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--out", default=RESULTS, help="folder for gpu.json and gpu.md")
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     if not torch.cuda.is_available():
-        sys.exit("bench/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False here); on CPU run "
-                 "`python bench/kernel_ops.py` and `python -m pytest tests/test_kernels.py` instead")
+        sys.exit("bench.gpu needs a CUDA GPU (torch.cuda.is_available() is False here); on CPU run "
+                 "`python -m bench.kernel_ops` and `python -m pytest tests/test_kernels.py` instead")
     device = torch.device("cuda")
     t0 = time.perf_counter()
-    result: dict = {"bench": "gpu", "machine": machine(device), "args": vars(args)}
+    result: dict = bench_result("gpu", machine(device), args)
     if not args.skip_tests:
         result["tests"] = run_tests(args.test_timeout)
         print(f"kernel tests: {result['tests']['summary']}", file=sys.stderr)

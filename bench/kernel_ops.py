@@ -5,12 +5,13 @@ one would write without them, judged against the machine's copy bandwidth.
     (N, N) weight, for a random mask (SHiRA-rand), a struct mask (whole rows plus the
     diagonal, SHiRA-struct) and its whole rows alone ("rows"), at each density and each T.
     Side by side, in one run:
-    `shira_fx.kernels.masked_grad` with its plan and the path its cost model picks ("auto"),
-    every path forced in turn (on CPU: the Inductor row-dot, the banded GEMM, plain gathers;
-    on CUDA: the Triton gather-dot with and without the plan's tile order, the Triton tile
-    kernel), `torch.sparse.sampled_addmm` on the sorted mask (`sddmm_cpu`, the CPU baseline),
-    the dense `grad_y.T @ x` + gather, and for struct and rows masks a plain GEMM over just the
-    mask's dense rows (`grad_y[:, rows].T @ x`, what the struct path should cost). Timings are
+    `shira_fx.kernels.masked_sddmm.masked_sddmm` (the dispatcher of the `masked_grad` op) with
+    the mask's structure and the path its cost model picks ("auto"), every path forced in turn
+    (on CPU: the Inductor row-dot, the banded GEMM, plain gathers; on CUDA: the Triton
+    gather-dot with and without the structure's tile order, the Triton tile kernel),
+    `torch.sparse.sampled_addmm` on the sorted mask (`sddmm_cpu`, the CPU baseline), the dense
+    `grad_y.T @ x` + gather, and for struct and rows masks a plain GEMM over just the mask's
+    dense rows (`grad_y[:, rows].T @ x`, what the struct path should cost). Timings are
     interleaved (every method once per round, the median over rounds), so a shared machine's
     noise hits every method alike.
 (b) Scatter: `W.flat[idx] = base + delta` over `--layers` weights of N x N. shira_fx's
@@ -29,15 +30,13 @@ run. GFLOP/s counts the useful 2 T nnz flops of every method (so the dense produ
 its share of useful work). Times: median of `--repeat` interleaved rounds after a warm-up
 call on CPU, `triton.testing.do_bench` (median) on CUDA.
 
-    python bench/kernel_ops.py              # N = 512..4096, 3 densities, T = 1024 (CPU)
-    python bench/kernel_ops.py --tokens 256,512,1024,2048 --ops sddmm
-    python bench/kernel_ops.py --smoke      # tiny shapes, a few seconds
+    python -m bench.kernel_ops              # N = 512..4096, 3 densities, T = 1024 (CPU)
+    python -m bench.kernel_ops --tokens 256,512,1024,2048 --ops sddmm
+    python -m bench.kernel_ops --smoke      # tiny shapes, a few seconds
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
 import time
@@ -46,22 +45,24 @@ from collections.abc import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
+from bench.common import (
+    BenchParser,
+    bench_result,
     copy_bandwidth,
-    default_json,
     describe,
     fmt,
     machine,
-    markdown_table,
     median_ms,
+    print_table,
+    save,
     sync,
-    write_json,
+    torch_threads,
 )
-
-from shira_fx.kernels import PLAN_FIELDS, choose_path, masked_grad, plan_mask, sddmm_cpu  # noqa: E402
-from shira_fx.masks import struct_mask  # noqa: E402
-from shira_fx.ops import scatter_weights_  # noqa: E402
+from shira_fx.kernels.masked_sddmm import choose_path, masked_sddmm
+from shira_fx.kernels.sddmm import sddmm_cpu
+from shira_fx.kernels.structure import STRUCTURE_FIELDS, mask_structure
+from shira_fx.masks import struct_mask
+from shira_fx.ops import scatter_weights_
 
 DENSITIES = (0.002, 0.01, 0.03)
 MASKS = ("rand", "struct", "rows")
@@ -118,30 +119,31 @@ def interleaved_ms(fns: dict[str, Callable], rounds: int, device: torch.device,
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def sddmm_methods(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, n: int, plan: list[torch.Tensor],
+def sddmm_methods(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, n: int, structure: list[torch.Tensor],
                   kind: str, device: torch.device) -> dict[str, tuple[Callable, str]]:
-    """name -> (call, path): masked_grad as chosen and on every path, and the alternatives."""
+    """name -> (call, path): masked_sddmm as chosen and on every path, and the alternatives."""
     T = a.shape[0]
-    parts = dict(zip(PLAN_FIELDS, plan, strict=True)) if plan else {}
-    m = parts["rest"].shape[0] if plan else idx.shape[0]
-    chosen = choose_path(device, a.dtype, b.dtype, T, n, n, m, parts["tile_ids"].shape[0] if plan else None)
+    parts = dict(zip(STRUCTURE_FIELDS, structure, strict=True)) if structure else {}
+    m = parts["rest"].shape[0] if structure else idx.shape[0]
+    chosen = choose_path(device, a.dtype, b.dtype, T, n, n, m,
+                         parts["tile_ids"].shape[0] if structure else None)
     # with nothing left beside dense lines and diagonals, no path is chosen
     chosen = chosen if m else "dense parts only"
     methods: dict[str, tuple[Callable, str]] = {
-        f"{AUTO} (auto: {chosen})": (lambda: masked_grad(a, b, idx, n, plan), chosen)}
+        f"{AUTO} (auto: {chosen})": (lambda: masked_sddmm(a, b, idx, n, structure), chosen)}
     for path in CUDA_PATHS if device.type == "cuda" else CPU_PATHS:
         if path == "torch_gather" and m * T > GATHER_LIMIT:
             continue
-        call = lambda path=path: masked_grad(a, b, idx, n, plan, path=path)  # noqa: E731
+        call = lambda path=path: masked_sddmm(a, b, idx, n, structure, path=path)  # noqa: E731
         methods[f"{AUTO} (path {path})"] = (call, path)
-    if device.type == "cuda":
+    if device.type == "cuda":  # (the label's "plan" is the structure: kept, results compare by it)
         methods[f"{AUTO} (path triton_gather, no plan)"] = (
-            lambda: masked_grad(a, b, idx, n, [], path="triton_gather"), "triton_gather")
+            lambda: masked_sddmm(a, b, idx, n, [], path="triton_gather"), "triton_gather")
     else:
         methods[BASELINE] = (lambda: sddmm_cpu(a, b, idx, n), "sampled_addmm")
     idx64 = idx.long()
     methods[DENSE] = (lambda: (a.t() @ b).float().view(-1).index_select(0, idx64), "dense")
-    if kind in ("struct", "rows") and plan and parts["rows"].numel():
+    if kind in ("struct", "rows") and structure and parts["rows"].numel():
         rows = parts["rows"]
         methods[ROWS_GEMM] = (lambda: a.index_select(1, rows).t() @ b, "gemm")
     return methods
@@ -162,9 +164,9 @@ def sddmm_rows(n: int, densities: list[float], tokens: list[int], masks: list[st
             for d in densities:
                 idx = mask_indices(kind, n, max(1, round(d * n * n)), perm)
                 nnz = idx.shape[0]
-                plan = plan_mask(idx, n, n)
-                dense_rows = plan[PLAN_FIELDS.index("rows")] if plan else idx[:0]
-                methods = sddmm_methods(grad_y, x, idx, n, plan, kind, device)
+                structure = mask_structure(idx, n, n)
+                dense_rows = structure[STRUCTURE_FIELDS.index("rows")] if structure else idx[:0]
+                methods = sddmm_methods(grad_y, x, idx, n, structure, kind, device)
                 ref = dense_ref[idx.long()]
                 scale = ref.abs().max().item() or 1.0
                 errs = {}
@@ -210,7 +212,7 @@ def sddmm_targets(rows: list[dict]) -> list[str]:
                    f"N 1024-4096: {min(r['speedup_vs_sampled_addmm'] for r in fast):.2f}-"
                    f"{max(r['speedup_vs_sampled_addmm'] for r in fast):.2f}x throughput (target >= 1.5x; "
                    f"worst N={worst['size']} {worst['density'] * 100:g} % T={worst['tokens']})")
-    for kind, what in (("rows", "the plan's dense rows (whole-row masks)"),
+    for kind, what in (("rows", "the structure's dense rows (whole-row masks)"),
                        ("struct", "struct masks (dense rows + diagonal + a partial row)")):
         struct = [r for r in auto if r["mask"] == kind and r["vs_rows_gemm"] is not None]
         if struct:
@@ -303,22 +305,21 @@ def print_tables(result: dict) -> None:
                  r["method"], fmt(r["median_ms"], ".2f"), fmt(r["GFLOP_per_s"], ".2f"),
                  fmt(r["speedup_vs_sampled_addmm"], ".2f"), fmt(r["vs_dense"], ".3f"),
                  fmt(r["vs_rows_gemm"], ".2f"), f"{r['max_rel_err']:.1e}"] for r in sd]
-        print(markdown_table(["N", "mask", "density", "nnz", "T", "method", "median ms", "GFLOP/s",
-                              "x sa", "vs dense", "vs rows GEMM", "max rel err"], rows,
-                             align="rlrrrlrrrrrr"))
+        print_table(None, ["N", "mask", "density", "nnz", "T", "method", "median ms", "GFLOP/s",
+                           "x sa", "vs dense", "vs rows GEMM", "max rel err"], rows, align="rlrrrlrrrrrr")
     sc = [r for r in result["rows"] if r["op"] == "scatter"]
     if sc:
-        print(f"\nScatter W.flat[idx] = base + delta over {args['layers']} weights of N x N:\n")
         rows = [[f"{r['size']}", f"{r['density'] * 100:g} %", f"{r['nnz']:,}", r["method"],
                  fmt(r["median_ms"], ".3f"), fmt(r["bytes"] / 1e6, ".1f"), fmt(r["GB_per_s"], ".1f"),
                  fmt(r["x_copy_bandwidth"], ".2f"), fmt(r["vs_shira_fx"], ".2f")] for r in sc]
-        print(markdown_table(["N", "density", "nnz (all layers)", "method", "median ms", "MB moved",
-                              "GB/s", "x copy", "vs shira_fx"], rows, align="rrrlrrrrr"))
+        print_table(f"Scatter W.flat[idx] = base + delta over {args['layers']} weights of N x N:",
+                    ["N", "density", "nnz (all layers)", "method", "median ms", "MB moved",
+                     "GB/s", "x copy", "vs shira_fx"], rows, align="rrrlrrrrr")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = BenchParser("kernel_ops", __doc__, smoke="tiny shapes, 2 repetitions")
+    p.add_device()
     p.add_argument("--max-size", type=int, default=None, help="largest N (default 4096 on CPU, 8192 on CUDA)")
     p.add_argument("--min-size", type=int, default=512)
     p.add_argument("--densities", default=",".join(map(str, DENSITIES)))
@@ -327,33 +328,33 @@ def main(argv: list[str] | None = None) -> dict:
                    "on CPU, 2048 on CUDA)")
     p.add_argument("--layers", type=int, default=4, help="weights per scatter call")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_threads("torch CPU threads (default: torch's)")
     p.add_argument("--repeat", type=int, default=7, help="timed rounds per point on CPU")
     p.add_argument("--timer", default="wall", choices=["wall", "thread"],
                    help="CPU SDDMM clock: wall time, or this thread's CPU time (needs --threads 1; "
                    "immune to time slices other processes take)")
     p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer size")
     p.add_argument("--ops", default="sddmm,scatter")
-    p.add_argument("--json", default=None, help=f"default {default_json('kernel_ops')} (none with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 repetitions")
-    args = p.parse_args(argv)
+    args = p.parse(argv, smoke=dict(min_size=64, max_size=128, tokens="32", repeat=2, densities="0.01,0.05",
+                                    layers=2))
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.timer == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
-        p.error("--timer thread measures one CPU thread: use it with --threads 1 on CPU")
-    clock = time.thread_time if args.timer == "thread" else time.perf_counter
-    # PEFT's sparse_coo_tensor warns once about skipped invariant checks; PEFT users see it too
-    warnings.filterwarnings("ignore", message="Sparse invariant checks")
     cuda = device.type == "cuda"
     if args.smoke:
-        args.min_size, args.max_size, args.tokens, args.repeat = 64, 128, "32", 2
-        args.densities, args.layers, args.copy_mib = "0.01,0.05", 2, args.copy_mib or 16
+        args.copy_mib = args.copy_mib or 16
     args.max_size = args.max_size or (8192 if cuda else 4096)
     args.tokens = args.tokens or ("2048" if cuda else "1024")
     args.copy_mib = args.copy_mib or (1024 if cuda else 256)
-    if args.json is None and not args.smoke:
-        args.json = default_json("kernel_ops")
+    with torch_threads(args.threads):
+        if args.timer == "thread" and (device.type != "cpu" or torch.get_num_threads() != 1):
+            p.error("--timer thread measures one CPU thread: use it with --threads 1 on CPU")
+        # PEFT's sparse_coo_tensor warns once about skipped invariant checks; PEFT users see it too
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
+        return save(args, measure(args, device))
+
+
+def measure(args, device: torch.device) -> dict:
+    """Every point of every op at each size; the tables and target lines printed."""
+    clock = time.thread_time if args.timer == "thread" else time.perf_counter
     dtype = getattr(torch, args.dtype)
     densities = [float(d) for d in args.densities.split(",")]
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -373,9 +374,9 @@ def main(argv: list[str] | None = None) -> dict:
             rows += scatter_rows(n, args.layers, densities, dtype, device, args.repeat, bandwidth)
         print(f"N={n} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     targets = sddmm_targets(rows)
-    result = {"bench": "kernel_ops", "machine": machine(device), "args": vars(args),
-              "device": str(device), "copy_bandwidth_GB_per_s": bandwidth / 1e9, "rows": rows,
-              "targets": targets, "seconds": time.perf_counter() - t0}
+    result = bench_result("kernel_ops", machine(device), args, device=str(device),
+                          copy_bandwidth_GB_per_s=bandwidth / 1e9, rows=rows, targets=targets,
+                          seconds=time.perf_counter() - t0)
     print_tables(result)
     print()
     for line in targets:
@@ -387,8 +388,6 @@ def main(argv: list[str] | None = None) -> dict:
         peft_rows = [r for r in sc if r["method"].startswith("PEFT")]
         print(f"scatter: shira_fx takes {span([1 / r['vs_shira_fx'] for r in peft_rows])} PEFT SHiRA's "
               f"merge time and runs at {span([r['x_copy_bandwidth'] for r in ours])} copy bandwidth")
-    if args.json:
-        write_json(args.json, result)
     return result
 
 

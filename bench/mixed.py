@@ -20,15 +20,14 @@ Threads: two mixed batches (and a mixed batch beside a request for the active ad
 once one after the other and once in two threads started together; the ratio shows they run
 at the same time (the bank's gate lets them both in). Use `--threads 1` to leave each its core.
 
-    python bench/mixed.py                       # hidden 256, 4 layers, batch 32x128, + inductor
-    python bench/mixed.py --compiler none       # eager rows only
-    python bench/mixed.py --threads 1           # one thread: steadier on a shared machine
-    python bench/mixed.py --smoke               # tiny shapes, eager, for the test suite
+    python -m bench.mixed                       # hidden 256, 4 layers, batch 32x128, + inductor
+    python -m bench.mixed --compiler none       # eager rows only
+    python -m bench.mixed --threads 1           # one thread: steadier on a shared machine
+    python -m bench.mixed --smoke               # tiny shapes, eager, for the test suite
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -42,19 +41,21 @@ from dataclasses import dataclass, field
 import peft
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    default_json,
+import shira_fx
+from bench.common import (
+    BenchParser,
+    bench_result,
     describe,
     fmt,
     llama,
     machine,
-    markdown_table,
+    print_table,
     ratio,
-    write_json,
+    recompile_limit,
+    save,
+    torch_threads,
+    verdict,
 )
-
-import shira_fx  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE = "base model (no adapter)"
@@ -363,23 +364,23 @@ def targets(rows: list[dict], k: int) -> list[dict]:
 
 def report(result: dict, args) -> None:
     info = result["machine"]
-    print(f"\nLlama hidden {args.hidden}, intermediate {args.hidden * 11 // 4}, {args.layers} layers, "
-          f"vocab {args.vocab}, batch {args.batch}x{args.seq} ({args.batch * args.seq} tokens), inference "
-          f"(no_grad), fp32; {args.adapters} adapters loaded, all 7 linears, SHiRA at LoRA r={args.r}'s "
-          f"budget ({result['trainable_shira']:,} values/adapter; LoRA {result['trainable_lora']:,}); "
-          f"rows round-robin over the distinct adapters; compiled = "
-          f"{'-' if args.compiler == 'none' else args.compiler}; {describe(info)}\n")
+    caption = (f"Llama hidden {args.hidden}, intermediate {args.hidden * 11 // 4}, {args.layers} layers, "
+               f"vocab {args.vocab}, batch {args.batch}x{args.seq} ({args.batch * args.seq} tokens), "
+               f"inference (no_grad), fp32; {args.adapters} adapters loaded, all 7 linears, SHiRA at LoRA "
+               f"r={args.r}'s budget ({result['trainable_shira']:,} values/adapter; LoRA "
+               f"{result['trainable_lora']:,}); rows round-robin over the distinct adapters; compiled = "
+               f"{'-' if args.compiler == 'none' else args.compiler}; {describe(info)}")
     table = []
     for r in result["rows"]:
         table.append([r["method"], r["mode"], "-" if r["distinct"] is None else r["distinct"],
                       fmt(r["ms"], ".0f"), fmt(r["tokens_per_s"], ",.0f"), fmt(r["vs_base"], ".2f", "x")])
-    print(markdown_table(["method", "mode", "distinct adapters", "ms / batch", "tokens/s", "vs base"],
-                         table, align="llrrrr"))
+    print_table(caption, ["method", "mode", "distinct adapters", "ms / batch", "tokens/s", "vs base"],
+                table, align="llrrrr")
     print()
     for c in result["checks"]:
         diffs = ", ".join(f"{k.removesuffix('_max_abs_diff')} {v:.2e}" for k, v in c.items()
                           if k.endswith("_max_abs_diff"))
-        print(f"{'pass' if c['pass'] else 'MISS'}: correctness, {c['distinct']} adapters: max |logit diff| "
+        print(f"{verdict(c['pass'])}: correctness, {c['distinct']} adapters: max |logit diff| "
               f"{diffs} (per_request < {TOLERANCE:g})")
     for k, b in result["breakdown"].items():
         print(f"per_request eager, {k} adapters, one profiled call: {fmt(b['call_ms'], '.0f')} ms = "
@@ -397,59 +398,39 @@ def report(result: dict, args) -> None:
               f"{fmt(t['threads_ms'], '.0f')} ms in two threads at once ({fmt(t['speedup'], '.2f', 'x')})")
     print()
     for t in result["targets"]:
-        verdict = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "MISS")
-        print(f"{verdict}: {t['target']}: {fmt(t['value'], '.3f')}x (target >= {t['limit']})")
+        print(f"{verdict(t['pass'])}: {t['target']}: {fmt(t['value'], '.3f')}x (target >= {t['limit']})")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
+    p = BenchParser("mixed", __doc__, smoke="tiny shapes, eager only, for the test suite")
+    p.add_shape(hidden=256, layers=4, vocab=2000, batch=32, seq=128)
     p.add_argument("--adapters", type=int, default=16, help="adapters loaded")
     p.add_argument("--distinct", default="1,4,16", help="distinct adapters per batch (comma-separated)")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank; SHiRA gets its budget r*(out+in)")
+    p.add_shape(r=8)
     p.add_argument("--scale", type=float, default=0.01, help="std of the random adapter values")
     p.add_argument("--calls", type=int, default=6, help="timed calls per row")
     p.add_argument("--rounds", type=int, default=3, help="the timed calls of all rows interleave in rounds")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--compiler", default="inductor",
+    p.add_compiler(default="inductor", smoke="none",
                    help="inner compiler of the compiled rows, or 'none' for eager rows only")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default torch's); on a shared machine 1 avoids OpenMP barrier "
-                        "stalls, which hit every parallel op, so the mixed paths' many small ops most")
-    p.add_argument("--json", default=None, help=f"default {default_json('mixed')} (none with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, eager only, for the test suite")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.hidden, args.layers, args.vocab, args.batch, args.seq = 64, 1, 64, 8, 8
-        args.adapters, args.distinct, args.calls, args.rounds, args.warmup = 4, "1,4", 2, 2, 1
-        args.compiler = "none"
+    p.add_threads("torch threads (default torch's); on a shared machine 1 avoids OpenMP barrier "
+                  "stalls, which hit every parallel op, so the mixed paths' many small ops most")
+    args = p.parse(argv, smoke=dict(hidden=64, layers=1, vocab=64, batch=8, seq=8, adapters=4, distinct="1,4",
+                                    calls=2, rounds=2, warmup=1, compiler="none"))
     args.distinct = [int(k) for k in str(args.distinct).split(",")]
     if max(args.distinct) > args.adapters:
         p.error(f"--distinct {max(args.distinct)} exceeds --adapters {args.adapters}")
-    if args.json is None and not args.smoke:
-        args.json = default_json("mixed")
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    recompile_limit(64)
     warnings.filterwarnings("ignore", category=FutureWarning)
     t_start = time.perf_counter()
-    threads = torch.get_num_threads()
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
         info = machine()
         measured = measure(args)
-    finally:
-        torch.set_num_threads(threads)
     k = max(args.distinct)
-    result = {"bench": "mixed", "machine": info, "args": vars(args), **measured,
-              "targets": targets(measured["rows"], k), "seconds": time.perf_counter() - t_start}
+    result = bench_result("mixed", info, args, **measured, targets=targets(measured["rows"], k),
+                          seconds=time.perf_counter() - t_start)
     report(result, args)
-    if args.json:
-        write_json(args.json, result)
-    return result
+    return save(args, result)
 
 
 if __name__ == "__main__":

@@ -5,25 +5,20 @@ held for backward (parameters excluded), the eager step's peak of live tensors (
 dispatch-level tracker, the same yardstick for both) and the median step time (timed steps
 interleaved in rounds, eager and compiled with aot_eager).
 
-    python bench/moe.py
-    python bench/moe.py --smoke       # tiny shapes, for the test suite
+    python -m bench.moe
+    python -m bench.moe --smoke       # tiny shapes, for the test suite
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import default_json, describe, fmt, machine, markdown_table, ratio, write_json  # noqa: E402
-
-import shira_fx  # noqa: E402
-from shira_fx.memory import LiveTensorTracker, resident_state, saved_tensor_bytes  # noqa: E402
+import shira_fx
+from bench.common import BenchParser, bench_result, describe, fmt, machine, print_table, ratio, save
+from shira_fx.memory import LiveTensorTracker, resident_state, saved_tensor_bytes
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -99,23 +94,13 @@ class Runner:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchParser("moe", __doc__)
     p.add_argument("--archs", default="qwen3_moe,mixtral")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_shape(hidden=256, layers=2)
     p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--r", type=int, default=8)
+    p.add_shape(vocab=2000, batch=2, seq=128, r=8)
     p.add_argument("--steps", type=int, default=5, help="timed steps per row")
-    p.add_argument("--json", default=None)
-    p.add_argument("--smoke", action="store_true")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.hidden, args.layers, args.experts, args.vocab, args.seq, args.steps = 64, 1, 4, 64, 16, 1
-    if args.json is None and not args.smoke:
-        args.json = default_json("moe")
+    args = p.parse(argv, smoke=dict(hidden=64, layers=1, experts=4, vocab=64, seq=16, steps=1))
     runners = [Runner(a, m, mode, args) for a in args.archs.split(",")
                for m in ("PEFT LoRA", "shira_fx") for mode in ("eager", "compiled")]
     rows = []
@@ -134,18 +119,15 @@ def main(argv: list[str] | None = None) -> dict:
         row["peak_vs_lora"] = ratio(row["step_peak_MiB"], lora["step_peak_MiB"])
         row["step_vs_lora"] = ratio(row["step_ms"], lora["step_ms"])
     info = machine()
-    print(f"\nMoE from configs: hidden {args.hidden}, {args.layers} layers, {args.experts} experts (top 2), "
-          f"batch {args.batch}x{args.seq}, attention + experts, r={args.r}; {describe(info)}\n")
-    print(markdown_table(
+    print_table(
+        f"MoE from configs: hidden {args.hidden}, {args.layers} layers, {args.experts} experts (top 2), "
+        f"batch {args.batch}x{args.seq}, attention + experts, r={args.r}; {describe(info)}",
         ["arch", "method", "mode", "trainable", "held MiB", "/ LoRA", "eager peak MiB", "/ LoRA",
          "step ms", "/ LoRA"],
         [[r["arch"], r["method"], r["mode"], f"{r['trainable']:,}", fmt(r["held_for_backward_MiB"], ".1f"),
           fmt(r["held_vs_lora"]), fmt(r["step_peak_MiB"], ".1f"), fmt(r["peak_vs_lora"]),
-          fmt(r["step_ms"], ".0f"), fmt(r["step_vs_lora"])] for r in rows], align="lllrrrrrrr"))
-    result = {"bench": "moe", "machine": info, "args": vars(args), "rows": rows}
-    if args.json:
-        write_json(args.json, result)
-    return result
+          fmt(r["step_ms"], ".0f"), fmt(r["step_vs_lora"])] for r in rows], align="lllrrrrrrr")
+    return save(args, bench_result("moe", info, args, rows=rows))
 
 
 if __name__ == "__main__":

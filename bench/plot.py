@@ -14,13 +14,12 @@
 Each chart is titled with the machine the JSON describes. A missing file is skipped with a
 note; a malformed one stops with an error naming it.
 
-    python bench/plot.py                                   # bench/results/*.json -> *.png
-    python bench/plot.py --results /tmp/r --out /tmp/r
+    python -m bench.plot                                   # bench/results/*.json -> *.png
+    python -m bench.plot --results /tmp/r --out /tmp/r
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -32,8 +31,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, describe  # noqa: E402
+from bench.common import RESULTS, BenchParser, describe
 
 NAN = float("nan")
 
@@ -279,10 +277,10 @@ def load(path: str, bench: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchParser("plot", __doc__, smoke=None)
     p.add_argument("--results", default=RESULTS, help="folder holding <bench>.json (default %(default)s)")
     p.add_argument("--out", default=None, help="folder for <bench>.png (default: --results)")
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     out_dir = args.out or args.results
     written = []
     for bench, plot in PLOTS.items():

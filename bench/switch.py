@@ -3,35 +3,31 @@ LoRA (unmerge + set_adapter + merge) vs the memory-bandwidth floor, and inferenc
 of the fused model vs the base model. Prints a markdown table and writes JSON
 (bench/results/switch.json; none with --smoke).
 
-    python bench/switch.py           # Llama hidden 512, 4 layers, all linears, 2.5 % density
-    python bench/switch.py --smoke   # tiny shapes, for the test suite
+    python -m bench.switch           # Llama hidden 512, 4 layers, all linears, 2.5 % density
+    python -m bench.switch --smoke   # tiny shapes, for the test suite
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
 
 import peft
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
+import shira_fx
+from bench.common import (
+    BenchParser,
+    bench_result,
     copy_bandwidth,
-    default_json,
     describe,
     fmt,
     machine,
-    markdown_table,
     median_ms,
+    print_table,
     ratio,
-    write_json,
+    save,
 )
-
-import shira_fx  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LINE = 64  # bytes per cache line
@@ -86,20 +82,12 @@ def peft_switch_ms(args, kind: str, r: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8000)
+    p = BenchParser("switch", __doc__)
+    p.add_shape(hidden=512, layers=4, vocab=8000)
     p.add_argument("--density", type=float, default=0.025)
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--tokens", type=int, default=128, help="sequence length for inference latency")
-    p.add_argument("--json", default=None, help=f"default {default_json('switch')} (none with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, for the test suite")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.hidden, args.layers, args.vocab, args.repeat, args.tokens = 64, 1, 64, 3, 8
-    if args.json is None and not args.smoke:
-        args.json = default_json("switch")
+    args = p.parse(argv, smoke=dict(hidden=64, layers=1, vocab=64, repeat=3, tokens=8))
 
     a, b = random_adapter(args, 1), random_adapter(args, 2)
     model = build(args)
@@ -143,24 +131,22 @@ def main(argv: list[str] | None = None) -> dict:
             "PEFT LoRA switch (unmerge + set_adapter + merge)": peft_lora_ms,
             "cache-line floor (old + new adapter)": floor_ms}
     info = machine()
-    result = {"bench": "switch", "machine": info, "args": vars(args), "switch_ms": rows,
-              "peft_r": r, "nnz": nnz, "copy_bandwidth_GB_per_s": bandwidth / 1e9,
-              "inference_ms": {"base": base_ms, "fused": fused_ms},
-              "ratios": {"vs_peft_shira": ratio(shira_ms, peft_shira_ms),
-                         "vs_floor": ratio(shira_ms, floor_ms),
-                         "fused_vs_base": ratio(fused_ms, base_ms)}}
-    print(f"\nLlama hidden {args.hidden}, {args.layers} layers, all 7 linears, density {args.density} "
-          f"({nnz:,} values/adapter; PEFT r={r}), fp32; {describe(info)}\n")
+    result = bench_result("switch", info, args, switch_ms=rows, peft_r=r, nnz=nnz,
+                          copy_bandwidth_GB_per_s=bandwidth / 1e9,
+                          inference_ms={"base": base_ms, "fused": fused_ms},
+                          ratios={"vs_peft_shira": ratio(shira_ms, peft_shira_ms),
+                                  "vs_floor": ratio(shira_ms, floor_ms),
+                                  "fused_vs_base": ratio(fused_ms, base_ms)})
     table = [[name, fmt(ms), fmt(ratio(ms, shira_ms), ".2f", "x")] for name, ms in rows.items()]
-    print(markdown_table(["switch", "ms", "vs shira_fx"], table))
+    print_table(f"Llama hidden {args.hidden}, {args.layers} layers, all 7 linears, density {args.density} "
+                f"({nnz:,} values/adapter; PEFT r={r}), fp32; {describe(info)}",
+                ["switch", "ms", "vs shira_fx"], table)
     ratios = result["ratios"]
     print(f"\nshira_fx switch = {fmt(ratios['vs_peft_shira'], '.3f')}x PEFT SHiRA, "
           f"{fmt(ratios['vs_floor'])}x the floor")
     print(f"inference ({args.tokens} tokens): base {base_ms:.2f} ms, fused a+b {fused_ms:.2f} ms "
           f"({fmt(ratios['fused_vs_base'], '.3f')}x)")
-    if args.json:
-        write_json(args.json, result)
-    return result
+    return save(args, result)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,13 @@ SHiRA compiles with graph breaks at its sparse_coo_tensor, as it does for its us
 PEFT LoRA (dropout 0) and with the frozen floor of the same mode, and the issue's targets are
 printed as pass/miss lines. Prints markdown tables and writes JSON.
 
-    python bench/train.py                    # hidden 256 and 512, 4 layers, batch 4x256
-    python bench/train.py --sizes 512x8      # other sizes: hidden[xlayers]
-    python bench/train.py --smoke            # tiny shapes, aot_eager, for the test suite
+    python -m bench.train                    # hidden 256 and 512, 4 layers, batch 4x256
+    python -m bench.train --sizes 512x8      # other sizes: hidden[xlayers]
+    python -m bench.train --smoke            # tiny shapes, aot_eager, for the test suite
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
 import time
@@ -36,21 +34,22 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (  # noqa: E402
-    default_json,
+import shira_fx
+from bench.common import (
+    BenchParser,
+    bench_result,
     describe,
     fmt,
     llama,
     machine,
-    markdown_table,
+    print_table,
     ratio,
+    recompile_limit,
+    save,
     unique_bytes,
-    write_json,
+    verdict,
 )
-
-import shira_fx  # noqa: E402
-from shira_fx.memory import LiveTensorTracker, resident_state, saved_tensor_bytes  # noqa: E402
+from shira_fx.memory import LiveTensorTracker, resident_state, saved_tensor_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FLOOR, LORA, LORA_DROP, PSHIRA = "frozen base (floor)", "PEFT LoRA", "PEFT LoRA dropout 0.05", "PEFT SHiRA"
@@ -168,7 +167,7 @@ class Runner:
         self.v, self.device = v, torch.device(args.device)
         self.opt = torch.optim.AdamW(v.params or [nn.Parameter(torch.zeros(1, device=self.device))], lr=1e-5)
         if v.adapter is not None:
-            v.adapter.attach(self.opt)
+            v.adapter.check_optimizer(self.opt)
         self.state = resident_state(v.model)
         self.run = v.model if v.backend is None else torch.compile(v.model, backend=v.backend)
         self.times: list[float] = []
@@ -309,9 +308,9 @@ def targets(rows: list[dict]) -> list[dict]:
 
 def print_size(res: dict, info: dict, args) -> None:
     cuda = args.device.startswith("cuda")
-    print(f"\nLlama hidden {res['hidden']}, intermediate {res['intermediate']}, {res['layers']} layers, "
-          f"vocab {args.vocab}, batch {args.batch}x{args.seq}, all 7 linears, r={args.r}, AdamW; "
-          f"compiled = {args.compiler}; {describe(info)}\n")
+    caption = (f"Llama hidden {res['hidden']}, intermediate {res['intermediate']}, {res['layers']} layers, "
+               f"vocab {args.vocab}, batch {args.batch}x{args.seq}, all 7 linears, r={args.r}, AdamW; "
+               f"compiled = {args.compiler}; {describe(info)}")
     headers = ["variant", "mode", "trainable", "resident MiB", "held for bwd MiB", "held over floor",
                "held extra / LoRA's", "step peak MiB", "peak over floor", "peak / LoRA",
                "tracker peak MiB (eager)"] + (["CUDA max alloc MiB"] if cuda else []) + [
@@ -327,43 +326,30 @@ def print_size(res: dict, info: dict, args) -> None:
                      + ([fmt(r.get("cuda_max_allocated_MiB"), ".1f")] if cuda else [])
                      + [fmt(r["step_ms"], ".0f"), fmt(r["step_ms_vs_lora"], ".2f"),
                         fmt(r["step_ms_vs_floor"], ".2f")])
-    print(markdown_table(headers, table, align="ll" + "r" * (len(headers) - 2)))
+    print_table(caption, headers, table, align="ll" + "r" * (len(headers) - 2))
     print()
     for t in res["targets"]:
-        verdict = "n/a" if t["pass"] is None else ("pass" if t["pass"] else "MISS")
-        print(f"{verdict}: shira_fx compiled, {t['target']}: {fmt(t['value'], '.3f')} "
+        print(f"{verdict(t['pass'])}: shira_fx compiled, {t['target']}: {fmt(t['value'], '.3f')} "
               f"(target <= {t['limit']})")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchParser("train", __doc__, smoke="one tiny model, aot_eager, 1 step")
     p.add_argument("--sizes", default="256,512", help="hidden[xlayers],... (layers default --layers)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--r", type=int, default=8)
+    p.add_shape(layers=(4, "decoder layers where --sizes gives none"), vocab=8000, batch=4, seq=256, r=8)
     p.add_argument("--steps", type=int, default=12, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=4, help="the timed steps of all rows interleave in rounds")
     p.add_argument("--modes", default="eager,compiled")
     p.add_argument("--variants", default=None, help="only these rows (names, comma-separated; floor always)")
-    p.add_argument("--compiler", default=None, help="inner compiler of compiled rows (default inductor)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_compiler()
+    p.add_device()
     p.add_argument("--dtype", default="float32", help="the model's dtype (float32, bfloat16)")
-    p.add_argument("--json", default=None, help=f"default {default_json('train')} (none with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="one tiny model, aot_eager, 1 step")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.sizes, args.vocab, args.batch, args.seq, args.r = "64x1", 64, 2, 16, 2
-        args.steps, args.warmup, args.compiler = 1, 1, args.compiler or "aot_eager"
-    args.compiler = args.compiler or "inductor"
-    if args.json is None and not args.smoke:
-        args.json = default_json("train")
+    args = p.parse(argv, smoke=dict(sizes="64x1", vocab=64, batch=2, seq=16, r=2, steps=1, warmup=1))
     info = machine(args.device)
     # every row of a size stays compiled at once (interleaved timing): the same Llama frames are
     # compiled once per row, more than Dynamo's default limit of 8 per code object
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    recompile_limit(64)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations
     warnings.filterwarnings("ignore", message=".*lru_cache")  # Dynamo tracing PEFT SHiRA's forward,
     warnings.filterwarnings("ignore", message=".*sparse_coo_tensor")  # which breaks the graph there
@@ -377,11 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
                "rows": rows, "targets": targets(rows)}
         results.append(res)
         print_size(res, info, args)
-    result = {"bench": "train", "machine": info, "args": vars(args), "sizes": results,
-              "seconds": time.perf_counter() - t_start}
-    if args.json:
-        write_json(args.json, result)
-    return result
+    return save(args, bench_result("train", info, args, sizes=results, seconds=time.perf_counter() - t_start))
 
 
 if __name__ == "__main__":

@@ -1,47 +1,31 @@
-"""The bench scripts' smoke modes, run in-process through their `main([...])`, and the charts
-plot.py draws from their JSON. Everything is written under tmp_path, never into the repo."""
+"""The bench modules' smoke modes, run in-process through their `main([...])`, and the charts
+bench.plot draws from their JSON. Everything is written under tmp_path, never into the repo."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def load_script(name: str):
-    """bench/<name>.py as module bench_<name> (bench/ is not a package; registered in
-    sys.modules, which dataclasses need); the scripts put bench/ on sys.path to import
-    common.py, which is undone here."""
-    key = f"bench_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    path = sys.path.copy()
-    spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[key]
-        raise
-    finally:
-        sys.path[:] = path
-    return module
+def bench_module(name: str):
+    """The module bench.<name> (bench/ is a package at the repository root, which pytest puts on
+    sys.path since tests/ is a package too; the working directory plays no part)."""
+    return importlib.import_module(f"bench.{name}")
 
 
 def run_smoke(name: str, out: Path, *extra: str) -> dict:
     """`main(["--smoke", ...])` of one bench with its JSON in `out`, leaving global state (warning
     filters, Dynamo's recompile limit and caches) as it was."""
-    module = load_script(name)
+    module = bench_module(name)
     limit = torch._dynamo.config.recompile_limit
     try:
         with warnings.catch_warnings():
@@ -101,7 +85,7 @@ def test_kernels_smoke(kernels_result):
 
 @pytest.mark.slow
 def test_train_smoke(train_result):
-    train = load_script("train")
+    train = bench_module("train")
     (size,) = train_result["sizes"]
     rows = {r["variant"]: r for r in size["rows"]}
     assert set(rows) == {train.FLOOR, "full fine-tuning", train.LORA, train.PSHIRA, train.OURS}
@@ -126,7 +110,7 @@ def test_switch_smoke(switch_result):
 def test_mixed_smoke(mixed_result):
     """Every method at every distinct-adapter count, timed; per_request's rows equal their
     adapters computed alone, and the adapters (SHiRA and LoRA) are not no-ops."""
-    mixed = load_script("mixed")
+    mixed = bench_module("mixed")
     counts = mixed_result["args"]["distinct"]
     rows = {(r["method"], r["mode"], r["distinct"]): r for r in mixed_result["rows"]}
     methods = (mixed.OURS, mixed.LORA, mixed.OURS_SWITCH, mixed.LORA_SWITCH)
@@ -188,7 +172,7 @@ def test_quantized_smoke(quantized_result):
     """shira_fx, QLoRA and PEFT SHiRA on one NF4 base, eager and compiled, at equal trainable
     counts; a compiled PEFT row that cannot run on the 4-bit base keeps its error instead of
     numbers, every other row is measured; the MiniLM part scores both methods."""
-    quantized = load_script("quantized")
+    quantized = bench_module("quantized")
     result, _ = quantized_result
     (arch,) = result["archs"]
     rows = {(r["method"], r["mode"]): r for r in arch["rows"]}
@@ -212,7 +196,7 @@ def test_quantized_smoke(quantized_result):
 @pytest.mark.slow
 def test_plot_quantized(quantized_result, tmp_path):
     _, folder = quantized_result
-    written = load_script("plot").main(["--results", str(folder), "--out", str(tmp_path)])
+    written = bench_module("plot").main(["--results", str(folder), "--out", str(tmp_path)])
     assert [Path(p).name for p in written] == ["quantized.png"]
     data = Path(written[0]).read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 1000
@@ -251,7 +235,7 @@ def test_plot(results_dir, kernels_result, train_result, switch_result, mixed_re
                "density": {"3": 0.01, "5": 0.02}}
     (results_dir / "quality.json").write_text(json.dumps(quality))
     out = tmp_path / "png"
-    written = load_script("plot").main(["--results", str(results_dir), "--out", str(out)])
+    written = bench_module("plot").main(["--results", str(results_dir), "--out", str(out)])
     assert sorted(Path(p).name for p in written) == ["kernel_ops.png", "mixed.png", "quality.png",
                                                      "switch.png", "train.png"]
     for p in written:
@@ -260,7 +244,7 @@ def test_plot(results_dir, kernels_result, train_result, switch_result, mixed_re
 
 
 def test_plot_missing_and_malformed(tmp_path, capsys):
-    plot = load_script("plot")
+    plot = bench_module("plot")
     assert plot.main(["--results", str(tmp_path)]) == []
     assert capsys.readouterr().err.count("skip") == len(plot.PLOTS)  # each chart says it skipped
     (tmp_path / "switch.json").write_text("{not json")

