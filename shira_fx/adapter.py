@@ -20,10 +20,21 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from . import ops, quantized, registry
 from .adapter_files import StoredAdapter, check_layer_tensors, write_peft, write_shira_fx
-from .attach import attach, detach, state_dict_hooks, sync_layers, weight_arrived
+from .attach import attach, detach, weight_arrived
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError, ShiraTrainingError, ShiraWarning
-from .layer import BASE, INDICES, VALUES, ShiraLayer, has_training_state, layer_of, state_name
+from .layer import (
+    BASE,
+    INDICES,
+    PREPARED,
+    VALUES,
+    ShiraLayer,
+    has_training_state,
+    layer_of,
+    layers_of,
+    state_name,
+    sync,
+)
 from .masks import WEIGHT_FREE_MASKS, build_masks
 from .targets import TargetLayer, find_targets
 
@@ -50,6 +61,34 @@ class SparseAdapter(nn.Module):
     def forward(self, *args, **kwargs):
         raise TypeError("SparseAdapter holds values; call the model it was prepared on")
 
+    @classmethod
+    def of(cls, model: nn.Module) -> SparseAdapter:
+        """The adapter of a prepared model: the one `prepare` returned while it lives, or for
+        a copy of the model (`copy.deepcopy`, `torch.load`) a new one over the copy's layers,
+        which trains, saves and removes like the original's."""
+        records = model.__dict__.get(PREPARED, [])
+        found = {layer.name: layer for m in model.modules() for layer in layers_of(m).values()}
+        if not found or not records:
+            raise ShiraConfigError(f"SparseAdapter.of: {type(model).__name__} carries no SHiRA adapter "
+                                   "(pass the model prepare was given)")
+        if len(records) > 1:
+            raise ShiraConfigError(f"SparseAdapter.of: {len(records)} adapters were prepared on this "
+                                   "model; keep the ones prepare returned")
+        record = records[0]
+        layers = {name: found[name] for name in record["layers"] if name in found}
+        if len(layers) != len(record["layers"]):
+            raise ShiraConfigError("SparseAdapter.of: some layers this adapter was prepared on are gone "
+                                   f"({sorted(set(record['layers']) - set(layers))[:3]})")
+        mine = {id(la) for la in layers.values()}
+        live = next((a for a in list(_LIVE) if {id(la) for la in a.layers.values()} == mine), None)
+        if live is not None:
+            return live
+        params = dict(model.named_parameters())
+        adapter = cls(record["cfg"], layers, [params[n] for n in record["frozen"] if n in params],
+                      [p for p in model.parameters() if not p.requires_grad])
+        adapter._model = weakref.ref(model)
+        return adapter
+
     def named_parameters(self, prefix: str = "", recurse: bool = True,
                          remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
         """Each layer's values, `<layer>.values` (they live on the layers' modules)."""
@@ -61,8 +100,10 @@ class SparseAdapter(nn.Module):
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Write `base + values` into every fused weight at its indices (O(nnz), assign)."""
-        sync_layers(self.layers.values())
+        """Write `base + values` into every fused weight at its indices (O(nnz), assign), as
+        an optimizer step does: where weight and values share a dtype the values then hold
+        exactly what the weight holds over the base (`layer.sync`)."""
+        sync(self.layers.values(), round_values=True)
 
     @torch.no_grad()
     def materialize(self) -> None:
@@ -115,6 +156,14 @@ class SparseAdapter(nn.Module):
         for undo in self._undo:
             undo()
         self._undo.clear()
+        model = self._model()
+        if model is not None:
+            names = set(self.layers)
+            records = [r for r in model.__dict__.get(PREPARED, []) if set(r["layers"]) != names]
+            if records:
+                model.__dict__[PREPARED] = records
+            else:
+                model.__dict__.pop(PREPARED, None)
         self._removed = True
 
     def state_dict(self, *args, **kwargs) -> dict[str, Tensor]:
@@ -154,7 +203,7 @@ class SparseAdapter(nn.Module):
         self.check_state(state_dict, "SparseAdapter.load_state_dict")
         for name, layer in self.layers.items():
             layer.values.copy_(state_dict[f"{name}.values"])
-        self.sync()
+        sync(self.layers.values())  # the values as given, bit for bit
 
     def _tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {name: (layer.indices, layer.values) for name, layer in self.layers.items()}
@@ -247,7 +296,7 @@ def _sync_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     any training loop keeps the fused weights equal to `base + values`."""
     layers = _layers_of(optimizer)
     if layers:
-        sync_layers(layers)
+        sync(layers, round_values=True)
 
 
 register_optimizer_step_pre_hook(_check_before_first_step)
@@ -362,8 +411,9 @@ def prepare(
     holds = [p for p in model.parameters() if not p.requires_grad]
     adapter = SparseAdapter(cfg, layers, frozen, holds)
     adapter._model = weakref.ref(model)
-    for layer in layers.values():
-        adapter._hooks += state_dict_hooks(layer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    model.__dict__.setdefault(PREPARED, []).append(
+        {"cfg": cfg, "layers": list(layers), "frozen": [names[id(p)] for p in frozen if id(p) in names]})
     if input_grads:
         adapter._undo.append(model.disable_input_require_grads)
     adapter._undo += settled

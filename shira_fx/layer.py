@@ -2,22 +2,23 @@
 
 A trained module holds its adapter's state as its own: the trainable values (a parameter, so
 any optimizer built from `model.parameters()` trains it), the indices and base buffers
-(non-persistent: `model.state_dict()` keeps the base model's keys) and, in its `__dict__`, its
-`ShiraLayer` and the mask's structure. A module a bank serves beside its weight (a quantized
-base, or a mixed batch) holds the side path's buffers. Every other module of shira_fx reads
-and writes these through the functions here, never by name; `shira_fx.attach` puts the
-training state on and takes it off.
+(non-persistent) and, in its `__dict__`, its `ShiraLayer`s and the mask's structure. A module
+a bank serves beside its weight (a quantized base, or a mixed batch) holds the side path's
+buffers. Either way its class becomes a shira_fx subclass of its own (`shira_fx.attach` makes
+it) whose `forward` is one of the forwards here and which keeps that state right through
+everything nn.Module allows (copies, pickling, casts, state dicts). Every other module of
+shira_fx reads and writes the state through the functions here, never by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from . import ops, quantized, registry
+from . import ops, registry
 from .adapter_files import LayerSpec, fingerprint
 from .errors import ShiraAdapterError, ShiraConfigError
 
@@ -26,11 +27,9 @@ from .errors import ShiraAdapterError, ShiraConfigError
 # "gate_up_proj", whose names get the parameter's name in front: `state_name`)
 VALUES, INDICES, BASE = "shira_values", "shira_indices", "shira_base"
 # plain attributes in the module's __dict__ (invisible to parameters(), buffers(), state_dict())
-LAYER = "_shira_layer"  # the ShiraLayer of the module's "weight"
+LAYERS = "_shira_layers"  # {parameter name: ShiraLayer}, one per adapted parameter
 TRANSPOSED = "_shira_transposed"  # the weight is stored (in, out) (GPT-2's Conv1D)
-STRUCTURE = "_shira_structure"  # the mask's structure for the masked gradient (kernels.mask_structure)
-EXPOSED = "_shira_exposed"  # {parameter name: ShiraLayer} read through the adapter's property
-ORIGINAL_CLASS = "_shira_class"  # the module's class before the adapter's subclass
+STRUCTURE = "_shira_structure"  # the mask's structure for the masked gradient (kernels.structure)
 # served beside the weight by a bank (buffers): the active adapter (quantized bases) ...
 SIDE_INDICES, SIDE_VALUES = "shira_side_indices", "shira_side_values"
 # ... and a mixed batch's packed table of corrections (indices, values, per-entry offsets)
@@ -38,7 +37,13 @@ REQUEST = ("shira_request_indices", "shira_request_values", "shira_request_offse
 ROWS = "_shira_rows"  # the bank's per-thread rows of a mixed batch
 SERVED_TRANSPOSED = "_shira_served_transposed"
 SERVED_WEIGHT = "_shira_served_weight"  # "weight" when the CPU runs a mixed batch's whole linear
-FORWARD = "forward"  # the instance-level forward shira_fx installs (the class's stays)
+# on a prepared model (the root `prepare` was given): one record per prepare, so a copy of the
+# model can rebuild its adapter (`SparseAdapter.of`): {"cfg", "layers": names, "frozen": names}
+PREPARED = "_shira_prepared"
+# class attributes of a shira_fx subclass (`shira_fx.attach.adapted_class`)
+ORIGINAL = "_shira_original"  # the class it adapts
+ROLE = "_shira_role"  # which forward it runs: "sparse", "side", "served" or None (its own)
+EXPOSED = "_shira_exposed"  # the parameters read through the adapter's property
 
 
 def state_name(param: str, kind: str) -> str:
@@ -55,8 +60,8 @@ Writer = Callable[["ShiraLayer"], tuple[Tensor, Tensor, Tensor, Tensor]]
 class ShiraLayer:
     """One adapted weight. Its state lives on its module (so `model.to(...)` moves it and
     `model.parameters()` holds the values): flat sorted int32 `indices` into the weight as
-    stored, the `base` values found there before training (the weight's dtype) and the
-    trainable `values` (the delta, fp32 by default)."""
+    stored, the `base` values found there before training (at the weight's precision then)
+    and the trainable `values` (the delta, fp32 by default)."""
 
     name: str
     module: nn.Module
@@ -72,7 +77,6 @@ class ShiraLayer:
     pending: Tensor | None = field(default=None, repr=False)
     # (values, indices, base) as they were when the adapter was removed
     removed: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
-    loading: bool = field(default=False, repr=False)  # a state dict with this weight is loading
     compiled: bool = field(default=False, repr=False)  # a compiled training graph holds it
 
     def attr(self, kind: str) -> str:
@@ -123,30 +127,74 @@ class ShiraLayer:
             )
         return self.weight, self.indices, self.base, self.values
 
+    def held_exactly(self) -> bool:
+        """Whether the fused weight gives the values back bit for bit (`values == W[idx] -
+        base`): then `state_dict` needs only the weight. Every optimizer step keeps it so
+        wherever the weight and the values share a dtype (`sync`); a quantized weight never
+        holds them."""
+        if self.quantized or self.pending is not None or self.writer is not None or self.removed:
+            return False
+        weight, values = self.weight, self.values
+        if weight.dtype != values.dtype or registry.is_dtensor(weight) or weight.is_meta:
+            return False
+        with torch.no_grad():
+            held = weight.detach().reshape(-1)[self.indices.long()] - self.base.to(values.dtype)
+            return torch.equal(held, values.detach())
+
     def fingerprint(self) -> str:
-        """Identifies the base model this layer's adapter belongs to (see `fingerprint`)."""
-        return fingerprint(self.indices, self.base)
+        """Identifies the base model this layer's adapter belongs to (see `fingerprint`): the
+        base values as the weight now stores them."""
+        return fingerprint(self.indices, self.base.to(self._stored_dtype()))
+
+    def _stored_dtype(self) -> torch.dtype:
+        return self.base.dtype if self.quantized else self.weight.dtype
 
     def spec(self) -> LayerSpec:
         """What an adapter file says about this layer."""
         self.check_ready()
-        dtype = self.base.dtype if self.quantized else self.weight.dtype
-        return LayerSpec(self.name, self.shape, str(dtype).removeprefix("torch."),
+        return LayerSpec(self.name, self.shape, str(self._stored_dtype()).removeprefix("torch."),
                          self.transposed, int(self.indices.numel()), self.fingerprint())
+
+
+@torch.no_grad()
+def sync(layers: Iterable[ShiraLayer], round_values: bool = False) -> None:
+    """`W.flat[idx] = base + values` for these layers, in one fused scatter (a quantized layer
+    has nothing to write: its adapter rides beside the packed weight).
+
+    `round_values` (after an optimizer step): where the weight and the values share a dtype,
+    the values then become exactly what the weight holds over the base (`W[idx] - base`: the
+    fused value's own rounding, what training that weight densely keeps), so the fused weight
+    alone gives them back bit for bit and a plain state dict resumes exactly. fp32 masters of
+    bf16/fp16 weights keep their precision."""
+    layers = [layer for layer in layers if not layer.quantized]
+    targets = [layer.write_target() for layer in layers]
+    if not targets:
+        return
+    ops.scatter_weights_(*([t[i] for t in targets] for i in range(4)))
+    if not round_values:
+        return
+    for layer, (weight, idx, base, values) in zip(layers, targets, strict=True):
+        if layer.writer is None and weight.dtype == values.dtype:
+            values.copy_(weight.view(-1)[idx.long()] - base.to(values.dtype))
 
 
 # -- reading the protocol ----------------------------------------------------------------------
 
 
+def layers_of(module: nn.Module) -> dict[str, ShiraLayer]:
+    """The training adapter's layers on this module, by parameter name ({} if none)."""
+    return module.__dict__.get(LAYERS, {})
+
+
 def layer_of(module: nn.Module) -> ShiraLayer | None:
     """The training adapter's layer on this module's `weight`, if it carries one."""
-    return module.__dict__.get(LAYER)
+    return layers_of(module).get("weight")
 
 
 def has_training_state(module: nn.Module, param: str) -> bool:
     """Whether parameter `param` of `module` carries an adapter, or the module has attributes
     named like shira_fx's own for it (a name clash prepare refuses)."""
-    return (param == "weight" and LAYER in module.__dict__) or any(
+    return param in layers_of(module) or any(
         hasattr(module, state_name(param, kind)) for kind in (VALUES, INDICES, BASE))
 
 
@@ -157,6 +205,26 @@ def structure_of(module: nn.Module) -> list[Tensor]:
 
 def set_structure(module: nn.Module, structure: list[Tensor]) -> None:
     module.__dict__[STRUCTURE] = structure
+
+
+def on_device(structure: list[Tensor], device: torch.device) -> list[Tensor]:
+    """The structure's tensors on `device`, sizes marked unbacked: blocks whose structures
+    differ in size still share one compiled graph."""
+    moved = [t.to(device) for t in structure]
+    for t in moved:
+        torch._dynamo.decorators.mark_unbacked(t, 0)
+    return moved
+
+
+def original_class(module: nn.Module) -> type:
+    """The class of the module before shira_fx adapted it (its own class if it never was)."""
+    return getattr(type(module), ORIGINAL, type(module))
+
+
+def own_forward(module: nn.Module, x: Tensor) -> Tensor:
+    """The module's own forward, by its original class: the quantization library's op for a
+    quantized base, whatever shira_fx installed over it; no hooks."""
+    return original_class(module).forward(module, x)
 
 
 def is_served(module: nn.Module) -> bool:
@@ -195,7 +263,7 @@ def set_request_table(module: nn.Module, indices: Tensor, values: Tensor, offset
         module._buffers[name] = tensor
 
 
-# -- the forwards shira_fx installs --------------------------------------------------------------
+# -- the forwards of shira_fx's subclasses -----------------------------------------------------
 
 
 def sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
@@ -206,20 +274,20 @@ def sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
     values = self._parameters[VALUES]
     weight = self._parameters["weight"]  # the fused weight itself, not the `weight` property
     if not torch.compiler.is_compiling():
-        self.__dict__[LAYER].check_ready()
+        self.__dict__[LAYERS]["weight"].check_ready()
         autocast = torch.is_autocast_enabled(x.device.type)
         if x.dtype != weight.dtype and not autocast:  # as the layer itself would refuse
-            return type(self).forward(self, x)
+            return own_forward(self, x)
     if torch.is_grad_enabled() and values.requires_grad:
         return ops.sparse_linear(x, weight, self.bias, values, self._buffers[INDICES],
                                  getattr(self, TRANSPOSED), getattr(self, STRUCTURE))
-    return type(self).forward(self, x)
+    return own_forward(self, x)
 
 
 def side_forward(self: nn.Module, x: Tensor) -> Tensor:
     """Forward of a prepared quantized module: the quantization library's own layer, plus the
     adapter beside it, `x @ S.T` (the packed weight cannot hold base + delta)."""
-    y = quantized.base_forward(self, x)
+    y = own_forward(self, x)
     side = ops.side_linear(x, self._parameters[VALUES], self._buffers[INDICES], y.shape[-1], x.shape[-1])
     return y + side.to(y.dtype)
 
@@ -241,7 +309,7 @@ def served_forward(self: nn.Module, x: Tensor) -> Tensor:
     transposed = self.__dict__[SERVED_TRANSPOSED]
     if rows is not None and weight is not None and x.device.type == "cpu":  # the whole linear per adapter
         return ops.request_linear(x, self._parameters[weight], self.bias, rows, *table, transposed)
-    y = quantized.base_forward(self, x)
+    y = own_forward(self, x)
     indices = self._buffers[SIDE_INDICES]
     if indices.numel():
         y = y + ops.side_linear(x, self._buffers[SIDE_VALUES], indices, y.shape[-1], x.shape[-1]).to(y.dtype)
@@ -253,35 +321,7 @@ def served_forward(self: nn.Module, x: Tensor) -> Tensor:
     return y
 
 
-def install_forward(module: nn.Module, forward: Callable) -> None:
-    module.__dict__[FORWARD] = forward.__get__(module)
-
-
-def serve_beside(module: nn.Module, rows: object, transposed: bool = False) -> None:
-    """Give a module the (empty) side paths a bank fills: the active adapter's for a
-    quantized base, each row's correction in a mixed batch (`rows`: the bank's per-thread
-    rows, the same object for every layer it serves)."""
-    if is_served(module):
-        if module.__dict__[ROWS] is not rows:
-            raise ShiraAdapterError("AdapterBank: another bank already serves this model's layers; "
-                                    "one model takes one bank")
-        return
-    if layer_of(module) is not None:
-        raise ShiraAdapterError("AdapterBank: a layer of this model carries a training adapter; "
-                                "call adapter.remove() first")
-    device = next((t.device for t in module.parameters()), torch.device("cpu"))
-    module.register_buffer(SIDE_INDICES, torch.empty(0, dtype=torch.int32, device=device), persistent=False)
-    module.register_buffer(SIDE_VALUES, torch.empty(0, device=device), persistent=False)
-    for name, dtype in zip(REQUEST, (torch.int32, torch.float32, torch.int64), strict=True):
-        module.register_buffer(name, torch.empty(0, dtype=dtype, device=device), persistent=False)
-    module.__dict__[ROWS] = rows
-    module.__dict__[SERVED_TRANSPOSED] = transposed
-    # a plain weight (not quantized): on the CPU a mixed batch runs the whole linear per adapter
-    weight = module._parameters.get("weight")
-    plain = (isinstance(module, nn.Linear) or transposed) and quantized.quantized_kind(module) is None and (
-        type(weight) is nn.Parameter)
-    module.__dict__[SERVED_WEIGHT] = "weight" if plain else None
-    install_forward(module, served_forward)
+FORWARDS = {"sparse": sparse_forward, "side": side_forward, "served": served_forward}
 
 
 # -- the adapter's property on adapted parameters ---------------------------------------------
@@ -307,7 +347,7 @@ class _ParamWithValues(torch.autograd.Function):
         return None, grad.reshape(-1)[indices.long()].to(ctx.values_dtype), None
 
 
-def _adapted_parameter(name: str) -> property:
+def adapted_parameter(name: str) -> property:
     """The property reading parameter `name` of a prepared module (names fixed per parameter:
     compiled code touches no per-layer Python object, so blocks share their graph)."""
     values_attr, indices_attr = state_name(name, VALUES), state_name(name, INDICES)
@@ -320,61 +360,3 @@ def _adapted_parameter(name: str) -> property:
         return weight
 
     return property(read, doc=f"{name}, with its SHiRA values in the autograd graph")
-
-
-def expose(module: nn.Module, layer: ShiraLayer) -> None:
-    """Route every read of an adapted parameter through `_ParamWithValues`: the module's class
-    becomes a subclass with a property per adapted parameter (one subclass per class and set
-    of parameters, shared by every block); the state dict and the parameter stay as they were."""
-    params = module.__dict__.setdefault(EXPOSED, {})
-    if not params:
-        module.__dict__[ORIGINAL_CLASS] = type(module)
-    params[layer.param] = layer
-    module.__class__ = _with_properties(module.__dict__[ORIGINAL_CLASS], frozenset(params))
-
-
-def unexpose(module: nn.Module, param: str) -> None:
-    params = module.__dict__.get(EXPOSED, {})
-    params.pop(param, None)
-    original = module.__dict__.get(ORIGINAL_CLASS, type(module))
-    if params:
-        module.__class__ = _with_properties(original, frozenset(params))
-    else:
-        module.__class__ = original
-        module.__dict__.pop(EXPOSED, None)
-        module.__dict__.pop(ORIGINAL_CLASS, None)
-
-
-_SUBCLASSES: dict[tuple[type, frozenset], type] = {}
-
-
-def _with_properties(original: type, params: frozenset) -> type:
-    key = (original, params)
-    if key not in _SUBCLASSES:
-        attrs = {p: _adapted_parameter(p) for p in sorted(params)}
-        if "weight" in params:
-            attrs["_apply"] = _apply_keeping_structure
-        # named as the original, but of this module: Dynamo compiles torch.nn's own classes
-        # with every tensor attribute at a fixed size, which would pin the structure's sizes
-        _SUBCLASSES[key] = type(original.__name__, (original,),
-                                {**attrs, "__module__": __name__, "__qualname__": original.__qualname__})
-    return _SUBCLASSES[key]
-
-
-def _apply_keeping_structure(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
-    """`Module._apply` (`.to`, `.cuda`, `to_empty`, FSDP2's moves), then the mask's structure
-    follows the indices to their device as a buffer would."""
-    result = super(type(self), self)._apply(fn, recurse)
-    structure, indices = structure_of(self), self._buffers.get(INDICES)
-    if structure and indices is not None and structure[0].device != indices.device:
-        set_structure(self, on_device(structure, indices.device))
-    return result
-
-
-def on_device(structure: list[Tensor], device: torch.device) -> list[Tensor]:
-    """The structure's tensors on `device`, sizes marked unbacked: blocks whose structures
-    differ in size still share one compiled graph."""
-    moved = [t.to(device) for t in structure]
-    for t in moved:
-        torch._dynamo.decorators.mark_unbacked(t, 0)
-    return moved

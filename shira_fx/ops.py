@@ -187,8 +187,9 @@ def _(weights, indices, base, delta, scale) -> None:
            f"indices, {len(base)} base, {len(delta)} delta")
     for i, (w, idx, b) in enumerate(zip(weights, indices, base, strict=True)):
         _check(idx.dim() == 1 and idx.dtype in _INTS, op, f"indices[{i}] must be 1-D int32/int64")
-        _check(b.shape == idx.shape and b.dtype == w.dtype, op,
-               f"base[{i}] must be {w.dtype} of shape {tuple(idx.shape)}, found {b.dtype} {tuple(b.shape)}")
+        _check(b.shape == idx.shape and b.dtype.is_floating_point, op,
+               f"base[{i}] must be a float tensor of shape {tuple(idx.shape)}, found {b.dtype} "
+               f"{tuple(b.shape)}")
         if delta:
             _check(delta[i].shape == idx.shape, op, f"delta[{i}] must have shape {tuple(idx.shape)}")
         for name, t in (("indices", idx), ("base", b)):

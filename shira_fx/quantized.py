@@ -1,6 +1,6 @@
 """Quantized base layers: which ones shira_fx knows, their logical shape, their dequantized
 weight and their own forward, without ever writing their packed weights (an adapter on such a
-layer rides beside it, `y = base_forward(layer, x) + x @ S.T`). Known kinds
+layer rides beside it, `y = layer(x) + x @ S.T`). Known kinds
 (`quantized_kind`): `bnb_nf4`/`bnb_fp4` (bitsandbytes `Linear4bit`), `bnb_int8`
 (`Linear8bitLt`), and an `nn.Linear` whose weight is a torchao `NF4Tensor` (`torchao_nf4`),
 `Int8Tensor` (`torchao_int8`) or Int4 tensor (`torchao_int4`). Any other quantized-looking
@@ -204,12 +204,6 @@ def dequantized_weight(module: nn.Module) -> Tensor:
     if kind == "torchao_int4":  # its packing variants have no dequantize on every device
         return _probe_weight(module, *logical_shape(module))
     return weight.dequantize()
-
-
-def base_forward(module: nn.Module, x: Tensor) -> Tensor:
-    """The layer's own forward by its class: the library's op (bitsandbytes' matmul, torchao's
-    linear dispatch) even when an instance-level forward has been pointed elsewhere; no hooks."""
-    return type(module).forward(module, x)
 
 
 def is_cpu_packed(module: nn.Module) -> bool:

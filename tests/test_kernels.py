@@ -520,5 +520,27 @@ def test_scatter_rejects_bad_layers_naming_position_and_shapes(fn):
         fn([w.t()], [idx], [base])
     with pytest.raises(ValueError, match=r"delta\[0\] must have shape \(2,\)"):
         fn([w], [idx], [base], [torch.zeros(5)])
-    with pytest.raises(ValueError, match=r"base\[0\] must have dtype torch.float32"):
-        fn([w], [idx], [base.half()])
+    with pytest.raises(ValueError, match=r"base\[0\] must be fp32/bf16/fp16, found torch.int32"):
+        fn([w], [idx], [base.int()])
+
+
+@pytest.mark.parametrize(("weight_dtype", "base_dtype"), [(torch.bfloat16, torch.float32),
+                                                          (torch.float32, torch.bfloat16)])
+def test_scatter_takes_the_base_at_another_precision_with_one_rounding(weight_dtype, base_dtype):
+    """A cast model keeps its saved base at the weights' original precision: the write rounds
+    base + delta into the weight's dtype once, on both paths."""
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randperm(96, generator=g)[:40].sort().values.to(torch.int32)
+    base = torch.randn(40, generator=g).to(base_dtype)
+    delta = torch.randn(40, generator=g) * 1e-3
+    want = (base.float() + delta).to(weight_dtype)
+    for fn in (scatter_fused_reference_, scatter_fused_):
+        truncates = fn is scatter_fused_ and INTERPRETED and weight_dtype == torch.bfloat16
+        w = torch.zeros(8, 12, dtype=weight_dtype, device=DEVICE)
+        for deltas, expected in (([delta.to(DEVICE)], want), (None, base.to(weight_dtype))):  # write, restore
+            fn([w], [idx.to(DEVICE)], [base.to(DEVICE)], deltas)
+            got = w.view(-1)[idx.long().to(DEVICE)].cpu()
+            if truncates:  # triton 3.9's interpreter truncates to bf16 instead of rounding
+                torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=0)
+            else:
+                assert torch.equal(got, expected), fn.__name__

@@ -124,7 +124,7 @@ def test_fake_kernels_name_the_operand_that_does_not_fit():
         _fake(OPS.side_linear, torch.randn(3, 5), vals, idx, 6, 8)
     with pytest.raises(RuntimeError, match=r"side_grad_x: grad_y must end in out_features = 6"):
         _fake(OPS.side_grad_x, torch.randn(3, 5), vals, idx, 6, 8)
-    with pytest.raises(RuntimeError, match=r"scatter_: base\[0\] must be torch.float32"):
+    with pytest.raises(RuntimeError, match=r"scatter_: base\[0\] must be a float tensor of shape \(5,\)"):
         _fake(OPS.scatter_, [w], [idx], [torch.zeros(4)], [], 1.0)
     with pytest.raises(RuntimeError, match=r"request_linear: row_adapters must be 1-D ints, one per"):
         _fake(OPS.request_linear, torch.randn(2, 3, 8), w, None, torch.tensor([0]), idx, vals,

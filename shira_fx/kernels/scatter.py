@@ -32,7 +32,7 @@ _RECORD = 5
 @triton.jit
 def _scatter_kernel(
     layer_table, program_table, scale,
-    W_DTYPE: tl.constexpr, IDX_DTYPE: tl.constexpr, DELTA_DTYPE: tl.constexpr,
+    W_DTYPE: tl.constexpr, IDX_DTYPE: tl.constexpr, BASE_DTYPE: tl.constexpr, DELTA_DTYPE: tl.constexpr,
     HAS_DELTA: tl.constexpr, RECORD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -41,7 +41,7 @@ def _scatter_kernel(
     record = layer_table + RECORD * layer
     w_ptr = tl.load(record).to(tl.pointer_type(W_DTYPE))
     idx_ptr = tl.load(record + 1).to(tl.pointer_type(IDX_DTYPE))
-    base_ptr = tl.load(record + 2).to(tl.pointer_type(W_DTYPE))
+    base_ptr = tl.load(record + 2).to(tl.pointer_type(BASE_DTYPE))
     nnz = tl.load(record + 4)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < nnz
@@ -50,9 +50,10 @@ def _scatter_kernel(
     if HAS_DELTA:
         delta_ptr = tl.load(record + 3).to(tl.pointer_type(DELTA_DTYPE))
         delta = tl.load(delta_ptr + offs, mask=mask).to(tl.float32)
-        # rounds to nearest even as torch does; triton 3.9's interpreter truncates to bf16
-        val = (val.to(tl.float32) + delta * scale).to(W_DTYPE)
-    tl.store(w_ptr + idx, val, mask=mask)
+        val = val.to(tl.float32) + delta * scale
+    # one rounding into the weight's dtype, to nearest even as torch does (triton 3.9's
+    # interpreter truncates to bf16)
+    tl.store(w_ptr + idx, val.to(W_DTYPE), mask=mask)
 
 
 # The table holds raw addresses: the interpreter follows them in host memory, which is
@@ -87,8 +88,8 @@ def _check_layers(
                     f"{name}: {label}[{i}] must have shape {tuple(idx.shape)} on {w.device}, "
                     f"found {tuple(t.shape)} on {t.device}"
                 )
-        if b.dtype != w.dtype:
-            raise ValueError(f"{name}: base[{i}] must have dtype {w.dtype}, found {b.dtype}")
+        if b.dtype not in _WEIGHT_DTYPES:  # the weight's, or wider (kept at its original precision)
+            raise ValueError(f"{name}: base[{i}] must be fp32/bf16/fp16, found {b.dtype}")
         if delta is not None and delta[i].dtype not in _WEIGHT_DTYPES:
             raise ValueError(
                 f"{name}: delta[{i}] must be fp32/bf16/fp16, found {delta[i].dtype}"
@@ -124,12 +125,13 @@ def _launch_group(
     start = (torch.arange(n_programs) - first_program[layer_of]) * _BLOCK
     layer_table = torch.tensor(records, dtype=torch.int64).to(device)
     program_table = torch.stack([layer_of, start], dim=1).to(device)
-    delta_dtype = weights[0].dtype if delta is None else delta[0].dtype
+    delta_dtype = base[0].dtype if delta is None else delta[0].dtype
     with torch.cuda.device(device.index if device.type == "cuda" else -1):
         _scatter_kernel[(n_programs,)](
             layer_table, program_table, float(scale),
             W_DTYPE=_TL_DTYPES[weights[0].dtype], IDX_DTYPE=_TL_DTYPES[indices[0].dtype],
-            DELTA_DTYPE=_TL_DTYPES[delta_dtype], HAS_DELTA=delta is not None,
+            BASE_DTYPE=_TL_DTYPES[base[0].dtype], DELTA_DTYPE=_TL_DTYPES[delta_dtype],
+            HAS_DELTA=delta is not None,
             RECORD=_RECORD, BLOCK=_BLOCK,
             # no mul+add contraction into an fma: results match the torch path bit for bit
             enable_fp_fusion=False,
@@ -148,7 +150,7 @@ def scatter_fused_(
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, w in enumerate(weights):
         d_dtype = None if delta is None else delta[i].dtype
-        groups[(w.device, w.dtype, indices[i].dtype, d_dtype)].append(i)
+        groups[(w.device, w.dtype, indices[i].dtype, base[i].dtype, d_dtype)].append(i)
     for layers in groups.values():
         _launch_group(
             [weights[i] for i in layers], [indices[i] for i in layers], [base[i] for i in layers],
@@ -167,7 +169,7 @@ def scatter_fused_reference_(
     """
     _check_layers("scatter_fused_reference_", weights, indices, base, delta)
     for i, (w, idx, b) in enumerate(zip(weights, indices, base, strict=True)):
-        src = b if delta is None else (b.float() + delta[i].float() * scale).to(w.dtype)
+        src = b.to(w.dtype) if delta is None else (b.float() + delta[i].float() * scale).to(w.dtype)
         # index_copy_ needs int64 indices; casting them is faster than index_put_ with int32
         w.view(-1).index_copy_(0, idx.long(), src)
 

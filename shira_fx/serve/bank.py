@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from .. import ops
 from ..adapter import SparseAdapter, settle_layouts
 from ..adapter_files import StoredAdapter, fingerprint, load_adapter
+from ..attach import serve_beside
 from ..errors import ShiraAdapterError, ShiraConfigError
-from ..layer import serve_beside, set_side
+from ..layer import set_side
 from ..quantized import was_repacked
 from ..targets import resolve_layer
 from . import mixed

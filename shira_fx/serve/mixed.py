@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..attach import serve_beside
 from ..errors import ShiraAdapterError
-from ..layer import serve_beside, served_device, set_request_table
+from ..layer import served_device, set_request_table
 from ..targets import resolve_layer
 from .gate import MIXED
 from .slots import fuse
@@ -31,6 +32,9 @@ class RowsPerThread(threading.local):
 
     def __deepcopy__(self, memo: dict) -> RowsPerThread:
         return RowsPerThread()  # a copied model serves no batch
+
+    def __reduce__(self):
+        return RowsPerThread, ()  # nor does an unpickled one
 
 
 @dataclass
