@@ -4,6 +4,7 @@ from .adapter import SparseAdapter, prepare
 from .adapter_files import StoredAdapter, load_adapter
 from .checkpoint import load_checkpoint, save_checkpoint
 from .compile.backend import ShiraBackend, backend, explain
+from .compile.check import verify
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError, ShiraError, ShiraTrainingError, ShiraWarning
 from .layer import ShiraLayer
@@ -23,6 +24,7 @@ __all__ = [
     "load_adapter",
     "backend",
     "explain",
+    "verify",
     "train_step",
     "save_checkpoint",
     "load_checkpoint",

@@ -142,10 +142,11 @@ def _apply(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
 def _save_to_state_dict(self: nn.Module, destination: dict, prefix: str, keep_vars: bool) -> None:
     """The module's own state dict, with each layer's values only when its fused weight cannot
     give them back bit for bit (a quantized base; fp32 masters of bf16/fp16 weights), so an
-    fp32 model's state dict is the plain merged model and every state dict round-trips."""
+    fp32 model's state dict is the plain merged model and every state dict round-trips (a
+    layer prepared on meta has no values before its weights arrive)."""
     super(type(self), self)._save_to_state_dict(destination, prefix, keep_vars)
-    for layer in layers_of(self).values():
-        if layer.held_exactly():
+    for layer in layers_of(self).values():  # a layer whose weights never arrived has no values yet
+        if layer.pending is not None or layer.held_exactly():
             destination.pop(prefix + layer.attr(VALUES), None)
 
 
@@ -156,24 +157,36 @@ def _load_from_state_dict(self: nn.Module, state_dict: dict, prefix: str, local_
     from what it holds over the base (exact for a state dict shira_fx wrote); a layer prepared
     on meta takes its base values from the weight that arrived."""
     layers = layers_of(self)
-    brought = {p: (prefix + p in state_dict, prefix + layer.attr(VALUES) in state_dict)
+    brought = {p: (prefix + p in state_dict, _values_in(state_dict.get(prefix + layer.attr(VALUES)), layer))
                for p, layer in layers.items()}
     super(type(self), self)._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                                   missing_keys, unexpected_keys, error_msgs)
     values_keys = {prefix + layer.attr(VALUES) for layer in layers.values()}
     missing_keys[:] = [k for k in missing_keys if k not in values_keys]
-    for p, (weight_came, values_came) in brought.items():
-        if weight_came or values_came:
-            weight_arrived(layers[p], values_came)
+    for p, (weight_came, values) in brought.items():
+        if weight_came or values == "loaded":
+            weight_arrived(layers[p], values)
+
+
+def _values_in(values: Tensor | None, layer: ShiraLayer) -> str | None:
+    """What a state dict holds of the layer's values: "loaded" (values to take), "own" (the
+    layer's own tensor: a loader that fills what it lacks from the model's own state dict, as
+    torch's distributed checkpoint does, or the model's state dict loaded back) or None."""
+    if not isinstance(values, Tensor):
+        return None
+    own = layer.values
+    shared = values.untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
+    return "own" if shared and values.device == own.device else "loaded"
 
 
 @torch.no_grad()
-def weight_arrived(layer: ShiraLayer, with_values: bool = False) -> None:
-    """The weight was (re)loaded. On a layer prepared on meta, capture the base values there
-    and start from zero values; with the values loaded too, sync the fused weight to them;
-    otherwise the fused weight stays the truth: the values become what it now holds over the
-    base (bit for bit where the sync kept it so; a warning where the weight's dtype cannot
-    hold them; a quantized weight holds none: its values stay as they were)."""
+def weight_arrived(layer: ShiraLayer, values: str | None = None) -> None:
+    """The weight was (re)loaded, with the values `values` says (`_values_in`). On a layer
+    prepared on meta, capture the base values there and start from zero values (or from
+    values loaded with it); with values, sync the fused weight to them; otherwise the fused
+    weight stays the truth: the values become what it now holds over the base (bit for bit
+    where a training step kept it so; a warning where the weight's dtype cannot hold them; a
+    quantized weight holds none: its values stay as they were)."""
     weight = layer.weight
     if weight.is_meta:
         return
@@ -186,29 +199,30 @@ def weight_arrived(layer: ShiraLayer, with_values: bool = False) -> None:
         module._buffers[layer.attr(BASE)] = full.detach().reshape(-1)[idx.long()].clone()
         if layer.param == "weight":  # structured again from the indices now in place
             set_structure(module, _structure(idx, tuple(full.shape)))
-        if not with_values:
-            layer.values.zero_()
         layer.pending = None
-        with_values = True  # the fused weight is synced to the values below
-    if layer.quantized:
-        if not with_values:
+        if values == "loaded":
+            sync([layer])
+        else:  # the weight holds the base: zero values, nothing to write
+            layer.values.zero_()
+    elif layer.quantized:
+        if values is None:
             warnings.warn(ShiraWarning(
                 f"layer {layer.name!r}: the state dict holds its quantized weight but not its "
                 "values (a quantized weight cannot hold them): the adapter keeps the values it "
                 "had; load the adapter file (AdapterBank.load, save_checkpoint) to restore it"),
                 stacklevel=4)
-    elif with_values:
+    elif values is not None:
         sync([layer])
     else:
         fused = full.detach().reshape(-1)[layer.indices.long()]
-        values = layer.values
-        if full.dtype != values.dtype:
+        own = layer.values
+        if full.dtype != own.dtype:
             warnings.warn(ShiraWarning(
                 f"layer {layer.name!r}: the state dict holds its {full.dtype} fused weight but not "
-                f"its {values.dtype} values: they are rebuilt from the fused weight, within its "
+                f"its {own.dtype} values: they are rebuilt from the fused weight, within its "
                 "rounding (save the model's own state_dict, which holds them, to resume exactly)"),
                 stacklevel=4)
-        values.copy_(fused.to(values.dtype) - layer.base.to(values.dtype))
+        own.copy_(fused.to(own.dtype) - layer.base.to(own.dtype))
     registry.register(weight, layer)
     registry.register(layer.values, layer)
 

@@ -127,19 +127,26 @@ class ShiraLayer:
             )
         return self.weight, self.indices, self.base, self.values
 
+    def rounds_values(self) -> bool:
+        """Whether the fused weight stores the values' dtype: then a training step leaves the
+        values at what the weight holds over the base (`sync`), and the weight alone gives
+        them back (fp32 masters of bf16/fp16 weights keep their precision instead)."""
+        return not self.quantized and self.weight.dtype == self.values.dtype
+
     def held_exactly(self) -> bool:
         """Whether the fused weight gives the values back bit for bit (`values == W[idx] -
-        base`): then `state_dict` needs only the weight. Every optimizer step keeps it so
-        wherever the weight and the values share a dtype (`sync`); a quantized weight never
-        holds them."""
-        if self.quantized or self.pending is not None or self.writer is not None or self.removed:
+        base`): then `state_dict` needs only the weight. A quantized weight never holds them;
+        a sharded one is checked through the rounding alone (every rank holds the base)."""
+        if self.pending is not None or self.removed or not self.rounds_values() or self.weight.is_meta:
             return False
-        weight, values = self.weight, self.values
-        if weight.dtype != values.dtype or registry.is_dtensor(weight) or weight.is_meta:
-            return False
+        values = self.values.detach()
+        base = self.base.to(values.dtype)
         with torch.no_grad():
-            held = weight.detach().reshape(-1)[self.indices.long()] - self.base.to(values.dtype)
-            return torch.equal(held, values.detach())
+            if registry.is_dtensor(self.weight):
+                held = (base + values).to(self.weight.dtype) - base
+            else:
+                held = self.weight.detach().reshape(-1)[self.indices.long()] - base
+            return torch.equal(held, values)
 
     def fingerprint(self) -> str:
         """Identifies the base model this layer's adapter belongs to (see `fingerprint`): the
@@ -161,21 +168,21 @@ def sync(layers: Iterable[ShiraLayer], round_values: bool = False) -> None:
     """`W.flat[idx] = base + values` for these layers, in one fused scatter (a quantized layer
     has nothing to write: its adapter rides beside the packed weight).
 
-    `round_values` (after an optimizer step): where the weight and the values share a dtype,
-    the values then become exactly what the weight holds over the base (`W[idx] - base`: the
-    fused value's own rounding, what training that weight densely keeps), so the fused weight
-    alone gives them back bit for bit and a plain state dict resumes exactly. fp32 masters of
-    bf16/fp16 weights keep their precision."""
+    `round_values` (an optimizer step): where the weight stores the values' dtype, the values
+    first become exactly what the weight will hold over the base (`(base + values) - base`,
+    the fused value's own rounding: what training that weight densely keeps), so the fused
+    weight alone gives them back bit for bit and a plain state dict resumes exactly; computed
+    from the base and the values alone, it is the same on every rank of a sharded model.
+    fp32 masters of bf16/fp16 weights keep their precision."""
     layers = [layer for layer in layers if not layer.quantized]
+    if round_values:
+        for layer in layers:
+            if layer.pending is None and layer.rounds_values():
+                values, base = layer.values, layer.base.to(layer.values.dtype)
+                values.copy_((base + values) - base)
     targets = [layer.write_target() for layer in layers]
-    if not targets:
-        return
-    ops.scatter_weights_(*([t[i] for t in targets] for i in range(4)))
-    if not round_values:
-        return
-    for layer, (weight, idx, base, values) in zip(layers, targets, strict=True):
-        if layer.writer is None and weight.dtype == values.dtype:
-            values.copy_(weight.view(-1)[idx.long()] - base.to(values.dtype))
+    if targets:
+        ops.scatter_weights_(*([t[i] for t in targets] for i in range(4)))
 
 
 # -- reading the protocol ----------------------------------------------------------------------

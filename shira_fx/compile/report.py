@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx
@@ -35,6 +36,10 @@ class RewriteReport:
     inputs: dict[str, str] = field(default_factory=dict)
     held_bytes: int | None = None  # saved for backward, parameters and buffers excluded
     held_tensors: int = 0
+    # the check of the values' gradients against the reference (compile/verify.py): what it
+    # found at the graph's first call, or why there is none
+    verified: Any = None
+    verify_note: str = ""
 
     def summary(self) -> str:
         if not self.rewritten and not self.skipped:
@@ -50,6 +55,12 @@ class RewriteReport:
         if self.held_bytes is not None:
             lines.append(f"  held for backward: {_readable_bytes(self.held_bytes)} in {self.held_tensors} "
                          "tensor(s), parameters and buffers excluded")
+        if self.verified is not None:
+            worst = max((c.relative for c in self.verified.layers), default=0.0)
+            lines.append(f"  gradients verified against aot_eager at the first call: largest relative "
+                         f"error {worst:.1e} (tolerance {self.verified.tol:g})")
+        elif self.verify_note:
+            lines.append(f"  gradients {self.verify_note}")
         for name in self.rewritten:
             fate = self.inputs.get(name)
             lines.append(f"  + {name}" + (f": x {fate}" if fate else "")
