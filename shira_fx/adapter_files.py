@@ -270,8 +270,9 @@ def _layer_spec(name: str, d: Any) -> LayerSpec:
     if not isinstance(d, dict):
         raise TypeError(f"expected an object, found {type(d).__name__}")
     shape = d["shape"]
-    if not isinstance(shape, list) or len(shape) not in (2, 3):
-        raise TypeError(f"shape must be [out, in] (or [experts, out, in]), found {shape!r:.60}")
+    if not isinstance(shape, list) or len(shape) not in (2, 3, 4):
+        raise TypeError(f"shape must be [out, in] (or [experts, out, in], or a convolution's "
+                        f"[out, in / groups, *kernel]), found {shape!r:.60}")
     shape = tuple(_int(size) for size in shape)
     dtype, transposed, nnz, fp = d["dtype"], d["transposed"], _int(d["nnz"]), d["fingerprint"]
     if min(shape) < 1 or dtype not in WEIGHT_DTYPES:

@@ -197,7 +197,7 @@ def weight_arrived(layer: ShiraLayer, values: str | None = None) -> None:
         idx = layer.pending.to(full.device)
         module._buffers[layer.attr(INDICES)] = idx
         module._buffers[layer.attr(BASE)] = full.detach().reshape(-1)[idx.long()].clone()
-        if layer.param == "weight":  # structured again from the indices now in place
+        if layer.param == "weight" and not layer.conv:  # structured again from the indices in place
             set_structure(module, _structure(idx, tuple(full.shape)))
         layer.pending = None
         if values == "loaded":
@@ -245,7 +245,9 @@ def _exposed(module: nn.Module) -> frozenset[str]:
 
 def _role(module: nn.Module) -> str | None:
     layer = layer_of(module)
-    return None if layer is None else "side" if layer.quantized else "sparse"
+    if layer is None:
+        return None
+    return "side" if layer.quantized else "conv" if layer.conv else "sparse"
 
 
 @torch.no_grad()
@@ -263,7 +265,7 @@ def attach(t: TargetLayer, mask: Tensor, cfg: ShiraConfig) -> ShiraLayer:
         base = dense.reshape(-1)[idx.long()].clone()
         del dense
     else:
-        layer = ShiraLayer(t.name, module, t.transposed, t.param)
+        layer = ShiraLayer(t.name, module, t.transposed, t.param, conv=t.conv)
         # on meta (no data yet) the adapter's state waits on the CPU for the weights to arrive: a
         # CPU parameter keeps its identity through `to_empty` (a meta one would be replaced, and
         # with it whatever holds it: the registry, an optimizer, FSDP2's gradient hooks)
@@ -279,7 +281,7 @@ def attach(t: TargetLayer, mask: Tensor, cfg: ShiraConfig) -> ShiraLayer:
     module.register_buffer(layer.attr(INDICES), idx.to(device), persistent=False)
     module.register_buffer(layer.attr(BASE), base, persistent=False)
     module.__dict__.setdefault(LAYERS, {})[t.param] = layer
-    if t.param == "weight" and not t.quantized:
+    if t.param == "weight" and not t.quantized and not t.conv:
         module.__dict__[TRANSPOSED] = t.transposed
         set_structure(module, _structure(idx.to(device) if layer.pending is None else layer.pending,
                                          tuple(w.shape)))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops, registry
@@ -69,6 +70,7 @@ class ShiraLayer:
     param: str = "weight"  # which parameter of the module (e.g. "gate_up_proj" of MoE experts)
     # a quantized base (shira_fx.quantized kind): the adapter rides beside it, never fused
     quantized: str | None = None
+    conv: bool = False  # a convolution's (out, in / groups, *kernel) weight
     logical: tuple[int, int] | None = field(default=None, repr=False)  # its (out, in)
     # who writes `base + values` when the weight is not a plain tensor of this process
     # (shira_fx.distributed.fully_shard installs one for FSDP2's sharded weights)
@@ -228,10 +230,10 @@ def original_class(module: nn.Module) -> type:
     return getattr(type(module), ORIGINAL, type(module))
 
 
-def own_forward(module: nn.Module, x: Tensor) -> Tensor:
+def own_forward(module: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
     """The module's own forward, by its original class: the quantization library's op for a
     quantized base, whatever shira_fx installed over it; no hooks."""
-    return original_class(module).forward(module, x)
+    return original_class(module).forward(module, x, *args, **kwargs)
 
 
 def is_served(module: nn.Module) -> bool:
@@ -291,6 +293,29 @@ def sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
     return own_forward(self, x)
 
 
+def conv_forward(self: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+    """Forward of a prepared convolution: training goes through `sparse_conv` on the fused
+    weight (the input padded first unless the padding is symmetric zeros, so the op sees one
+    geometry), otherwise the module's own convolution."""
+    values = self._parameters[VALUES]
+    weight = self._parameters["weight"]
+    if not torch.compiler.is_compiling():
+        self.__dict__[LAYERS]["weight"].check_ready()
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            return own_forward(self, x, *args, **kwargs)
+    if not (torch.is_grad_enabled() and values.requires_grad):
+        return own_forward(self, x, *args, **kwargs)
+    dims = weight.dim() - 2
+    if self.padding_mode != "zeros" or isinstance(self.padding, str):
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+        padding = [0] * dims
+    else:
+        padding = list(self.padding)
+    return ops.sparse_conv(x, weight, self.bias, values, self._buffers[INDICES], list(self.stride), padding,
+                           list(self.dilation), self.groups)
+
+
 def side_forward(self: nn.Module, x: Tensor) -> Tensor:
     """Forward of a prepared quantized module: the quantization library's own layer, plus the
     adapter beside it, `x @ S.T` (the packed weight cannot hold base + delta)."""
@@ -328,7 +353,7 @@ def served_forward(self: nn.Module, x: Tensor) -> Tensor:
     return y
 
 
-FORWARDS = {"sparse": sparse_forward, "side": side_forward, "served": served_forward}
+FORWARDS = {"sparse": sparse_forward, "conv": conv_forward, "side": side_forward, "served": served_forward}
 
 
 # -- the adapter's property on adapted parameters ---------------------------------------------

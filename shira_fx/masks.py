@@ -335,7 +335,8 @@ def _calibrate(
                             f"build_masks: mask={kind!r}: the loss gradient at the output of "
                             f"{t.name!r} is not finite in calibration batch {b}"
                         )
-                    xy = (x.reshape(-1, t.in_features), gy.reshape(-1, t.out_features))
+                    # a convolution keeps its input and output gradient as they are
+                    xy = (x, gy) if t.conv else (x.reshape(-1, t.in_features), gy.reshape(-1, t.out_features))
                     per_target.setdefault(i, []).append(xy)
                 for i, xys in per_target.items():
                     xs, gys = zip(*xys, strict=True)
@@ -380,6 +381,8 @@ def _gradient_score(t: TargetLayer, pairs: Pairs, kind: str) -> torch.Tensor:
         )
     w = t.dense_weight().detach()
     dtype = _score_dtype(w)
+    if t.conv:
+        return _conv_gradient_score(t, w, pairs, kind, dtype)
     rows, cols = w.shape
     step = max(1, min(-(-rows // _SCRATCH_FRACTION), _SCRATCH_ELEMS // cols))
     score = torch.zeros(rows, cols, dtype=dtype, device=w.device)
@@ -402,4 +405,30 @@ def _gradient_score(t: TargetLayer, pairs: Pairs, kind: str) -> torch.Tensor:
         raise ShiraConfigError(
             f"build_masks: mask={kind!r}: the gradient statistic of {t.name!r} is not finite"
         )
+    return score
+
+
+def _conv_gradient_score(t: TargetLayer, w: torch.Tensor, pairs: Pairs, kind: str,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """`_gradient_score` of a convolution: each batch's weight gradient (the convolution's own,
+    weight-sized, one at a time), |.| summed (times |W| for snip)."""
+    m = t.module
+    score = torch.zeros(w.shape, dtype=dtype, device=w.device)
+    while pairs:
+        x, gy = pairs.pop()
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+            x = torch.nn.functional.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+            padding = [0] * (w.dim() - 2)
+        else:
+            padding = list(m.padding)
+        grad_w = torch.ops.aten.convolution_backward(
+            gy.to(dtype), x.to(dtype), w.to(dtype), None, list(m.stride), padding, list(m.dilation), False,
+            [0] * (w.dim() - 2), m.groups, [False, True, False])[1]
+        score.add_(grad_w.abs_())
+    if kind == "snip":
+        score.mul_(w.to(dtype).abs())
+    if not torch.isfinite(score.max()):
+        raise ShiraConfigError(f"build_masks: mask={kind!r}: the gradient statistic of {t.name!r} is "
+                               "not finite")
     return score

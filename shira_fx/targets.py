@@ -1,11 +1,14 @@
-"""Find the linear layers a `ShiraConfig` targets and how each stores its weight.
+"""Find the layers a `ShiraConfig` targets and how each stores its weight.
 
 nn.Linear stores W as (out, in) and computes x @ W.T; transformers' GPT-2 `Conv1D` stores
-W as (in, out) and computes x @ W. Indices are always flat offsets into W *as stored*.
+W as (in, out) and computes x @ W; nn.Conv1d / nn.Conv2d store (out, in / groups, *kernel),
+adapted as the (out, in / groups * kernel) matrix that view is. Indices are always flat
+offsets into W *as stored*. Default targets are linears; convolutions are adapted when named.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -51,22 +54,42 @@ class TargetLayer:
         return quantized.dequantized_weight(self.module) if self.quantized else self.weight
 
     @property
+    def conv(self) -> bool:
+        """A convolution's weight (Conv1d, Conv2d)."""
+        return self.param == "weight" and is_conv(self.module)
+
+    @property
     def experts(self) -> int:
         """How many (out, in) matrices the weight stacks (1 for a linear)."""
         return self.shape[0] if len(self.shape) == 3 else 1
 
     @property
     def out_features(self) -> int:
+        if self.conv:
+            return self.shape[0]
         return self.shape[-2 if not self.transposed else -1]
 
     @property
     def in_features(self) -> int:
+        """A convolution's fan-in: in / groups times the kernel."""
+        if self.conv:
+            return math.prod(self.shape[1:])
         return self.shape[-1 if not self.transposed else -2]
 
 
 def is_transposed(module: nn.Module) -> bool:
     """Whether the module stores its weight (in, out): transformers' GPT-2 `Conv1D`."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_conv(module: nn.Module) -> bool:
+    """nn.Conv1d or nn.Conv2d (and subclasses: diffusers' LoRACompatibleConv) with its weight."""
+    return isinstance(module, nn.Conv1d | nn.Conv2d) and isinstance(_weight(module), torch.Tensor)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """A layer whose weight can carry a SHiRA adapter: linear-like or a 1-D/2-D convolution."""
+    return is_linear_like(module) or is_conv(module)
 
 
 def _weight(module: nn.Module) -> object:
@@ -141,7 +164,7 @@ def find_targets(model: nn.Module, cfg: ShiraConfig) -> list[TargetLayer]:
             hit = bool(pats)
         if not hit:
             continue
-        if not is_linear_like(m):
+        if not (is_linear_like(m) if tm is None else is_adaptable(m)):
             if tm is None:
                 continue
             if hasattr(m, "base_layer"):  # a PEFT tuner layer (LoRA, ...) wrapping the linear
@@ -152,7 +175,8 @@ def find_targets(model: nn.Module, cfg: ShiraConfig) -> list[TargetLayer]:
                 )
             raise ShiraConfigError(
                 f"ShiraConfig.target_modules matches {name!r}, a {type(m).__name__}; only "
-                "nn.Linear and transformers Conv1D layers can carry a SHiRA adapter"
+                "nn.Linear, transformers Conv1D, nn.Conv1d and nn.Conv2d layers can carry a SHiRA "
+                "adapter"
             )
         found.append(TargetLayer(name, m, transposed=is_transposed(m),
                                  quantized=quantized.quantized_kind(m)))
@@ -211,7 +235,7 @@ def resolve_layer(model: nn.Module, name: str) -> TargetLayer | None:
     or a 3-D parameter named in full; None when the model has no such layer."""
     modules = dict(model.named_modules())
     module = modules.get(name)
-    if name and module is not None and is_linear_like(module):
+    if name and module is not None and is_adaptable(module):
         return TargetLayer(name, module, is_transposed(module), quantized=quantized.quantized_kind(module))
     owner, _, attr = name.rpartition(".")
     module = modules.get(owner)

@@ -76,7 +76,27 @@ def _segmented_cases():
                torch.tensor([0, 5, 12]), 6, 4, transposed)
 
 
+def _conv_cases():
+    for dtype, d, groups in [(torch.float32, 2, 1), (torch.float32, 1, 2), (torch.bfloat16, 2, 2)]:
+        w = _rand(6, 4 // groups, *([3] * d))
+        idx = _indices(w.numel(), 9)
+        x = _rand(2, 4, *([7] * d), dtype=dtype, grad=True)
+        yield x, w, _rand(6, grad=True), _rand(9, grad=True), idx, [2] * d, [1] * d, [1] * d, groups
+
+
+def _masked_conv_grad_cases():
+    for d, groups, dilation in [(2, 1, 1), (1, 2, 2)]:
+        shape = [6, 4 // groups, *([3] * d)]
+        x = _rand(2, 4, *([8] * d))
+        y = (torch.nn.functional.conv1d if d == 1 else torch.nn.functional.conv2d)(
+            x, torch.zeros(shape), None, 1, 1, dilation, groups)
+        idx = _indices(torch.Size(shape).numel(), 11)
+        yield x, _rand(*y.shape), idx, shape, [1] * d, [1] * d, [dilation] * d, groups
+
+
 CASES = {
+    "sparse_conv": _conv_cases,
+    "masked_conv_grad": _masked_conv_grad_cases,
     "sparse_linear": _sparse_linear_cases,
     "masked_grad": _masked_grad_cases,
     "scatter_": _scatter_cases,
@@ -129,6 +149,12 @@ def test_fake_kernels_name_the_operand_that_does_not_fit():
     with pytest.raises(RuntimeError, match=r"request_linear: row_adapters must be 1-D ints, one per"):
         _fake(OPS.request_linear, torch.randn(2, 3, 8), w, None, torch.tensor([0]), idx, vals,
               torch.tensor([0, 5]), False)
+    with pytest.raises(RuntimeError, match=r"sparse_conv: x has 3 channels; the weight \(6, 4, 3, 3\)"):
+        _fake(OPS.sparse_conv, torch.randn(2, 3, 7, 7), torch.randn(6, 4, 3, 3), None, vals, idx, [1, 1],
+              [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match=r"masked_conv_grad: grad_y has 5 channels, the weight 6 outputs"):
+        _fake(OPS.masked_conv_grad, torch.randn(2, 4, 7, 7), torch.randn(2, 5, 7, 7), idx, [6, 4, 3, 3],
+              [1, 1], [1, 1], [1, 1], 1)
     with pytest.raises(RuntimeError, match=r"side_segmented: seg_starts must have one more entry"):
         _fake(OPS.side_segmented, torch.randn(4, 8), torch.tensor([0, 4]), torch.tensor([0, 0]), idx, vals,
               torch.tensor([0, 5]), 6, 8, False)

@@ -21,10 +21,11 @@ _REPLAYABLE = {
     _aten.squeeze.dim, _aten.squeeze.dims, _aten.slice.Tensor, _aten.select.int,
     _aten.clone.default, _aten.alias.default, _aten._to_copy.default,
     _prims.convert_element_type.default,
-    # a LayerNorm output (post-LN BERT, pre-LN GPT-2/ViT) is rebuilt from its input and the
-    # mean and rstd that its own backward keeps anyway
-    _aten.native_layer_norm.default,
+    # a LayerNorm output (post-LN BERT, pre-LN GPT-2/ViT) or GroupNorm output (a UNet's
+    # resnets) is rebuilt from its input and the mean and rstd its own backward keeps anyway
+    _aten.native_layer_norm.default, _aten.native_group_norm.default,
 }
+_NORMS = (_aten.native_layer_norm.default, _aten.native_group_norm.default)
 
 
 def _replayable(node: fx.Node) -> bool:
@@ -65,6 +66,7 @@ def tag_sparse_linear_inputs(graph: fx.Graph) -> int:
 
     tagged: set[fx.Node] = set()
     ops_with_x = [*graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default),
+                  *graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_conv.default),
                   *graph.find_nodes(op="call_function", target=torch.ops.shira_fx.side_linear.default)]
     for node in ops_with_x:
         stack = [node.args[0]]
@@ -77,6 +79,6 @@ def tag_sparse_linear_inputs(graph: fx.Graph) -> int:
             n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
             n.meta["ac_graph_id"] = 0
             tagged.add(n)
-            if n.target is not _aten.native_layer_norm.default:  # its input is kept anyway
+            if n.target not in _NORMS:  # a norm's input is kept anyway
                 stack.extend(n.all_input_nodes)
     return len(tagged)

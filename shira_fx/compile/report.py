@@ -16,6 +16,8 @@ from torch import fx
 from .. import ops  # noqa: F401  (registers torch.ops.shira_fx)
 
 SPARSE_LINEAR = torch.ops.shira_fx.sparse_linear.default
+SPARSE_CONV = torch.ops.shira_fx.sparse_conv.default
+TRAINING_OPS = (SPARSE_LINEAR, SPARSE_CONV)  # the ops a prepared layer trains through
 
 
 @dataclass
@@ -138,7 +140,7 @@ def record_partition(report: RewriteReport, joint: fx.GraphModule, backward: fx.
     rebuilt = {n.name for n in backward.graph.nodes if n.op == "call_function"}
     primals = [n for n in joint.graph.nodes if n.op == "placeholder"]
     static = {primals[i].name for i in static_inputs or () if i < len(primals)}
-    for node in joint.graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default):
+    for node in joint.graph.find_nodes(op="call_function", target=SPARSE_LINEAR):
         static.update(t.name for t in node.args[6])  # the mask's structure: the module holds it anyway
     storages: dict[object, int | None] = {}
     for node in joint.graph.nodes:
@@ -150,7 +152,8 @@ def record_partition(report: RewriteReport, joint: fx.GraphModule, backward: fx.
     sizes = list(storages.values())
     report.held_tensors = len(sizes)
     report.held_bytes = None if None in sizes else sum(sizes)
-    for node in joint.graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default):
+    training = [n for op in TRAINING_OPS for n in joint.graph.find_nodes(op="call_function", target=op)]
+    for node in training:
         layer = node.meta.get("custom", {}).get("shira_layer", node.name)
         x = node.args[0]
         size = _readable_bytes(_tensor_bytes(x))

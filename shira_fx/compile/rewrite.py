@@ -20,7 +20,7 @@ from torch import fx
 from .. import registry
 from ..errors import ShiraTrainingError
 from ..layer import ShiraLayer
-from .report import SPARSE_LINEAR, RewriteReport
+from .report import SPARSE_LINEAR, TRAINING_OPS, RewriteReport
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
 MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.mm, torch.ops.aten.mm.default, "matmul", "mm")
@@ -97,7 +97,7 @@ def _sparse_calls(gm: fx.GraphModule, path=(), owners=None):
     call in `gm` and in the bodies of the higher-order ops it calls."""
     owners = owners or (gm,)
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is SPARSE_LINEAR:
+        if node.op == "call_function" and node.target in TRAINING_OPS:
             yield node, _outer(node.args[3], path, owners), bool(path)
         elif node.op == "call_function" and node.target in ENTERED_HOPS:
             body = _body(gm, node)
@@ -241,14 +241,14 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
             continue
         for weight in slot.weight:
             for use in list(weight.users):
-                if use.op == "call_function" and use.target is SPARSE_LINEAR and use.args[1] is weight:
+                if use.op == "call_function" and use.target in TRAINING_OPS and use.args[1] is weight:
                     continue
                 if use.op == "call_function" and use.target in ENTERED_HOPS:
                     body = _body(gm, use)
                     inner = [n for n in body.graph.nodes if n.op == "placeholder"] if body else []
                     slots = [i for i, a in enumerate(use.args[1:]) if a is weight]
                     if body is not None and all(
-                            all(u.target in (SPARSE_LINEAR, ALIAS) for u in inner[i].users) for i in slots):
+                            all(u.target in (*TRAINING_OPS, ALIAS) for u in inner[i].users) for i in slots):
                         continue
                     why = "its weight is used inside a checkpointed region other than by its module"
                 elif (alias := _alias_of(use, weight, slot)) is True:  # read, never used: drop it

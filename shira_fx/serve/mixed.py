@@ -94,9 +94,9 @@ def _pack(bank: Any, specs: list[dict[str, float] | None]) -> None:
     layers = [(ln, resolve_layer(bank.model, ln))
               for ln in sorted({ln for slots in bank._adapters.values() for ln in slots})]
     for ln, found in layers:
-        if found.param != "weight":
-            raise ShiraAdapterError(f"per_request: {ln!r} is a 3-D parameter (MoE experts); "
-                                    "mixed batches serve linear layers only")
+        if found.param != "weight" or found.conv:
+            what = "a convolution" if found.conv else "a 3-D parameter (MoE experts)"
+            raise ShiraAdapterError(f"per_request: {ln!r} is {what}; mixed batches serve linear layers only")
     singles = [{n: 1.0} for n in bank.names]
     served = [s for s in bank._served if all(n in bank._adapters for n in s)]
     wanted = [s for s in specs if s is not None and s not in singles]
