@@ -19,6 +19,15 @@ from . import quantized
 from .config import ShiraConfig
 from .errors import ShiraConfigError
 
+# What a style adapter of a diffusion model trains (`ShiraConfig(target_modules=...)`): in a
+# UNet (SD 1.5, SDXL) its attention projections, feed-forwards and resnet convolutions; in a
+# diffusion transformer (SD3, Flux) its joint attention's projections and feed-forwards.
+DIFFUSION_TARGETS = {
+    "unet": r".*(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|resnets\.\d+\.conv[12])$",
+    "transformer": r".*(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+                   r"|ff(_context)?\.net\.(0\.proj|2)|single_transformer_blocks\.\d+\.(proj_mlp|proj_out))$",
+}
+
 # Last name components that mark an output head of a model that is not a transformers model
 # (never targeted by default there).
 HEAD_NAMES = frozenset(
