@@ -157,6 +157,22 @@ def test_moe_smoke(results_dir):
     assert all(r["step_ms"] > 0 and r["held_for_backward_MiB"] > 0 for r in rows)
 
 
+@pytest.mark.slow
+def test_diffusion_smoke(results_dir):
+    """UNet style training (shira_fx and PEFT LoRA, eager and compiled, equal counts) and style
+    switching (fp32 and bf16, against diffusers' LoRA fused and unfused), every measure filled."""
+    pytest.importorskip("diffusers")
+    result = run_smoke("diffusion", results_dir)
+    rows = result["training"]
+    assert {(r["method"], r["mode"]) for r in rows} == {
+        (m, mode) for m in ("PEFT LoRA", "shira_fx") for mode in ("eager", "compiled")}
+    assert len({r["trainable"] for r in rows}) == 1
+    assert all(r["step_ms"] > 0 and r["held_MiB"] > 0 for r in rows)
+    switch = result["switching"]
+    assert [r["dtype"] for r in switch] == ["float32", "bfloat16"]
+    assert all(r["shira_nnz"] == r["lora_params"] and r["shira_switch_ms"] > 0 for r in switch)
+
+
 @pytest.fixture(scope="module")
 def quantized_result(tmp_path_factory) -> tuple[dict, Path]:
     """The 4-bit bench's smoke run in a folder of its own (test_plot expects exactly its four
