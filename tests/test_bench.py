@@ -173,6 +173,16 @@ def test_diffusion_smoke(results_dir):
     assert all(r["shira_nnz"] == r["lora_params"] and r["shira_switch_ms"] > 0 for r in switch)
 
 
+def test_conv_grad_smoke(results_dir):
+    """Both masked conv-gradient paths timed on every UNet-shaped layer, agreeing with each other,
+    and the cost model's pick and its regret reported for each."""
+    result = run_smoke("conv_grad", results_dir)
+    rows = result["rows"]
+    assert len(rows) == 12 and all(r["paths_agree"] for r in rows)
+    assert all(r["pick"] in ("sparse", "dense") and r["regret"] >= 1.0 for r in rows)
+    assert result["worst_regret"] == max(r["regret"] for r in rows)
+
+
 @pytest.fixture(scope="module")
 def quantized_result(tmp_path_factory) -> tuple[dict, Path]:
     """The 4-bit bench's smoke run in a folder of its own (test_plot expects exactly its four

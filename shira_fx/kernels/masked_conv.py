@@ -24,14 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masked_sddmm import masked_sddmm
+from .masked_sddmm import _CPU_GEMM_MACS, cpu_path_seconds, masked_sddmm
 
 PATHS = ("sparse", "dense")
-# CPU rates, per second (rough; only their ratios matter): masked multiply-adds through the
-# SDDMM paths, GEMM multiply-adds of the convolution's own weight gradient, elements copied
-# for a shifted input
-_SPARSE_MACS = 3e9
-_DENSE_MACS = 2.5e10
+# elements per second copied into a shifted input (a strided slice made contiguous); the SDDMMs
+# and the dense GEMM use masked_sddmm's CPU rates, so the two models cannot drift apart
 _COPY = 3e8
 
 
@@ -70,13 +67,17 @@ def _tokens(grad_y: Tensor) -> int:
 def choose_path(device: torch.device | str, x: Tensor, grad_y: Tensor, nnz: int,
                 weight_shape: list[int]) -> str:
     """The path the cost model picks: dense on CUDA (cuDNN's weight gradient); on the CPU the
-    cheaper of nnz x T gathered multiply-adds plus the shifted copies, and the dense GEMMs."""
+    cheaper of the dense GEMMs and, per kernel offset, one shifted copy of the input and the
+    masked SDDMM of its share of the elements (masked_sddmm's own estimate of its best path)."""
     if torch.device(device).type == "cuda":
         return "dense"
     T = _tokens(grad_y)
     kernel = math.prod(weight_shape[2:])
-    sparse = nnz * T / _SPARSE_MACS + kernel * T * x.shape[1] / _COPY
-    dense = math.prod(weight_shape) * T / _DENSE_MACS
+    out_c, in_c = weight_shape[0], x.shape[1]
+    per_offset = max(1, math.ceil(nnz / kernel))
+    sddmm = min(cpu_path_seconds(T, out_c, in_c, per_offset).values())
+    sparse = kernel * (sddmm + T * in_c / _COPY)
+    dense = math.prod(weight_shape) * T / _CPU_GEMM_MACS
     return "sparse" if sparse < dense else "dense"
 
 

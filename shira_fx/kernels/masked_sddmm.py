@@ -132,18 +132,25 @@ def choose_path(
         size = torch.finfo(dtype_a).bits // 8 + torch.finfo(dtype_b).bits // 8
         gather = m * T * size / _GPU_GATHER_BYTES
         return "triton_tiles" if tiles < gather else "triton_gather"
-    work = m * T
-    if work <= _TINY_WORK:
+    if m * T <= _TINY_WORK:
         return "torch_gather"
+    costs = cpu_path_seconds(T, A, B, m)
+    return min(costs, key=costs.get)
+
+
+def cpu_path_seconds(T: int, A: int, B: int, m: int) -> dict[str, float]:
+    """The CPU cost model's estimate, in seconds, of each path for m masked elements of a
+    (T, A) by (T, B) gradient (the row-dot where Inductor is available, else sampled_addmm):
+    what `choose_path` compares, and what the convolution's cost model sums per kernel offset."""
+    work = m * T
     rowdot = sddmm_inductor.available()
-    costs = {
+    return {
         "torch_gather": 2 * work / _CPU_GATHER,
         "dense_bands": min(math.ceil(A / CPU_TILE), m) * CPU_TILE * B * T / _CPU_GEMM_MACS,
         "inductor_rowdot" if rowdot else "sampled_addmm": (
             work / (_CPU_ROWDOT_MACS if rowdot else _CPU_SAMPLED_MACS) + T * (A + B) / _CPU_TRANSPOSE
             + math.ceil(T / sddmm_inductor.CHUNK) * _CPU_CALL),
     }
-    return min(costs, key=costs.get)
 
 
 def _remaining(a: Tensor, b: Tensor, flat: Tensor, ncols: int, tiles: tuple[Tensor, Tensor] | None,
