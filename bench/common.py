@@ -10,12 +10,15 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from shira_fx.memory import LiveTensorTracker, resident_state, saved_tensor_bytes
 from shira_fx.timing import median_ms  # noqa: F401  (the one timer, re-exported for the benches)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -240,6 +243,72 @@ def recompile_limit(at_least: int = 64) -> None:
     """Raise Dynamo's recompile limit: benches keep many rows compiled at once (interleaved
     timing), each compiling the same model frames, past the default of 8 per code object."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, at_least)
+
+
+# -- training rows, side by side -----------------------------------------------------------------
+
+
+class TrainingRow:
+    """One (method, mode) row of a training table. A subclass sets `model`, `params` (what
+    trains), `opt`, `method` and `mode` ("eager" or "compiled"), and defines `loss()`; `step`
+    times one optimizer step, `measure` the bytes held for backward (parameters and buffers
+    excluded) and, eagerly, the step's peak of live tensors (shira_fx's dispatch-level tracker,
+    one yardstick for every method; compiled graphs' own buffers bypass it)."""
+
+    model: torch.nn.Module
+    params: list[torch.Tensor]
+    opt: torch.optim.Optimizer
+    method: str
+    mode: str
+
+    def loss(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        self.loss().backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    def measure(self) -> dict[str, Any]:
+        held, loss = saved_tensor_bytes(self.loss, exclude=resident_state(self.model))
+        loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+        peak = None
+        if self.mode == "eager":
+            with LiveTensorTracker() as tracker:
+                self.step()
+            peak = tracker.peak_bytes / 2**20
+        return {"method": self.method, "mode": self.mode, "trainable": sum(p.numel() for p in self.params),
+                "held_for_backward_MiB": held / 2**20, "step_peak_MiB": peak}
+
+
+def train_side_by_side(rows: Sequence[TrainingRow], steps: int) -> list[dict[str, Any]]:
+    """Each row warmed up (compiled) and measured, then `steps` rounds of one timed step per
+    row, interleaved so that a shared machine's noise hits every row alike; each result gets
+    its median `step_ms`."""
+    results = []
+    for r in rows:
+        r.step()
+        results.append(r.measure())
+    times: list[list[float]] = [[] for _ in rows]
+    for _ in range(steps):
+        for r, t in zip(rows, times, strict=True):
+            t.append(r.step())
+    for result, t in zip(results, times, strict=True):
+        result["step_ms"] = statistics.median(t) * 1e3
+    return results
+
+
+def add_ratios_vs(results: list[dict[str, Any]], baseline: str, same: Sequence[str] = ("mode",)) -> None:
+    """`held_vs_lora`, `peak_vs_lora`, `step_vs_lora`: each result over the result of method
+    `baseline` that agrees with it on the keys `same`."""
+    for row in results:
+        base = next(x for x in results if x["method"] == baseline and all(x[k] == row[k] for k in same))
+        row["held_vs_lora"] = ratio(row["held_for_backward_MiB"], base["held_for_backward_MiB"])
+        row["peak_vs_lora"] = ratio(row["step_peak_MiB"], base["step_peak_MiB"])
+        row["step_vs_lora"] = ratio(row["step_ms"], base["step_ms"])
 
 
 # -- what every bench reports --------------------------------------------------------------------

@@ -16,9 +16,7 @@
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
@@ -26,6 +24,8 @@ import torch
 import shira_fx
 from bench.common import (
     BenchParser,
+    TrainingRow,
+    add_ratios_vs,
     bench_result,
     describe,
     fmt,
@@ -34,13 +34,10 @@ from bench.common import (
     print_table,
     ratio,
     save,
+    train_side_by_side,
     verdict,
 )
-from shira_fx.memory import LiveTensorTracker, resident_state, saved_tensor_bytes
 from shira_fx.targets import DIFFUSION_TARGETS
-
-# what diffusers' LoRA (PEFT) targets for the same layers: names matched as suffixes
-LORA_TARGETS = r".*(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|resnets\.\d+\.conv[12])$"
 
 
 def unet(channels: tuple[int, ...], cross: int, layers: int = 1, dtype: torch.dtype = torch.float32):
@@ -59,12 +56,13 @@ def unet(channels: tuple[int, ...], cross: int, layers: int = 1, dtype: torch.dt
 def _lora(model, r: int, name: str = "default") -> list[torch.nn.Parameter]:
     from peft import LoraConfig
 
-    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=LORA_TARGETS, init_lora_weights="gaussian")
+    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=DIFFUSION_TARGETS["unet"],  # the same layers
+                     init_lora_weights="gaussian")
     model.add_adapter(cfg, adapter_name=name)
     return [p for p in model.parameters() if p.requires_grad]
 
 
-class Trainer:
+class Trainer(TrainingRow):
     """One (method, mode) row of the training table."""
 
     def __init__(self, method: str, mode: str, args):
@@ -85,48 +83,15 @@ class Trainer:
                       "timestep": torch.randint(0, 1000, (args.batch,), generator=g),
                       "encoder_hidden_states": torch.randn(args.batch, 8, args.cross, generator=g)}
         self.run = self.model if mode == "eager" else torch.compile(self.model, backend=backend)
-        self.times: list[float] = []
 
     def loss(self) -> torch.Tensor:
         return self.run(**self.batch).sample.pow(2).mean()
 
-    def step(self) -> float:
-        t0 = time.perf_counter()
-        self.loss().backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
-    def measure(self) -> dict:
-        held, loss = saved_tensor_bytes(self.loss, exclude=resident_state(self.model))
-        loss.backward()
-        self.opt.zero_grad(set_to_none=True)
-        peak = None
-        if self.mode == "eager":
-            with LiveTensorTracker() as tracker:
-                self.loss().backward()
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-            peak = tracker.peak_bytes / 2**20
-        return {"method": self.method, "mode": self.mode, "trainable": sum(p.numel() for p in self.params),
-                "held_MiB": held / 2**20, "step_peak_MiB": peak}
-
 
 def training(args) -> list[dict]:
     runners = [Trainer(m, mode, args) for mode in ("eager", "compiled") for m in ("PEFT LoRA", "shira_fx")]
-    rows = []
-    for r in runners:
-        r.step()  # warm-up (compiles)
-        rows.append(r.measure())
-    for _ in range(args.steps):  # interleaved rounds: a shared machine's noise hits all alike
-        for r in runners:
-            r.times.append(r.step())
-    for r, row in zip(runners, rows, strict=True):
-        row["step_ms"] = statistics.median(r.times) * 1e3
-    for row in rows:
-        lora = next(x for x in rows if x["mode"] == row["mode"] and x["method"] == "PEFT LoRA")
-        for key in ("held_MiB", "step_peak_MiB", "step_ms"):
-            row[f"{key}_vs_lora"] = ratio(row[key], lora[key])
+    rows = train_side_by_side(runners, args.steps)
+    add_ratios_vs(rows, "PEFT LoRA")
     return rows
 
 
@@ -211,9 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"r={args.r} and SHiRA at its count; compiled with {args.compiler}; {describe(info)}",
         ["method", "mode", "trainable", "held MiB", "/ LoRA", "eager peak MiB", "/ LoRA", "step ms",
          "/ LoRA"],
-        [[r["method"], r["mode"], f"{r['trainable']:,}", fmt(r["held_MiB"], ".1f"),
-          fmt(r["held_MiB_vs_lora"]), fmt(r["step_peak_MiB"], ".1f"), fmt(r["step_peak_MiB_vs_lora"]),
-          fmt(r["step_ms"], ".0f"), fmt(r["step_ms_vs_lora"])] for r in train_rows], align="llrrrrrrr")
+        [[r["method"], r["mode"], f"{r['trainable']:,}", fmt(r["held_for_backward_MiB"], ".1f"),
+          fmt(r["held_vs_lora"]), fmt(r["step_peak_MiB"], ".1f"), fmt(r["peak_vs_lora"]),
+          fmt(r["step_ms"], ".0f"), fmt(r["step_vs_lora"])] for r in train_rows], align="llrrrrrrr")
     switch_rows = [_switch_row(dtype, args) for dtype in (torch.float32, torch.bfloat16)]
     print_table(
         f"Style switch on a UNet with block_out_channels {tuple(args.switch_channels)} (SD 1.5's shape), "
@@ -224,8 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
           fmt(r["lora_fuse_unfuse_ms"], ".1f"), fmt(r["lora_set_adapters_ms"], ".2f"),
           fmt(r["vs_fuse_unfuse"], ".3f"), fmt(r["vs_set_adapters"])] for r in switch_rows], align="lrrrrrrr")
     shira = [r for r in train_rows if r["method"] == "shira_fx"]
-    print(f"{verdict(all(r['held_MiB_vs_lora'] <= 1.0 for r in shira))}: held for backward <= PEFT LoRA's")
-    print(f"{verdict(all(r['step_ms_vs_lora'] <= 1.0 for r in shira))}: step time <= 1.0x PEFT LoRA's")
+    print(f"{verdict(all(r['held_vs_lora'] <= 1.0 for r in shira))}: held for backward <= PEFT LoRA's")
+    print(f"{verdict(all(r['step_vs_lora'] <= 1.0 for r in shira))}: step time <= 1.0x PEFT LoRA's")
     fast_switch = all(r["vs_fuse_unfuse"] <= 0.1 for r in switch_rows)
     print(f"{verdict(fast_switch)}: switch <= 0.1x LoRA unfuse + fuse")
     return save(args, bench_result("diffusion", info, args, training=train_rows, switching=switch_rows))

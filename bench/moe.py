@@ -11,14 +11,21 @@ interleaved in rounds, eager and compiled with aot_eager).
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 import shira_fx
-from bench.common import BenchParser, bench_result, describe, fmt, machine, print_table, ratio, save
-from shira_fx.memory import LiveTensorTracker, resident_state, saved_tensor_bytes
+from bench.common import (
+    BenchParser,
+    TrainingRow,
+    add_ratios_vs,
+    bench_result,
+    describe,
+    fmt,
+    machine,
+    print_table,
+    save,
+    train_side_by_side,
+)
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -55,7 +62,7 @@ def variant(arch: str, method: str, args):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-class Runner:
+class Runner(TrainingRow):
     def __init__(self, arch: str, method: str, mode: str, args):
         self.arch, self.method, self.mode = arch, method, mode
         self.model, self.params = variant(arch, method, args)
@@ -64,33 +71,12 @@ class Runner:
         self.ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
         backend = shira_fx.backend(inner="aot_eager") if method == "shira_fx" else "aot_eager"
         self.run = self.model if mode == "eager" else torch.compile(self.model, backend=backend)
-        self.times: list[float] = []
 
     def loss(self) -> torch.Tensor:
         return self.run(input_ids=self.ids, labels=self.ids).loss
 
-    def step(self) -> float:
-        t0 = time.perf_counter()
-        self.loss().backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
     def measure(self) -> dict:
-        state = resident_state(self.model)
-        held, loss = saved_tensor_bytes(self.loss, exclude=state)
-        loss.backward()
-        self.opt.zero_grad(set_to_none=True)
-        peak = None
-        if self.mode == "eager":
-            with LiveTensorTracker() as tracker:
-                self.loss().backward()
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
-            peak = tracker.peak_bytes / 2**20
-        return {"arch": self.arch, "method": self.method, "mode": self.mode,
-                "trainable": sum(p.numel() for p in self.params), "held_for_backward_MiB": held / 2**20,
-                "step_peak_MiB": peak}
+        return {"arch": self.arch, **super().measure()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -103,21 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse(argv, smoke=dict(hidden=64, layers=1, experts=4, vocab=64, seq=16, steps=1))
     runners = [Runner(a, m, mode, args) for a in args.archs.split(",")
                for m in ("PEFT LoRA", "shira_fx") for mode in ("eager", "compiled")]
-    rows = []
-    for r in runners:
-        r.step()  # warm-up (compiles)
-        rows.append(r.measure())
-    for _ in range(args.steps):  # interleaved rounds: a shared machine's noise hits all alike
-        for r in runners:
-            r.times.append(r.step())
-    for r, row in zip(runners, rows, strict=True):
-        row["step_ms"] = statistics.median(r.times) * 1e3
-    for row in rows:
-        lora = next(x for x in rows if x["arch"] == row["arch"] and x["mode"] == row["mode"]
-                    and x["method"] == "PEFT LoRA")
-        row["held_vs_lora"] = ratio(row["held_for_backward_MiB"], lora["held_for_backward_MiB"])
-        row["peak_vs_lora"] = ratio(row["step_peak_MiB"], lora["step_peak_MiB"])
-        row["step_vs_lora"] = ratio(row["step_ms"], lora["step_ms"])
+    rows = train_side_by_side(runners, args.steps)
+    add_ratios_vs(rows, "PEFT LoRA", same=("arch", "mode"))
     info = machine()
     print_table(
         f"MoE from configs: hidden {args.hidden}, {args.layers} layers, {args.experts} experts (top 2), "

@@ -167,7 +167,7 @@ def test_diffusion_smoke(results_dir):
     assert {(r["method"], r["mode"]) for r in rows} == {
         (m, mode) for m in ("PEFT LoRA", "shira_fx") for mode in ("eager", "compiled")}
     assert len({r["trainable"] for r in rows}) == 1
-    assert all(r["step_ms"] > 0 and r["held_MiB"] > 0 for r in rows)
+    assert all(r["step_ms"] > 0 and r["held_for_backward_MiB"] > 0 for r in rows)
     switch = result["switching"]
     assert [r["dtype"] for r in switch] == ["float32", "bfloat16"]
     assert all(r["shira_nnz"] == r["lora_params"] and r["shira_switch_ms"] > 0 for r in switch)
