@@ -183,6 +183,18 @@ def test_conv_grad_smoke(results_dir):
     assert result["worst_regret"] == max(r["regret"] for r in rows)
 
 
+@pytest.mark.slow
+def test_verify_smoke(results_dir):
+    """The check on and off, each row from a fresh process and an empty Inductor cache: the
+    check runs on every training graph when on, never when off, and finds them right."""
+    rows = run_smoke("verify", results_dir)["rows"]
+    off, on = rows
+    assert (off["verify"], on["verify"]) == (False, True)
+    assert off["graphs_checked"] == 0 and on["graphs_checked"] >= 1
+    assert on["worst_relative_error"] < 1e-3
+    assert all(r["first_step_s"] > 0 and r["step_ms"] > 0 for r in rows)
+
+
 @pytest.fixture(scope="module")
 def quantized_result(tmp_path_factory) -> tuple[dict, Path]:
     """The 4-bit bench's smoke run in a folder of its own (test_plot expects exactly its four
