@@ -41,8 +41,12 @@ from shira_fx.targets import DIFFUSION_TARGETS
 
 
 def unet(channels: tuple[int, ...], cross: int, layers: int = 1, dtype: torch.dtype = torch.float32):
+    """A UNet of these widths from a config, seeded, in `dtype` (diffusers' note that a cast
+    model may need fp32 modules is about pretrained checkpoints: silenced)."""
     from diffusers import UNet2DConditionModel
+    from diffusers.utils import logging
 
+    logging.set_verbosity_error()
     torch.manual_seed(0)
     blocks = len(channels)
     down = ("CrossAttnDownBlock2D",) * (blocks - 1) + ("DownBlock2D",)
