@@ -1,0 +1,106 @@
+"""The project's own random generator and the uniform k-subset of [0, n) the rand mask is.
+
+A shira_fx file stores a rand mask as its recipe (seed, layer name, count), so the mask must
+come out bit for bit the same from any torch or numpy release, on any machine. torch's
+`randint`/`randperm` streams carry no such promise; this module defines its own: splitmix64
+over a counter (numpy uint64 arithmetic, modulo 2^64 by definition), an exact integer
+reduction to [0, n), and sorts of values only (never of keys that may tie), so every step
+has one possible result. `ALGORITHM` names this definition; files record it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+ALGORITHM = 1
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's counter increment
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_CHILD = 0xD1B54A32D192ED03  # derives the key of a sub-draw from its parent's
+_LOW32 = np.uint64(0xFFFFFFFF)
+_DENSE_FRACTION = 4  # above numel / 4 draws, rank every position instead of drawing
+_MAX_N = 2**31  # offsets are int32
+
+
+def key_of(seed: int, name: str) -> int:
+    """The 64-bit key of one layer's stream: from the config's seed and the layer's name."""
+    digest = hashlib.sha256(f"shira_fx rand {ALGORITHM}|{seed}|{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output function (a bijection of uint64 with full avalanche)."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def stream(key: int, start: int, count: int) -> np.ndarray:
+    """Words `start .. start + count - 1` of the key's stream (uint64): splitmix64 seeded
+    with `key`, computed directly from the counter, so any slice costs only its length."""
+    counter = np.arange(start + 1, start + count + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return _mix(counter * _GOLDEN + np.uint64(key))
+
+
+def _below(words: np.ndarray, n: int) -> np.ndarray:
+    """floor(word * n / 2^64) for n <= 2^31, exactly, in uint64 arithmetic (int32): uniform
+    in [0, n) to within n / 2^64 (no modulo bias worth the name)."""
+    m = np.uint64(n)
+    hi, lo = words >> np.uint64(32), words & _LOW32
+    return ((hi * m + ((lo * m) >> np.uint64(32))) >> np.uint64(32)).astype(np.int32)
+
+
+def _by_rank(n: int, k: int, key: int) -> np.ndarray:
+    """The k positions of [0, n) whose stream words are smallest (ties to the lower position):
+    a word's top bits above the position's bits make every sort key distinct."""
+    if k == n:
+        return np.arange(n, dtype=np.int32)
+    bits = max(1, (n - 1).bit_length())
+    words = stream(key, 0, n) >> np.uint64(bits + 1)
+    ranked = (words << np.uint64(bits)).astype(np.int64) | np.arange(n, dtype=np.int64)
+    return np.sort(np.sort(ranked)[:k] & ((1 << bits) - 1))
+
+
+def _distinct(sorted_values: np.ndarray) -> np.ndarray:
+    if sorted_values.size < 2:
+        return sorted_values
+    return sorted_values[np.concatenate(([True], sorted_values[1:] != sorted_values[:-1]))]
+
+
+def _sample(n: int, k: int, key: int) -> np.ndarray:
+    if k * _DENSE_FRACTION > n:
+        return _by_rank(n, k, key)
+    picked = np.empty(0, dtype=np.int32)
+    used = 0
+    while picked.size < k:
+        need = k - picked.size
+        repeats = need * (2 * picked.size + need) // (2 * n)
+        count = need + repeats + 4 * math.isqrt(repeats) + 16
+        draws = _below(stream(key, used, count), n)
+        used += count
+        picked = _distinct(np.sort(np.concatenate([picked, draws])))
+    surplus = picked.size - k
+    if surplus:
+        keep = np.ones(picked.size, dtype=bool)
+        child = int(_mix(np.array([key ^ _CHILD], dtype=np.uint64))[0])
+        keep[_sample(picked.size, surplus, child)] = False
+        picked = picked[keep]
+    return picked
+
+
+def sample(n: int, k: int, key: int) -> np.ndarray:
+    """k distinct positions of [0, n), sorted (int32), uniformly random given `key`.
+
+    Draws with replacement, deduplicated and topped up until at least k are distinct (the
+    distinct draws are a uniform subset given their number), then a uniform subset of the
+    surplus is dropped (drawn the same way under a derived key). Each round draws what is
+    missing plus the duplicates it should expect (and 4 of their standard deviations), so
+    the surplus stays small. O(k) memory; above n / 4 every position is ranked instead.
+    Sorts are numpy's (of values, so any sort algorithm gives the same result); numpy runs
+    single-threaded, so a busy machine does not slow the small sorts down as torch's can."""
+    if not 0 <= k <= n <= _MAX_N:
+        raise ValueError(f"sample: need 0 <= k <= n <= 2^31, found k={k}, n={n}")
+    return _sample(n, k, key).astype(np.int32, copy=False)
