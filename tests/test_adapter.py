@@ -98,7 +98,7 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
         open(filename, "wb").write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("shira_fx.adapter_files.save_file", boom)
+    monkeypatch.setattr("shira_fx.atomic.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         adapter.save(path)
     assert path.read_bytes() == before

@@ -57,7 +57,7 @@ def _is_application(module: str) -> bool:
 # only modules of rooms listed before its own, or of its own room (a subpackage's files)
 ROOMS = [
     "errors", "config", "quantized", "targets", "sampler", "masks", "index_codes", "registry", "kernels",
-    "ops", "adapter_files",
+    "ops", "atomic", "adapter_files",
     "layer", "attach", "memory", "adapter", "train", "checkpoint", "distributed", "compile", "serve",
     "timing", "datasets", "finetune", "cli", "__main__",
 ]
