@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 
 import shira_fx
 from shira_fx import ShiraAdapterError
-from tests import tiny_models
+from tests import file_kit, tiny_models
 from tests.conftest import budget
 
 pytestmark = pytest.mark.fuzz
@@ -50,8 +50,7 @@ def setup(tmp_path_factory):
         with torch.no_grad():
             for layer in adapter.layers.values():
                 layer.values.copy_(torch.randn(layer.values.shape, generator=g) * 0.1)
-        adapter.save(folder / f"{kind}.safetensors")
-        files = {"shira": (folder / f"{kind}.safetensors").read_bytes()}
+        files = {"shira": file_kit.v1_bytes(adapter)}
         if kind == "mlp":
             adapter.to_peft(folder / "peft")
             files["peft_config"] = (folder / "peft" / "adapter_config.json").read_bytes()
