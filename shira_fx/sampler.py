@@ -70,12 +70,28 @@ def _distinct(sorted_values: np.ndarray) -> np.ndarray:
     return sorted_values[np.concatenate(([True], sorted_values[1:] != sorted_values[:-1]))]
 
 
+def _first_distinct(n: int, k: int, key: int) -> np.ndarray:
+    """The first k distinct values in [0, n) of the key's stream (a uniform k-subset), sorted:
+    its definition does not depend on how many words are drawn to find them."""
+    count = 2 * k + 16
+    while True:
+        draws = _below(stream(key, 0, count), n).astype(np.int64)
+        ranked = np.sort((draws << 32) | np.arange(count, dtype=np.int64))  # by value, then position
+        values = ranked >> 32
+        first = np.concatenate(([True], values[1:] != values[:-1]))
+        if int(first.sum()) >= k:
+            break
+        count *= 2
+    at = ranked[first] & 0xFFFFFFFF  # where each value first appears
+    return values[first][at <= np.partition(at, k - 1)[k - 1]]
+
+
 def _sample(n: int, k: int, key: int) -> np.ndarray:
     if k * _DENSE_FRACTION > n:
         return _by_rank(n, k, key)
     picked = np.empty(0, dtype=np.int32)
     used = 0
-    while picked.size < k:
+    while picked.size < k:  # how many words each round draws is part of the definition
         need = k - picked.size
         repeats = need * (2 * picked.size + need) // (2 * n)
         count = need + repeats + 4 * math.isqrt(repeats) + 16
@@ -86,7 +102,7 @@ def _sample(n: int, k: int, key: int) -> np.ndarray:
     if surplus:
         keep = np.ones(picked.size, dtype=bool)
         child = int(_mix(np.array([key ^ _CHILD], dtype=np.uint64))[0])
-        keep[_sample(picked.size, surplus, child)] = False
+        keep[_first_distinct(picked.size, surplus, child)] = False
         picked = picked[keep]
     return picked
 
@@ -95,10 +111,10 @@ def sample(n: int, k: int, key: int) -> np.ndarray:
     """k distinct positions of [0, n), sorted (int32), uniformly random given `key`.
 
     Draws with replacement, deduplicated and topped up until at least k are distinct (the
-    distinct draws are a uniform subset given their number), then a uniform subset of the
-    surplus is dropped (drawn the same way under a derived key). Each round draws what is
-    missing plus the duplicates it should expect (and 4 of their standard deviations), so
-    the surplus stays small. O(k) memory; above n / 4 every position is ranked instead.
+    distinct draws are a uniform subset given their number), then a surplus is dropped: the
+    first distinct draws of a derived key's stream, as positions among them. Each round draws
+    what is missing plus the duplicates it should expect (and 4 of their standard deviations),
+    so the surplus stays small. O(k) memory; above n / 4 every position is ranked instead.
     Sorts are numpy's (of values, so any sort algorithm gives the same result); numpy runs
     single-threaded, so a busy machine does not slow the small sorts down as torch's can."""
     if not 0 <= k <= n <= _MAX_N:
