@@ -63,11 +63,12 @@ def fingerprint(indices: Tensor, base: Tensor) -> str:
 
 
 def check_layer_tensors(idx: Tensor, vals: Tensor, shape: tuple[int, ...],
-                        nnz: int | None = None) -> tuple[Tensor, Tensor]:
+                        nnz: int | None = None, decoded: bool = False) -> tuple[Tensor, Tensor]:
     """One layer's indices and values as an adapter may hold them: 1-D integer indices, sorted,
     unique and in range for a weight of `shape` (as stored), as many 1-D finite float values
     (`nnz` of each when given). Returns (int64 indices, values); raises ValueError naming the
-    problem (callers add the file and layer)."""
+    problem (callers add the file and layer). `decoded`: the indices come from an index code
+    decoded for this shape, which has checked their order and range (and their checksum)."""
     if not isinstance(idx, Tensor) or idx.dtype not in INDEX_DTYPES:
         raise ValueError(f"indices must be integers (int32/int64), found {getattr(idx, 'dtype', idx)!r:.40}")
     if not isinstance(vals, Tensor) or vals.dtype not in FLOAT_DTYPES or vals.dim() != 1:
@@ -84,10 +85,10 @@ def check_layer_tensors(idx: Tensor, vals: Tensor, shape: tuple[int, ...],
     for size in shape:
         numel *= int(size)
     idx = idx.long()
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-        raise ValueError(f"index out of range [0, {numel}) for a weight of shape {tuple(shape)}")
-    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+    if not decoded and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
         raise ValueError("indices are not sorted and unique (a duplicate or out of order)")
+    if not decoded and idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel):  # sorted: the ends
+        raise ValueError(f"index out of range [0, {numel}) for a weight of shape {tuple(shape)}")
     if not bool(torch.isfinite(vals.float()).all()):
         raise ValueError("values contain NaN or Inf (or overflow fp32)")
     return idx, vals
@@ -127,11 +128,13 @@ class StoredAdapter:
     """An adapter kept out of any model: its config and layer specs, with indices and values
     read (and validated) only when `tensors` asks for a layer."""
 
-    def __init__(self, source: str, cfg: ShiraConfig, layers: dict[str, LayerSpec], reader):
+    def __init__(self, source: str, cfg: ShiraConfig, layers: dict[str, LayerSpec], reader,
+                 decodes: bool = False):
         self.source = source
         self.cfg = cfg
         self.layers = layers
         self._reader = reader  # (layer name) -> (raw indices, raw values)
+        self._decodes = decodes  # the reader's indices are decoded and checked for each spec's shape
 
     @classmethod
     def in_memory(cls, source: str, cfg: ShiraConfig, layers: dict[str, LayerSpec],
@@ -157,7 +160,8 @@ class StoredAdapter:
         try:
             if isinstance(idx, Tensor) and idx.dim() == 2:
                 idx, vals = _peft_flat(idx, vals, shape)
-            idx, vals = check_layer_tensors(idx, vals, shape, spec.nnz)
+            decoded = self._decodes and tuple(shape) == spec.shape
+            idx, vals = check_layer_tensors(idx, vals, shape, spec.nnz, decoded)
         except ValueError as e:
             raise self.error(str(e), name) from None
         return idx, vals.float()
@@ -315,7 +319,7 @@ def _load_v2(path: str, cfg: ShiraConfig, table: Any, shapes: dict[str, tuple]) 
             data = f.get_slice("indices")[start: start + size] if size else torch.empty(0, dtype=torch.uint8)
         return decode(code, data.numpy(), spec.nnz, spec.shape, spec.transposed, name, cfg.seed), vals
 
-    return StoredAdapter(path, cfg, layers, read)
+    return StoredAdapter(path, cfg, layers, read, decodes=True)
 
 
 def _load_peft_dir(path: str) -> StoredAdapter:

@@ -161,8 +161,9 @@ class AdapterBank:
             stored = load_adapter(source)
         slots = {}
         beside = []
+        modules = dict(self.model.named_modules())
         for layer_name, spec in stored.layers.items():
-            found = resolve_layer(self.model, layer_name)
+            found = resolve_layer(self.model, layer_name, modules)
             if found is None:
                 raise stored.error("no linear layer (or 3-D parameter) of this name in the model "
                                    "(an adapter for another model?)", layer_name)
@@ -261,8 +262,9 @@ class AdapterBank:
         names = sorted(spec)
         layer_names = sorted({ln for n in names for ln in self._adapters[n]})
         plan = _Plan([], [], [], [])
+        modules = dict(self.model.named_modules())
         for ln in layer_names:
-            found = resolve_layer(self.model, ln)
+            found = resolve_layer(self.model, ln, modules)
             w = found.weight
             parts = [(self._adapters[n][ln], spec[n]) for n in names if ln in self._adapters[n]]
             if found.quantized:  # nothing is written into it: only a device and dtype are read
