@@ -1,9 +1,10 @@
 """Index codes: how a shira_fx file (format 2) stores one layer's indices, the sorted unique
 flat offsets into its weight as stored, exactly and in as few bytes as it can.
 
-- ``rand``: the recipe alone, args ``[generator version]``. The mask is regenerated from the
-  config's seed, the layer's name and its count by `masks.rand_mask` (the project's own
-  generator, `sampler`).
+- ``rand``: the recipe alone, args ``[generator version, matrices]``. The mask is
+  regenerated from the config's seed, the layer's name and its count by `masks.rand_mask`
+  (the project's own generator, `sampler`); `matrices` is how many equal blocks (MoE experts)
+  each take a share of the count.
 - ``struct``: what a struct mask is, args ``[diagonal 0/1, rows, cols, runs]``: whole logical
   rows and columns (lists), the diagonal, and the rest as runs of consecutive logical offsets
   (a list of their boundaries: start, end, start, end, ... strictly increasing, so a partial
@@ -39,7 +40,7 @@ from . import sampler
 from .masks import rand_mask
 
 CODES = ("rand", "struct", "gaps", "int32")
-_ARGS = {"rand": 1, "struct": 4, "gaps": 4, "int32": 0}
+_ARGS = {"rand": 2, "struct": 4, "gaps": 4, "int32": 0}
 _CHECK_DIGITS = 16  # 64 bits of sha256: a regenerated mask that differs is never taken as it
 _MAX_OFFSET = 2**31 - 1  # offsets are int32
 _MAX_B = 31
@@ -284,11 +285,14 @@ def _checked(code: IndexCode, nnz: int, shape: tuple[int, ...], transposed: bool
         raise IndexCodeError(f"check must be {_CHECK_DIGITS} hex digits, found {check!r:.40}")
     numel = math.prod(shape)
     if kind == "rand":
-        if type(args[0]) is not int or args[0] != sampler.ALGORITHM:
-            raise IndexCodeError(f"rand code of generator version {args[0]!r:.20}; this shira_fx "
+        version, matrices = args
+        if type(version) is not int or version != sampler.ALGORITHM:
+            raise IndexCodeError(f"rand code of generator version {version!r:.20}; this shira_fx "
                                  f"has version {sampler.ALGORITHM}")
-        if numel > _MAX_OFFSET or nnz % (shape[0] if len(shape) == 3 else 1):
-            raise IndexCodeError(f"a rand recipe cannot give {nnz} offsets in a weight of shape {shape}")
+        if (type(matrices) is not int or matrices < 1 or numel > _MAX_OFFSET or numel % matrices
+                or nnz % matrices or nnz // matrices > numel // matrices):
+            raise IndexCodeError(f"a rand recipe cannot give {nnz} offsets in {matrices!r:.20} blocks "
+                                 f"of a weight of shape {shape}")
         return 0, []
     if kind == "int32":
         return 4 * nnz, []
@@ -313,10 +317,8 @@ def decode(code: IndexCode, data: np.ndarray, nnz: int, shape: tuple[int, ...], 
         raise IndexCodeError(f"the {code.kind} code takes {size} bytes, found {data.size}")
     numel = math.prod(shape)
     if code.kind == "rand":
-        matrices = shape[0] if len(shape) == 3 else 1
-        if nnz // matrices > numel // matrices:
-            raise IndexCodeError(f"a rand recipe of {nnz} offsets does not fit shape {shape}")
-        x = rand_mask(tuple(shape), nnz // matrices, seed, name).numpy()
+        matrices = code.args[1]
+        x = rand_mask(numel, nnz // matrices, seed, name, matrices).numpy()
     elif code.kind == "int32":
         x = data.view("<i4")
         if x.size and (x[0] < 0 or x[-1] >= numel or not bool((x[1:] > x[:-1]).all())):
@@ -349,10 +351,15 @@ def encode(indices: torch.Tensor, shape: tuple[int, ...], transposed: bool, name
     check = checksum(x)
     empty = np.empty(0, dtype=np.uint8)
     options: list[tuple[int, IndexCode, Callable[[], np.ndarray]]] = []
-    matrices = shape[0] if len(shape) == 3 else 1
-    if "rand" in kinds and rand_seed is not None and x.size % matrices == 0:
-        if np.array_equal(rand_mask(tuple(shape), x.size // matrices, rand_seed, name).numpy(), x):
-            options.append((0, IndexCode("rand", [sampler.ALGORITHM], check), lambda: empty))
+    # a rand recipe: one matrix, or (a 3-D parameter) one block per expert
+    recipes = sorted({1, shape[0] if len(shape) == 3 else 1})
+    if "rand" not in kinds or rand_seed is None or numel > _MAX_OFFSET:
+        recipes = []
+    for matrices in recipes:
+        if x.size % matrices == 0 and np.array_equal(
+                rand_mask(numel, x.size // matrices, rand_seed, name, matrices).numpy(), x):
+            options.append((0, IndexCode("rand", [sampler.ALGORITHM, matrices], check), lambda: empty))
+            break
     found = _structure(x, shape, transposed) if "struct" in kinds else None
     if found is not None:
         entries, packers = zip(*(_list_code(v) for v in (found[0], found[1], found[3])), strict=True)

@@ -79,7 +79,7 @@ def build_masks(
     for t in bar:
         k = cfg.budget(t.out_features, t.in_features)
         if kind == "rand":
-            masks[t.name] = rand_mask(t.shape, k, cfg.seed, t.name)
+            masks[t.name] = rand_mask(math.prod(t.shape), k, cfg.seed, t.name, t.experts)
         elif t.param != "weight":  # stacked experts: a mask over each expert's matrix
             masks[t.name] = _stacked_mask(t, k, cfg)
         elif kind == "struct":
@@ -136,17 +136,18 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def rand_mask(shape: tuple[int, ...], k: int, seed: int, name: str) -> torch.Tensor:
-    """The rand mask of a weight of `shape` (as stored): k uniformly random distinct offsets
-    per matrix, sorted int32. A 2-D weight is one matrix, keyed by (seed, name); a 3-D
-    parameter stacks one per expert, keyed by (seed, f"{name}[{e}]") and shifted by expert
-    e's offset. Drawn by `shira_fx.sampler` in O(k) memory, the same on every torch release,
-    so an adapter file stores it as this recipe and regenerates it bit for bit."""
-    if len(shape) == 2:
-        return torch.from_numpy(sampler.sample(shape[0] * shape[1], k, sampler.key_of(seed, name)))
-    size = shape[1] * shape[2]
+def rand_mask(numel: int, k: int, seed: int, name: str, matrices: int = 1) -> torch.Tensor:
+    """The rand mask of a weight of `numel` elements (as stored): k uniformly random distinct
+    offsets per matrix, sorted int32. A weight is one matrix, keyed by (seed, name); a 3-D
+    parameter of MoE experts stacks `matrices` equal blocks, block e keyed by
+    (seed, f"{name}[{e}]") and shifted by its offset. Drawn by `shira_fx.sampler` in O(k)
+    memory, the same on every torch release, so an adapter file stores it as this recipe and
+    regenerates it bit for bit."""
+    if matrices == 1:
+        return torch.from_numpy(sampler.sample(numel, k, sampler.key_of(seed, name)))
+    size = numel // matrices
     parts = [sampler.sample(size, k, sampler.key_of(seed, f"{name}[{e}]")) + np.int32(e * size)
-             for e in range(shape[0])]
+             for e in range(matrices)]
     return torch.from_numpy(np.concatenate(parts))
 
 

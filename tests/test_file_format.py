@@ -133,3 +133,21 @@ def test_a_version_1_file_serves_what_its_version_2_file_serves(tmp_path, kind):
     assert torch.equal(served(tmp_path / "v1.safetensors", kind), logits(model, kind))
     assert torch.equal(served(tmp_path / "v2.safetensors", kind), logits(model, kind))
     assert (tmp_path / "v2.safetensors").stat().st_size < 0.7 * (tmp_path / "v1.safetensors").stat().st_size
+
+
+def test_moe_expert_rand_masks_are_one_recipe_with_a_block_per_expert(tmp_path):
+    from tests.arch_table import ARCHS
+
+    model = next(a for a in ARCHS if a.name == "mixtral").build(0)
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1, target_parameters=experts),
+                               progress=False)
+    adapter.save(tmp_path / "moe.safetensors")
+    table = json.loads(load_file_metadata(tmp_path / "moe.safetensors")["layers"])
+    stored = shira_fx.load_adapter(tmp_path / "moe.safetensors")
+    for row, name in enumerate(table["name"]):
+        layer = adapter.layers[name]
+        blocks = layer.shape[0] if name.endswith(("gate_up_proj", "down_proj")) else 1
+        assert table["code"][row] == "rand" and table["args"][row][1] == blocks, name
+        assert torch.equal(stored.tensors(name, layer.shape)[0], layer.indices.long())
+    assert any(args[1] > 1 for args in table["args"]), "no expert parameter was adapted"

@@ -26,8 +26,8 @@ def _mask(kind: str, shape: tuple[int, ...], transposed: bool, density: float, s
     numel = math.prod(shape)
     k = max(1, min(numel, round(density * numel)))
     if kind == "rand":
-        per = max(1, k // shape[0]) if len(shape) == 3 else k
-        return rand_mask(shape, per, seed, "layer")
+        experts = shape[0] if len(shape) == 3 else 1
+        return rand_mask(numel, max(1, k // experts), seed, "layer", experts)
     if kind == "struct":
         rows, cols = (shape[1], shape[0]) if transposed else shape
         return struct_mask(rows, cols, k, seed, transposed)
@@ -86,7 +86,7 @@ def test_the_chosen_code_is_the_smallest_that_applies(shape, transposed, density
 
 def test_each_code_is_chosen_where_it_is_smallest():
     shape = (64, 96)
-    rand = rand_mask(shape, 300, 5, "a")
+    rand = rand_mask(64 * 96, 300, 5, "a")
     assert encode(rand, shape, False, "a", rand_seed=5)[0].kind == "rand"
     assert encode(struct_mask(64, 96, 700, 5, False), shape, False, "a")[0].kind == "struct"
     assert encode(struct_mask(96, 64, 700, 5, True), shape, True, "a")[0].kind == "struct"
@@ -97,7 +97,7 @@ def test_each_code_is_chosen_where_it_is_smallest():
 
 def test_a_rand_config_mask_that_differs_from_its_recipe_is_not_written_as_one():
     shape = (40, 50)
-    idx = rand_mask(shape, 100, 3, "a").long()
+    idx = rand_mask(40 * 50, 100, 3, "a").long()
     free = int(np.setdiff1d(np.arange(2000), idx.numpy())[0])
     hand_made = torch.cat([idx[1:], torch.tensor([free])]).sort().values  # one position moved
     for other, seed, name in ((hand_made, 3, "a"), (idx, 4, "a"), (idx, 3, "b")):
@@ -107,7 +107,7 @@ def test_a_rand_config_mask_that_differs_from_its_recipe_is_not_written_as_one()
 
 
 def test_the_encoder_takes_no_code_that_does_not_decode_to_its_input(monkeypatch):
-    idx = rand_mask((64, 96), 300, 5, "a")
+    idx = rand_mask(64 * 96, 300, 5, "a")
     real = index_codes._pack
     monkeypatch.setattr(index_codes, "_pack", lambda gaps, b: real(gaps + 1, b))  # a broken packer
     code, data = encode(idx, (64, 96), False, "a")
@@ -117,7 +117,7 @@ def test_the_encoder_takes_no_code_that_does_not_decode_to_its_input(monkeypatch
 
 def test_the_gap_code_is_within_a_few_percent_of_the_entropy():
     for numel, k in ((512 * 512, 8192), (2048 * 5632, 61440), (10**6, 50_000)):
-        x = rand_mask((numel, 1), k, 0, "a")
+        x = rand_mask(numel, k, 0, "a")
         code, data = encode(x, (numel, 1), False, "a", kinds=("gaps",))
         d = k / numel
         entropy_bits = math.log2(1 / d) + (1 - d) / d * math.log2(1 / (1 - d))
@@ -127,8 +127,8 @@ def test_the_gap_code_is_within_a_few_percent_of_the_entropy():
 # -- hostile codes ---------------------------------------------------------------------------
 def _valid(kind: str):
     shape = (30, 40)
-    idx = {"rand": rand_mask(shape, 60, 1, "a"), "struct": struct_mask(30, 40, 100, 1, False),
-           "gaps": rand_mask(shape, 60, 2, "a"), "int32": torch.tensor([3, 17, 1199])}[kind]
+    idx = {"rand": rand_mask(1200, 60, 1, "a"), "struct": struct_mask(30, 40, 100, 1, False),
+           "gaps": rand_mask(1200, 60, 2, "a"), "int32": torch.tensor([3, 17, 1199])}[kind]
     code, data = encode(idx, shape, False, "a", rand_seed=1, kinds=(kind,))
     return code, data, idx.numel(), shape
 
@@ -152,8 +152,11 @@ def test_a_rand_recipe_of_another_seed_name_or_generator_is_refused():
     code, data, nnz, shape = _valid("rand")
     _refused(code, data, nnz, shape, "regenerated from its recipe", seed=2)
     _refused(code, data, nnz, shape, "regenerated from its recipe", name="b")
-    _refused(IndexCode("rand", [sampler.ALGORITHM + 1], code.check), data, nnz, shape, "generator version")
-    _refused(IndexCode("rand", [True], code.check), data, nnz, shape, "generator version")
+    _refused(IndexCode("rand", [sampler.ALGORITHM + 1, 1], code.check), data, nnz, shape, "generator version")
+    _refused(IndexCode("rand", [True, 1], code.check), data, nnz, shape, "generator version")
+    for matrices in (0, 7, True, 1.0):  # blocks that do not split the weight or the count
+        _refused(IndexCode("rand", [sampler.ALGORITHM, matrices], code.check), data, nnz, shape, "blocks")
+    _refused(IndexCode("rand", [sampler.ALGORITHM, 2], code.check), data, nnz, shape, "regenerated")
 
 
 @pytest.mark.parametrize("kind", ["gaps", "struct"])
