@@ -149,6 +149,11 @@ def _fixed_width(data: np.ndarray, k: int, b: int) -> np.ndarray:
     return ((word >> shift) & np.uint64((1 << b) - 1)).astype(np.int64)
 
 
+def _ones(k: int) -> bytes:
+    """k one bits packed little-endian: the unary part of k gaps of high part 0."""
+    return b"\xff" * (k // 8) + (bytes([(1 << (k % 8)) - 1]) if k % 8 else b"")
+
+
 def _list_decode(entry: list, data: np.ndarray, limit: int, what: str) -> np.ndarray:
     """The sorted distinct offsets (int64) of a list entry that `_list_size` has checked, from
     its bytes, all below `limit`."""
@@ -158,6 +163,8 @@ def _list_decode(entry: list, data: np.ndarray, limit: int, what: str) -> np.nda
     if data.size != size:
         raise IndexCodeError(f"{what}: {data.size} bytes where the code says {size}")
     k = n - 1
+    if b == 0 and data.tobytes() == _ones(k):  # every gap is `least`: an arithmetic progression
+        return first + np.arange(n, dtype=np.int64) * (least + 1)
     split = (k * b + 7) // 8
     if (k * b) % 8 and int(data[split - 1]) >> ((k * b) % 8):
         raise IndexCodeError(f"{what}: stray bits after the last fixed-width field")
@@ -257,13 +264,14 @@ def _struct_decode(args: list, parts: list[tuple], data: np.ndarray, nnz: int, s
     r_all, c_all = np.arange(rows, dtype=np.int64), np.arange(cols, dtype=np.int64)
     rest = _runs(found["runs"], nnz)
     # each piece comes out sorted, so the stable sort (timsort) only merges a few runs
+    line_rows, line_cols = found["rows"], found["cols"]
     if transposed:  # stored (in, out): logical (r, c) sits at c * rows + r
-        pieces = [(c_all[:, None] * rows + found["rows"][None, :]).ravel(),
-                  (found["cols"][:, None] * rows + r_all[None, :]).ravel(),
+        pieces = [(c_all[:, None] * rows + line_rows[None, :]).ravel() if line_rows.size else line_rows,
+                  (line_cols[:, None] * rows + r_all[None, :]).ravel() if line_cols.size else line_cols,
                   np.sort((rest % cols) * rows + rest // cols)]
     else:
-        pieces = [(found["rows"][:, None] * cols + c_all[None, :]).ravel(),
-                  (r_all[:, None] * cols + found["cols"][None, :]).ravel(), rest]
+        pieces = [(line_rows[:, None] * cols + c_all[None, :]).ravel() if line_rows.size else line_rows,
+                  (r_all[:, None] * cols + line_cols[None, :]).ravel() if line_cols.size else line_cols, rest]
     if args[0]:
         pieces.append(np.arange(min(rows, cols), dtype=np.int64) * (shape[1] + 1))
     x = np.sort(np.concatenate(pieces).astype(np.int32), kind="stable")  # int32: below 2^31, checked
