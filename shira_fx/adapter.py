@@ -208,10 +208,13 @@ class SparseAdapter(nn.Module):
     def _tensors(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {name: (layer.indices, layer.values) for name, layer in self.layers.items()}
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write indices and values as safetensors with JSON metadata, atomically."""
+    def save(self, path: str | os.PathLike, values_dtype: torch.dtype | None = None) -> None:
+        """Write the adapter as one safetensors file with JSON metadata, atomically: each layer's
+        indices in the smallest exact code (a rand mask as its recipe, a struct mask as its
+        structure, others gap-coded), its values as trained. `values_dtype=torch.bfloat16`
+        halves the values' bytes by rounding them: lossy, and only when asked."""
         specs = {name: layer.spec() for name, layer in self.layers.items()}
-        write_shira_fx(path, self.cfg, specs, self._tensors())
+        write_shira_fx(path, self.cfg, specs, self._tensors(), values_dtype)
 
     def to_peft(self, directory: str | os.PathLike) -> int:
         """Write a PEFT SHiRA directory (adapter_config.json + adapter_model.safetensors) that

@@ -1,6 +1,7 @@
-"""Every adapter file format, both ways: shira_fx safetensors files (indices, values and JSON
-metadata) and PEFT SHiRA directories, written atomically and read lazily, with one validator
-for indices and values that files, `load_state_dict` and checkpoints share.
+"""Every adapter file format, both ways: shira_fx safetensors files (version 2: a layer table,
+index codes and values; version 1 still loads) and PEFT SHiRA directories, written atomically
+and read lazily, with one validator for indices and values that files, `load_state_dict` and
+checkpoints share.
 
 Files are never unpickled: only safetensors (a JSON header + raw buffers) and JSON are read.
 """
@@ -11,23 +12,28 @@ import hashlib
 import json
 import math
 import os
-import secrets
-import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from .atomic import atomic_save_file, atomic_write_text
 from .config import ShiraConfig
 from .errors import ShiraAdapterError, ShiraConfigError
+from .index_codes import IndexCode, IndexCodeError, code_size, decode, encode
 
 FORMAT_NAME = "shira_fx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what `write_shira_fx` writes; version 1 files still load
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# version 2's layer table: one list per column, a row per layer (keys are not repeated per
+# layer); "code", "args" and "check" are the layer's index code (`index_codes`)
+COLUMNS = ("name", "shape", "dtype", "transposed", "nnz", "fingerprint", "code", "args", "check")
+FINGERPRINT_DIGITS = {"1": 64, "2": 32}  # version 2 keeps 128 bits of the sha256
+STORED_VALUES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16"}
 # what a reader accepts in a file: shira_fx writes int32 indices and fp32 values; PEFT writes
 # int64 indices and the values in the model's float dtype
 INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -36,79 +42,6 @@ PEFT_INDEX_DTYPES = ("I8", "I16", "I32", "I64", "U8")
 PEFT_VALUE_DTYPES = ("F16", "BF16", "F32", "F64")
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Run `write(tmp)` on a new temp file in the target's folder, flush it to disk, then
-    `os.replace` it over `path`: a crash or a kill at any moment leaves either the previous
-    file or the complete new one at `path` (at worst a stray `.shira-*.tmp` beside it).
-
-    The temp file gets the permissions the target had (or the umask's default), not
-    mkstemp's 0600, so replacing an adapter does not make it unreadable to other users."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        example = os.path.join(path, "adapter.safetensors")
-        raise ShiraAdapterError(f"{path} is a directory; give a file path (e.g. {example})")
-    if not os.path.isdir(folder):
-        raise ShiraAdapterError(f"{path}: the folder {folder} does not exist")
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        mode = None
-    for _ in range(100):
-        tmp = os.path.join(folder, f".shira-{os.getpid()}-{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise FileExistsError(f"{folder}: cannot create a unique temp file")
-    try:
-        os.close(fd)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        write(tmp)
-        with open(tmp, "rb+") as f:  # the data must be on disk before the rename publishes it
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: str) -> None:
-    """Persist the rename itself (best effort: not every platform can open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save_file(tensors: dict[str, Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> None:
-    """safetensors `save_file`, atomically (see `_atomic_write`)."""
-    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write a text file atomically (see `_atomic_write`)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write(path, write)
 
 
 def parse_json(text: str, what: str) -> Any:
@@ -124,17 +57,18 @@ def fingerprint(indices: Tensor, base: Tensor) -> str:
     """sha256 over the (int32) indices and the base values found there: identifies the base
     model an adapter was trained on without storing any of its weights."""
     h = hashlib.sha256()
-    h.update(indices.detach().to(torch.int32).cpu().numpy().tobytes())
-    h.update(base.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(np.ascontiguousarray(indices.detach().cpu().numpy(), dtype="<i4"))
+    h.update(base.detach().cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
 
 
 def check_layer_tensors(idx: Tensor, vals: Tensor, shape: tuple[int, ...],
-                        nnz: int | None = None) -> tuple[Tensor, Tensor]:
+                        nnz: int | None = None, decoded: bool = False) -> tuple[Tensor, Tensor]:
     """One layer's indices and values as an adapter may hold them: 1-D integer indices, sorted,
     unique and in range for a weight of `shape` (as stored), as many 1-D finite float values
     (`nnz` of each when given). Returns (int64 indices, values); raises ValueError naming the
-    problem (callers add the file and layer)."""
+    problem (callers add the file and layer). `decoded`: the indices come from an index code
+    decoded for this shape, which has checked their order and range (and their checksum)."""
     if not isinstance(idx, Tensor) or idx.dtype not in INDEX_DTYPES:
         raise ValueError(f"indices must be integers (int32/int64), found {getattr(idx, 'dtype', idx)!r:.40}")
     if not isinstance(vals, Tensor) or vals.dtype not in FLOAT_DTYPES or vals.dim() != 1:
@@ -151,10 +85,10 @@ def check_layer_tensors(idx: Tensor, vals: Tensor, shape: tuple[int, ...],
     for size in shape:
         numel *= int(size)
     idx = idx.long()
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-        raise ValueError(f"index out of range [0, {numel}) for a weight of shape {tuple(shape)}")
-    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+    if not decoded and idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
         raise ValueError("indices are not sorted and unique (a duplicate or out of order)")
+    if not decoded and idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel):  # sorted: the ends
+        raise ValueError(f"index out of range [0, {numel}) for a weight of shape {tuple(shape)}")
     if not bool(torch.isfinite(vals.float()).all()):
         raise ValueError("values contain NaN or Inf (or overflow fp32)")
     return idx, vals
@@ -194,11 +128,13 @@ class StoredAdapter:
     """An adapter kept out of any model: its config and layer specs, with indices and values
     read (and validated) only when `tensors` asks for a layer."""
 
-    def __init__(self, source: str, cfg: ShiraConfig, layers: dict[str, LayerSpec], reader):
+    def __init__(self, source: str, cfg: ShiraConfig, layers: dict[str, LayerSpec], reader,
+                 decodes: bool = False):
         self.source = source
         self.cfg = cfg
         self.layers = layers
         self._reader = reader  # (layer name) -> (raw indices, raw values)
+        self._decodes = decodes  # the reader's indices are decoded and checked for each spec's shape
 
     @classmethod
     def in_memory(cls, source: str, cfg: ShiraConfig, layers: dict[str, LayerSpec],
@@ -217,12 +153,15 @@ class StoredAdapter:
         spec = self.layers[name]
         try:
             idx, vals = self._reader(name)
+        except IndexCodeError as e:
+            raise self.error(f"indices: {e}", name) from None
         except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
             raise self.error(f"cannot read tensors ({e})", name) from e
         try:
             if isinstance(idx, Tensor) and idx.dim() == 2:
                 idx, vals = _peft_flat(idx, vals, shape)
-            idx, vals = check_layer_tensors(idx, vals, shape, spec.nnz)
+            decoded = self._decodes and tuple(shape) == spec.shape
+            idx, vals = check_layer_tensors(idx, vals, shape, spec.nnz, decoded)
         except ValueError as e:
             raise self.error(str(e), name) from None
         return idx, vals.float()
@@ -265,7 +204,7 @@ def _int(value: Any) -> int:
     return value
 
 
-def _layer_spec(name: str, d: Any) -> LayerSpec:
+def _layer_spec(name: str, d: Any, fp_digits: int = 64) -> LayerSpec:
     """One layer's metadata as `_specs_metadata` writes it, type-checked."""
     if not isinstance(d, dict):
         raise TypeError(f"expected an object, found {type(d).__name__}")
@@ -281,9 +220,23 @@ def _layer_spec(name: str, d: Any) -> LayerSpec:
         raise TypeError(f"transposed must be true or false, found {transposed!r:.30}")
     if not 1 <= nnz <= math.prod(shape):
         raise ValueError(f"nnz {nnz} outside [1, numel]")
-    if not isinstance(fp, str) or len(fp) != 64 or fp.strip("0123456789abcdef"):
-        raise ValueError(f"fingerprint must be 64 hex digits, found {fp!r:.80}")
+    if not isinstance(fp, str) or len(fp) != fp_digits or fp.strip("0123456789abcdef"):
+        raise ValueError(f"fingerprint must be {fp_digits} hex digits, found {fp!r:.80}")
     return LayerSpec(name, shape, dtype, transposed, nnz, fp)
+
+
+def _config(path: str, meta: dict[str, str]) -> ShiraConfig:
+    for key in ("config", "layers"):
+        if key not in meta:
+            raise ShiraAdapterError(f"{path}: metadata is malformed: no {key!r} entry")
+    raw_cfg = parse_json(meta["config"], f"{path}: metadata 'config'")
+    try:
+        if not isinstance(raw_cfg, dict):
+            raise TypeError(f"config must be an object, found {type(raw_cfg).__name__}")
+        return ShiraConfig.from_dict(raw_cfg)
+    # a hostile target_modules regex can overflow or recurse in re.compile
+    except (ValueError, TypeError, OverflowError, RecursionError, ShiraConfigError) as e:
+        raise ShiraAdapterError(f"{path}: metadata is malformed: {str(e)[:300]}") from e
 
 
 def _load_shira_fx(path: str) -> StoredAdapter:
@@ -291,21 +244,16 @@ def _load_shira_fx(path: str) -> StoredAdapter:
     if meta.get("format") != FORMAT_NAME:
         raise ShiraAdapterError(f"{path}: not a shira_fx adapter (metadata format="
                                 f"{meta.get('format')!r:.80}); PEFT SHiRA adapters are directories")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in ("1", "2"):
         raise ShiraAdapterError(f"{path}: format_version {meta.get('format_version')!r:.80} is not "
-                                f"supported (this shira_fx reads {FORMAT_VERSION})")
-    for key in ("config", "layers"):
-        if key not in meta:
-            raise ShiraAdapterError(f"{path}: metadata is malformed: no {key!r} entry")
-    raw_cfg = parse_json(meta["config"], f"{path}: metadata 'config'")
+                                "supported (this shira_fx reads 1 and 2)")
+    cfg = _config(path, meta)
     raw_layers = parse_json(meta["layers"], f"{path}: metadata 'layers'")
-    try:
-        if not isinstance(raw_cfg, dict):
-            raise TypeError(f"config must be an object, found {type(raw_cfg).__name__}")
-        cfg = ShiraConfig.from_dict(raw_cfg)
-    # a hostile target_modules regex can overflow or recurse in re.compile
-    except (ValueError, TypeError, OverflowError, RecursionError, ShiraConfigError) as e:
-        raise ShiraAdapterError(f"{path}: metadata is malformed: {str(e)[:300]}") from e
+    return (_load_v1 if meta["format_version"] == "1" else _load_v2)(path, cfg, raw_layers, shapes)
+
+
+def _load_v1(path: str, cfg: ShiraConfig, raw_layers: Any, shapes: dict[str, tuple]) -> StoredAdapter:
+    """Version 1: per layer `<layer>.indices` (int32) and `<layer>.values`, specs by name."""
     if not isinstance(raw_layers, dict) or not raw_layers:
         raise ShiraAdapterError(f"{path}: metadata lists no layers")
     layers = {}
@@ -325,6 +273,54 @@ def _load_shira_fx(path: str) -> StoredAdapter:
     if extra:
         raise ShiraAdapterError(f"{path}: tensors not described by the metadata: {extra[:5]}")
     return StoredAdapter(path, cfg, layers, _read_pair(path, ".indices", ".values"))
+
+
+def _load_v2(path: str, cfg: ShiraConfig, table: Any, shapes: dict[str, tuple]) -> StoredAdapter:
+    """Version 2: the layer table (`COLUMNS`), every layer's values in one tensor `values` and
+    its index code's bytes in one uint8 tensor `indices` (absent when no code has any), each
+    layer a slice of both, in table order."""
+    if not isinstance(table, dict) or set(table) != set(COLUMNS):
+        raise ShiraAdapterError(f"{path}: metadata 'layers' must be a table with the columns "
+                                f"{', '.join(COLUMNS)}")
+    columns = [table[c] for c in COLUMNS]
+    if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) != 1 or not columns[0]:
+        raise ShiraAdapterError(f"{path}: metadata 'layers' needs one non-empty list per column, all of "
+                                "one length")
+    layers, slices, values_at, bytes_at = {}, {}, 0, 0
+    for name, *fields, kind, args, check in zip(*columns, strict=True):
+        if not isinstance(name, str) or not name or name in layers:
+            raise ShiraAdapterError(f"{path}: layer names must be distinct non-empty strings, found "
+                                    f"{name!r:.200}")
+        try:
+            spec = _layer_spec(name, dict(zip(COLUMNS[1:6], fields, strict=True)), FINGERPRINT_DIGITS["2"])
+            code = IndexCode(kind, args, check)
+            size = code_size(code, spec.nnz, spec.shape, spec.transposed)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ShiraAdapterError(f"{path}: layer {name!r}: malformed metadata ({e})") from e
+        layers[name] = spec
+        slices[name] = (code, values_at, bytes_at, size)
+        values_at, bytes_at = values_at + spec.nnz, bytes_at + size
+    expected = {"values": ((values_at,), tuple(STORED_VALUES.values()))}
+    if bytes_at:
+        expected["indices"] = ((bytes_at,), ("U8",))
+    for key, (shape, dtypes) in expected.items():
+        if key not in shapes:
+            raise ShiraAdapterError(f"{path}: tensor {key!r} is missing")
+        if shapes[key][0] != shape or shapes[key][1] not in dtypes:
+            raise ShiraAdapterError(f"{path}: tensor {key!r} is {shapes[key][1]} {shapes[key][0]}, the "
+                                    f"layer table needs {shape} {'/'.join(dtypes)}")
+    if set(shapes) - set(expected):
+        raise ShiraAdapterError(f"{path}: tensors not described by the metadata: "
+                                f"{sorted(set(shapes) - set(expected))[:5]}")
+
+    def read(name: str) -> tuple[Tensor, Tensor]:
+        spec, (code, at, start, size) = layers[name], slices[name]
+        with safe_open(path, framework="pt") as f:
+            vals = f.get_slice("values")[at: at + spec.nnz]
+            data = f.get_slice("indices")[start: start + size] if size else torch.empty(0, dtype=torch.uint8)
+        return decode(code, data.numpy(), spec.nnz, spec.shape, spec.transposed, name, cfg.seed), vals
+
+    return StoredAdapter(path, cfg, layers, read, decodes=True)
 
 
 def _load_peft_dir(path: str) -> StoredAdapter:
@@ -393,30 +389,37 @@ def load_adapter(path: str | os.PathLike) -> StoredAdapter:
     return _load_shira_fx(path)
 
 
-def _specs_metadata(cfg: ShiraConfig, specs: Mapping[str, LayerSpec]) -> dict[str, str]:
-    """The safetensors header metadata of a shira_fx file (what `_layer_spec` reads back)."""
-    layers = {
-        name: {"shape": list(spec.shape), "dtype": spec.dtype, "transposed": spec.transposed,
-               "nnz": spec.nnz, "fingerprint": spec.fingerprint}
-        for name, spec in specs.items()
-    }
-    return {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "config": cfg.to_json(),
-        "layers": json.dumps(layers, sort_keys=True),
-    }
-
-
 def write_shira_fx(path: str | os.PathLike, cfg: ShiraConfig, specs: Mapping[str, LayerSpec],
-                   tensors: Mapping[str, tuple[Tensor, Tensor]]) -> None:
-    """Write a shira_fx adapter file: `<layer>.indices` (int32) and `<layer>.values` per layer
-    and the metadata, atomically (a crash never leaves a half-written adapter)."""
-    flat = {}
-    for name, (idx, vals) in tensors.items():
-        flat[f"{name}.indices"] = idx.detach().to(torch.int32)
-        flat[f"{name}.values"] = vals.detach()
-    atomic_save_file(flat, path, metadata=_specs_metadata(cfg, specs))
+                   tensors: Mapping[str, tuple[Tensor, Tensor]],
+                   values_dtype: torch.dtype | None = None) -> None:
+    """Write a shira_fx adapter file (version 2), atomically: the layer table in the metadata,
+    each layer's indices in the smallest exact index code (`index_codes.encode`, which decodes
+    its choice back first), its values as held or, when `values_dtype` is given (bf16: half the
+    bytes, rounded), in that dtype."""
+    if values_dtype is not None and values_dtype not in STORED_VALUES:
+        raise ShiraAdapterError(f"{path}: values_dtype must be one of "
+                                f"{', '.join(str(d) for d in STORED_VALUES)}, found {values_dtype!r}")
+    table: dict[str, list] = {c: [] for c in COLUMNS}
+    values, blobs = [], []
+    for name, spec in specs.items():
+        idx, vals = tensors[name]
+        code, data = encode(idx, spec.shape, spec.transposed, name, cfg.seed if cfg.mask == "rand" else None)
+        vals = vals.detach().cpu().to(values_dtype or vals.dtype)
+        if not bool(torch.isfinite(vals).all()):
+            raise ShiraAdapterError(f"{path}: layer {name!r}: values overflow {vals.dtype} (or are "
+                                    "not finite)")
+        row = (name, list(spec.shape), spec.dtype, spec.transposed, spec.nnz,
+               spec.fingerprint[: FINGERPRINT_DIGITS["2"]], code.kind, code.args, code.check)
+        for column, value in zip(COLUMNS, row, strict=True):
+            table[column].append(value)
+        values.append(vals)
+        blobs.append(data)
+    flat = {"values": torch.cat(values)}
+    if sum(b.size for b in blobs):
+        flat["indices"] = torch.from_numpy(np.concatenate(blobs))
+    atomic_save_file(flat, path, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                                           "config": cfg.to_json(),
+                                           "layers": json.dumps(table, separators=(",", ":"))})
 
 
 def peft_rank(specs: Mapping[str, LayerSpec]) -> int:

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .adapter import SparseAdapter
-from .adapter_files import atomic_save_file
+from .atomic import atomic_save_file
 from .errors import ShiraAdapterError
 
 CHECKPOINT_FORMAT = "shira_fx-checkpoint"

@@ -1,7 +1,8 @@
 """Masks: which elements of each targeted weight a SHiRA adapter trains.
 
 `build_masks` returns, per target, exactly `cfg.budget(out, in)` sorted unique int32 flat
-offsets into the weight as stored. The kinds follow the SHiRA paper: rand (a uniform subset),
+offsets into the weight as stored. The kinds follow the SHiRA paper: rand (a uniform subset,
+drawn by the project's own generator so that a file can store it as its recipe),
 struct (whole rows at a stride plus the diagonal), wm (top |W|), grad (top accumulated
 |dL/dW| over calibration batches) and snip (top |W * dL/dW|). Top-k ties go to the lower
 offset, and no kind holds more than one weight-sized score at a time.
@@ -10,14 +11,15 @@ offset, and no kind holds more than one weight-sized score at a time.
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import sampler
 from .config import ShiraConfig
 from .errors import ShiraConfigError
 from .targets import TargetLayer
@@ -27,8 +29,6 @@ from .targets import TargetLayer
 # weight-sized score its temporaries stay small.
 _SCRATCH_ELEMS = 1 << 22
 _SCRATCH_FRACTION = 4
-# rand uses randperm when k * _RANDPERM_FRACTION > numel.
-_RANDPERM_FRACTION = 4
 _INT32_MAX = 2**31 - 1
 
 WEIGHT_FREE_MASKS = ("rand", "struct")  # the kinds that need only the weights' shapes
@@ -78,10 +78,10 @@ def build_masks(
     bar = tqdm(targets, desc=f"shira {kind} masks", unit="layer", disable=not progress, delay=_BAR_DELAY_S)
     for t in bar:
         k = cfg.budget(t.out_features, t.in_features)
-        if t.param != "weight":  # stacked experts: a mask over each expert's matrix
+        if kind == "rand":
+            masks[t.name] = rand_mask(math.prod(t.shape), k, cfg.seed, t.name, t.experts)
+        elif t.param != "weight":  # stacked experts: a mask over each expert's matrix
             masks[t.name] = _stacked_mask(t, k, cfg)
-        elif kind == "rand":
-            masks[t.name] = _rand_mask(math.prod(t.shape), k, cfg.seed, t.name)
         elif kind == "struct":
             masks[t.name] = struct_mask(t.out_features, t.in_features, k, cfg.seed, t.transposed)
         elif kind == "wm":
@@ -97,9 +97,7 @@ def _stacked_mask(t: TargetLayer, k: int, cfg: ShiraConfig) -> torch.Tensor:
     size = t.out_features * t.in_features
     parts = []
     for e in range(t.experts):
-        if cfg.mask == "rand":
-            local = _rand_mask(size, k, cfg.seed, f"{t.name}[{e}]")
-        elif cfg.mask == "struct":
+        if cfg.mask == "struct":
             local = struct_mask(t.out_features, t.in_features, k, cfg.seed, False)
         else:
             local = _top_k(_magnitude(t.weight[e], f"{t.name}[{e}]"), k)
@@ -138,23 +136,19 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _rand_mask(numel: int, k: int, seed: int, name: str) -> torch.Tensor:
-    """k uniformly random distinct offsets in [0, numel), from a generator seeded by
-    crc32(seed, layer name). Draws with replacement, deduplicated and topped up: the distinct
-    draws are a uniform set given their number, and a random k-subset of it stays uniform, in
-    O(k) memory (`randperm` costs an int64 per weight element, so it is used only when k is
-    over a quarter of the weight, where the output is O(numel) anyway)."""
-    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-    if k * _RANDPERM_FRACTION > numel:
-        return torch.randperm(numel, generator=g)[:k].sort().values.to(torch.int32)
-    picked = torch.empty(0, dtype=torch.int64)
-    while picked.numel() < k:
-        need = k - picked.numel()
-        draws = torch.randint(0, numel, (need + need // 8 + 16,), generator=g)
-        picked = torch.cat([picked, draws]).unique()
-    if picked.numel() > k:
-        picked = picked[torch.randperm(picked.numel(), generator=g)[:k]].sort().values
-    return picked.to(torch.int32)
+def rand_mask(numel: int, k: int, seed: int, name: str, matrices: int = 1) -> torch.Tensor:
+    """The rand mask of a weight of `numel` elements (as stored): k uniformly random distinct
+    offsets per matrix, sorted int32. A weight is one matrix, keyed by (seed, name); a 3-D
+    parameter of MoE experts stacks `matrices` equal blocks, block e keyed by
+    (seed, f"{name}[{e}]") and shifted by its offset. Drawn by `shira_fx.sampler` in O(k)
+    memory, the same on every torch release, so an adapter file stores it as this recipe and
+    regenerates it bit for bit."""
+    if matrices == 1:
+        return torch.from_numpy(sampler.sample(numel, k, sampler.key_of(seed, name)))
+    size = numel // matrices
+    parts = [sampler.sample(size, k, sampler.key_of(seed, f"{name}[{e}]")) + np.int32(e * size)
+             for e in range(matrices)]
+    return torch.from_numpy(np.concatenate(parts))
 
 
 def _struct_rows(rows: int, cols: int, k: int, seed: int) -> tuple[int, int, int, int]:

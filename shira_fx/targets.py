@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -239,10 +240,13 @@ def resolve_weight(model: nn.Module, name: str) -> tuple[torch.Tensor, bool] | N
     return None if found is None or found.quantized else (found.weight, found.transposed)
 
 
-def resolve_layer(model: nn.Module, name: str) -> TargetLayer | None:
+def resolve_layer(model: nn.Module, name: str,
+                  modules: Mapping[str, nn.Module] | None = None) -> TargetLayer | None:
     """The layer an adapter names, as a TargetLayer: a linear-like module (quantized or not)
-    or a 3-D parameter named in full; None when the model has no such layer."""
-    modules = dict(model.named_modules())
+    or a 3-D parameter named in full; None when the model has no such layer. `modules`:
+    `dict(model.named_modules())`, for callers that resolve many names (one walk, not one
+    a name)."""
+    modules = dict(model.named_modules()) if modules is None else modules
     module = modules.get(name)
     if name and module is not None and is_adaptable(module):
         return TargetLayer(name, module, is_transposed(module), quantized=quantized.quantized_kind(module))

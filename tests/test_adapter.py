@@ -68,7 +68,7 @@ def test_load_state_dict_rejects_nan_and_foreign_masks_without_changing_anything
     assert all(not la.values.any() for la in adapter.layers.values())
 
 
-def test_save_writes_safetensors_with_metadata(tmp_path):
+def test_save_writes_a_version_2_file_whose_layer_table_and_tensors_give_the_adapter_back(tmp_path):
     model, _, adapter = prepared("gpt2", density=0.05)
     with torch.no_grad():
         for layer in adapter.layers.values():
@@ -78,14 +78,20 @@ def test_save_writes_safetensors_with_metadata(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp file left
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        for key in f.keys():
-            assert torch.equal(f.get_tensor(key), adapter.state_dict()[key])
-    assert meta["format"] == "shira_fx" and meta["format_version"] == "1"
+        assert sorted(f.keys()) == ["values"]  # rand masks are their recipes: no index bytes
+        values = f.get_tensor("values")
+    assert meta["format"] == "shira_fx" and meta["format_version"] == "2"
     assert shira_fx.ShiraConfig.from_dict(json.loads(meta["config"])) == adapter.cfg
-    layers = json.loads(meta["layers"])
-    name = "transformer.h.0.attn.c_attn"
-    assert layers[name]["shape"] == [32, 96] and layers[name]["transposed"] is True
-    assert layers[name]["fingerprint"] == adapter.layers[name].fingerprint()
+    table = json.loads(meta["layers"])
+    assert table["name"] == list(adapter.layers) and set(table["code"]) == {"rand"}
+    row = table["name"].index("transformer.h.0.attn.c_attn")
+    assert table["shape"][row] == [32, 96] and table["transposed"][row] is True
+    assert adapter.layers["transformer.h.0.attn.c_attn"].fingerprint().startswith(table["fingerprint"][row])
+    assert torch.equal(values, torch.cat([la.values.detach() for la in adapter.layers.values()]))
+    stored = shira_fx.load_adapter(path)
+    for name, layer in adapter.layers.items():
+        idx, vals = stored.tensors(name, layer.shape)
+        assert torch.equal(idx, layer.indices.long()) and torch.equal(vals, layer.values.detach())
 
 
 def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
@@ -98,7 +104,7 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
         open(filename, "wb").write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("shira_fx.adapter_files.save_file", boom)
+    monkeypatch.setattr("shira_fx.atomic.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         adapter.save(path)
     assert path.read_bytes() == before

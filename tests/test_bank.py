@@ -2,7 +2,9 @@
 PEFT interop."""
 
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
@@ -17,7 +19,7 @@ from hypothesis.stateful import (
 
 import shira_fx
 from shira_fx.memory import LiveTensorTracker
-from tests import tiny_models
+from tests import file_kit, tiny_models
 from tests.conftest import budget
 
 
@@ -214,23 +216,10 @@ def test_compiled_switch_then_forward_does_not_clone_the_weight():
 
 
 # -- validation: every corrupt input is refused before any weight changes ----------------
-def _corrupt(path, tmp_path, how):
-    import json
-    import struct
+def _corrupt_v1(raw: bytes, how: str) -> bytes:
+    from safetensors.torch import load, save
 
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    out = tmp_path / f"{how}.safetensors"
-    if how == "truncated":
-        out.write_bytes(raw[: len(raw) - 50])
-        return out
-    if how == "garbage":
-        out.write_bytes(b"\x00" * 64)
-        return out
-    from safetensors.torch import load_file, save_file
-
-    tensors, meta = load_file(str(path)), header["__metadata__"]
+    tensors, meta = load(raw), file_kit.header(raw)[0]["__metadata__"]
     layers = json.loads(meta["layers"])
     first = sorted(layers)[0]
     if how == "nan":
@@ -247,37 +236,82 @@ def _corrupt(path, tmp_path, how):
         tensors["model.layers.9.mlp.up_proj.values"] = tensors.pop(f"{first}.values")
     elif how == "wrong_shape":
         layers[first]["shape"] = [layers[first]["shape"][1], layers[first]["shape"][0] + 1]
-    elif how == "bad_json":
-        meta["layers"] = "{not json"
     elif how == "wrong_dtype":
         tensors[f"{first}.values"] = tensors[f"{first}.values"].to(torch.int32)
     elif how == "missing_tensor":
         del tensors[f"{first}.values"]
     elif how == "fingerprint":
         layers[first]["fingerprint"] = "0" * 64
-    if how not in ("bad_json",):
-        meta["layers"] = json.dumps(layers)
-    save_file(tensors, str(out), metadata=meta)
-    return out
+    meta["layers"] = "{not json" if how == "bad_json" else json.dumps(layers)
+    return save(tensors, metadata=meta)
 
 
-CORRUPTIONS = {
+def _corrupt_v2(raw: bytes, how: str) -> bytes:
+    """The first layer's index code replaced by a hostile one whose checksum matches what it
+    decodes to (so the decoder's own checks must refuse it), or the table or tensors edited."""
+    from shira_fx.index_codes import IndexCode, checksum, decode
+
+    f = file_kit.V2(raw)
+    idx = decode(f.code(0), f.codes[0], f.table["nnz"][0], tuple(f.table["shape"][0]), False,
+                 f.table["name"][0], json.loads(f.meta["config"])["seed"]).numpy()
+    hostile = {"unsorted": idx[::-1], "duplicate": np.concatenate([idx[:1], idx[:-1]]),
+               "out_of_range": np.concatenate([idx[:-1], [10**8]])}
+    if how in hostile:
+        x = hostile[how].astype("<i4")
+        f.set_code(0, IndexCode("int32", [], checksum(x)), x.view(np.uint8))
+    elif how == "nan":
+        f.values[0][3] = float("nan")
+    elif how == "wrong_layer":
+        f.table["name"][0] = "model.layers.9.mlp.up_proj"
+    elif how == "wrong_shape":
+        f.table["shape"][0] = f.table["shape"][0][::-1][:1] + [f.table["shape"][0][0] + 1]
+    elif how == "wrong_dtype":
+        f.values = [v.to(torch.int32) for v in f.values]
+    elif how == "fingerprint":
+        f.table["fingerprint"][0] = "0" * 32
+    elif how == "checksum":
+        f.table["check"][0] = "0" * 16
+    elif how == "seed":  # a rand recipe regenerated with another seed
+        f.meta["config"] = json.dumps({**json.loads(f.meta["config"]), "seed": 99})
+    data = f.bytes("{not json" if how == "bad_json" else None)
+    if how == "missing_tensor":
+        head, body = file_kit.header(data)
+        del head["values"]
+        data = file_kit.join(head, body)
+    return data
+
+
+COMMON = {
     "truncated": "truncated or corrupt", "garbage": "truncated or corrupt", "nan": "NaN",
-    "unsorted": "not sorted", "duplicate": "not sorted and unique", "out_of_range": "out of range",
-    "wrong_layer": "another model", "wrong_shape": "weight shape", "bad_json": "malformed",
-    "wrong_dtype": "I32/I64|F32/F64", "missing_tensor": "missing", "fingerprint": "another base model",
+    "unsorted": "not sorted", "duplicate": "not sorted", "wrong_layer": "another model",
+    "wrong_shape": "weight shape", "bad_json": "malformed", "missing_tensor": "missing",
+    "fingerprint": "another base model",
+}
+CORRUPTIONS = {
+    "v1": {**COMMON, "duplicate": "not sorted and unique", "out_of_range": "out of range",
+           "wrong_dtype": "I32/I64|F32/F64"},
+    "v2": {**COMMON, "out_of_range": "in \\[0, ", "wrong_dtype": "F32/F64/BF16/F16",
+           "checksum": "regenerated from its recipe", "seed": "regenerated from its recipe"},
 }
 
 
-@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
-def test_corrupt_adapter_is_refused_and_the_model_is_unchanged(adapter_files, tmp_path, how):
+@pytest.mark.parametrize("version,how", [(v, h) for v in CORRUPTIONS for h in sorted(CORRUPTIONS[v])])
+def test_corrupt_adapter_is_refused_and_the_model_is_unchanged(adapter_files, tmp_path, version, how):
     model = tiny_models.build("llama")
     bank = shira_fx.AdapterBank(model)
     bank.load("b", adapter_files["b"])
     bank.activate("b")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    bad = _corrupt(adapter_files["a"], tmp_path, how)
-    with pytest.raises(shira_fx.ShiraAdapterError, match=CORRUPTIONS[how]) as info:
+    raw = adapter_files["a"].read_bytes() if version == "v2" else file_kit.v1_bytes(random_adapter(seed=0))
+    if how == "truncated":
+        raw = raw[: len(raw) - 50]
+    elif how == "garbage":
+        raw = b"\x00" * 64
+    else:
+        raw = (_corrupt_v1 if version == "v1" else _corrupt_v2)(raw, how)
+    bad = tmp_path / f"{version}-{how}.safetensors"
+    bad.write_bytes(raw)
+    with pytest.raises(shira_fx.ShiraAdapterError, match=CORRUPTIONS[version][how]) as info:
         bank.load("a", bad)
     assert str(bad) in str(info.value)
     assert "a" not in bank and bank.active == {"b": 1.0}

@@ -107,6 +107,29 @@ def test_switch_smoke(switch_result):
 
 
 @pytest.mark.slow
+def test_files_smoke(results_dir):
+    """Every adapter at the same trainable count, with its bytes and load time; rand and struct
+    files (their recipe and structure) stay within a few bytes of their values."""
+    files = bench_module("files")
+    result = run_smoke("files", results_dir)
+    (size,) = result["sizes"]
+    rows = {r["variant"]: r for r in size["rows"]}
+    formats = ("v2", "v2 bf16", "v1")
+    want = {files.LORA, files.PSHIRA} | {f"shira_fx {m} {f}" for m in files.MASKS for f in formats}
+    assert set(rows) == want
+    assert len({r["trainable"] for r in rows.values()}) == 1
+    assert all(r["bytes"] > 0 and r["load_ms"] > 0 for r in rows.values())
+    assert all(r["decode_ms"] > 0 for n, r in rows.items() if n.startswith("shira_fx"))
+    for mask in files.MASKS:
+        v2, v1 = rows[f"shira_fx {mask} v2"]["bytes"], rows[f"shira_fx {mask} v1"]["bytes"]
+        bf16 = rows[f"shira_fx {mask} v2 bf16"]["bytes"]
+        assert v2 < 0.6 * v1 and v2 - bf16 == 2 * rows[files.LORA]["trainable"]
+    values = 4 * rows[files.LORA]["trainable"]
+    assert all(rows[f"shira_fx {m} v2"]["bytes"] < values + 4096 for m in ("rand", "struct"))
+    assert {t["what"].split(" ")[0] for t in size["targets"]} == set(files.MASKS)
+
+
+@pytest.mark.slow
 def test_mixed_smoke(mixed_result):
     """Every method at every distinct-adapter count, timed; per_request's rows equal their
     adapters computed alone, and the adapters (SHiRA and LoRA) are not no-ops."""

@@ -272,7 +272,7 @@ def test_hostile_checkpoints_load_or_change_nothing(resumable, data):
 CHILD = textwrap.dedent("""
     import shutil, sys, time
     import torch, shira_fx
-    import shira_fx.adapter_files as files
+    import shira_fx.atomic as files
     from safetensors.torch import save as st_save
     from shira_fx.checkpoint import save_checkpoint
     from tests import tiny_models

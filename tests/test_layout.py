@@ -56,7 +56,8 @@ def _is_application(module: str) -> bool:
 # the rooms of the house, lowest first (docs/design.md says what each holds): a module imports
 # only modules of rooms listed before its own, or of its own room (a subpackage's files)
 ROOMS = [
-    "errors", "config", "quantized", "targets", "masks", "registry", "kernels", "ops", "adapter_files",
+    "errors", "config", "quantized", "targets", "sampler", "masks", "index_codes", "registry", "kernels",
+    "ops", "atomic", "adapter_files",
     "layer", "attach", "memory", "adapter", "train", "checkpoint", "distributed", "compile", "serve",
     "timing", "datasets", "finetune", "cli", "__main__",
 ]

@@ -161,8 +161,9 @@ class AdapterBank:
             stored = load_adapter(source)
         slots = {}
         beside = []
+        modules = dict(self.model.named_modules())
         for layer_name, spec in stored.layers.items():
-            found = resolve_layer(self.model, layer_name)
+            found = resolve_layer(self.model, layer_name, modules)
             if found is None:
                 raise stored.error("no linear layer (or 3-D parameter) of this name in the model "
                                    "(an adapter for another model?)", layer_name)
@@ -187,7 +188,7 @@ class AdapterBank:
                 if spec.dtype != wdtype:
                     raise stored.error(f"trained on {spec.dtype} weights, the model has {wdtype} "
                                        "(pass check_base=False to serve it anyway)", layer_name)
-                if fingerprint(idx, base) != spec.fingerprint:
+                if not fingerprint(idx, base).startswith(spec.fingerprint):  # v2 files keep 32 digits
                     repacked = found.quantized and was_repacked(found.module)
                     raise stored.error(
                         "base fingerprint differs: the adapter was trained on another base model "
@@ -213,7 +214,7 @@ class AdapterBank:
     def _true_base(self, layer_name: str, w: Tensor, idx: Tensor) -> Tensor:
         """Base values at idx: read from the weight, except where the current activation
         wrote, where the saved base is taken instead."""
-        base = w.view(-1)[idx].clone()
+        base = w.view(-1).index_select(0, idx)  # a copy (and faster than indexing)
         cur = self._current
         if cur is not None:
             for cw, cidx, cbase in zip(cur.weights, cur.indices, cur.base, strict=True):
@@ -261,8 +262,9 @@ class AdapterBank:
         names = sorted(spec)
         layer_names = sorted({ln for n in names for ln in self._adapters[n]})
         plan = _Plan([], [], [], [])
+        modules = dict(self.model.named_modules())
         for ln in layer_names:
-            found = resolve_layer(self.model, ln)
+            found = resolve_layer(self.model, ln, modules)
             w = found.weight
             parts = [(self._adapters[n][ln], spec[n]) for n in names if ln in self._adapters[n]]
             if found.quantized:  # nothing is written into it: only a device and dtype are read

@@ -91,7 +91,8 @@ def _pack(bank: Any, specs: list[dict[str, float] | None]) -> None:
     the layer's request buffers. Entries: the base, each adapter, then the fusions and
     weights per_request has served, at most `max_mixed` (the oldest dropped first) beyond
     those of this batch."""
-    layers = [(ln, resolve_layer(bank.model, ln))
+    modules = dict(bank.model.named_modules())
+    layers = [(ln, resolve_layer(bank.model, ln, modules))
               for ln in sorted({ln for slots in bank._adapters.values() for ln in slots})]
     for ln, found in layers:
         if found.param != "weight" or found.conv:
