@@ -198,7 +198,8 @@ def dequantized_weight(module: nn.Module) -> Tensor:
         data, state = weight.data, weight.quant_state
         if is_cpu_packed(module):  # unpacked on copies: the layer stays as it is
             data, state = _unpacked(data, state)
-        return bnb_f.dequantize_4bit(data, state)
+        # a weight of one byte (N * K <= 2) comes back transposed (a shim for a transposed layout)
+        return bnb_f.dequantize_4bit(data, state).reshape(tuple(state.shape))
     if kind == "torchao_nf4":
         return weight.get_original_weight()
     if kind == "torchao_int4":  # its packing variants have no dequantize on every device
