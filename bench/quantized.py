@@ -11,7 +11,8 @@ plus its two factors.
    excluded: `shira_fx.memory.resident_state`), the whole step's peak of
    allocated bytes above what stays resident (CPU allocator accounting via torch.profiler, as
    in bench.train; `torch.cuda.max_memory_allocated` on CUDA), what stays resident and the
-   median step time (the timed steps of all rows of a model interleaved in rounds). Eager and
+   median step time (the timed steps of all rows of a configuration interleaved in rounds, one
+   step per row per round by default; step ratios are the median of the rounds' ratios). Eager and
    compiled: `torch.compile(model, backend=shira_fx.backend(inner=...))` for shira_fx,
    `torch.compile(model, backend=inner)` for the PEFT rows. How each compiled row compiled is
    recorded (frames, graph breaks, backend failures with their first error); a row whose step
@@ -185,6 +186,11 @@ class Runner:
         self.shape, self.method, self.mode, self.args = shape, method, mode, args
         self.device = torch.device("cpu")
         self.model, self.params, self.extra = adapt(bases.load(shape.arch, shape.hidden), method, shape.r)
+        # training mode, as a training loop sets it: from_pretrained gives eval mode, where
+        # bitsandbytes repacks a 4-bit weight for AVX512-BF16 CPUs at the first forward whose
+        # input needs no grad (the first layer's q/k/v), computing it in bf16, and a compiled
+        # graph traced before the repack fails on the new layout (prepare settles shira_fx's)
+        self.model.train()
         self.opt = torch.optim.AdamW(self.params, lr=1e-5)
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
@@ -197,6 +203,7 @@ class Runner:
             self.recorder = Recording(shira_fx.backend(inner=inner) if method == OURS else inner)
             self.run = torch.compile(self.model, backend=self.recorder)
         self.times: list[float] = []
+        self.rounds: list[float] = []  # seconds of each round's steps
         self.error: str | None = None
         self.loss = float("nan")
 
@@ -211,10 +218,12 @@ class Runner:
         self.loss = loss.item()
 
     def timed_steps(self, n: int) -> None:
+        """n timed steps: one round of the interleaved timing."""
         for _ in range(n):
             t0 = time.perf_counter()
             self.step()
             self.times.append(time.perf_counter() - t0)
+        self.rounds.append(sum(self.times[-n:]))
 
     def measure_memory(self) -> dict:
         """Warm up (compile), then one step each for the held-for-backward bytes and the
@@ -256,7 +265,8 @@ class Runner:
         if not self.times:
             return {"step_ms": None}
         return {"step_ms": statistics.median(self.times) * 1e3, "step_ms_min": min(self.times) * 1e3,
-                "step_ms_all": [t * 1e3 for t in self.times], "loss": self.loss}
+                "step_ms_all": [t * 1e3 for t in self.times], "round_ms": [t * 1e3 for t in self.rounds],
+                "loss": self.loss}
 
 
 class Shape(NamedTuple):
@@ -298,8 +308,8 @@ def measure_shape(bases: Bases, shape: Shape, methods: list[str], args) -> list[
             break
     compiles = dynamo_counts()["frames"]
     rounds = max(1, min(args.rounds, args.steps))
-    for i in range(rounds):
-        for r in runners:
+    for i in range(rounds):  # every other round in reverse order: no row always runs first
+        for r in runners if i % 2 == 0 else runners[::-1]:
             r.timed_steps(args.steps // rounds + (i < args.steps % rounds))
     recompiled = dynamo_counts()["frames"] - compiles
     if recompiled:
@@ -314,15 +324,28 @@ def measure_shape(bases: Bases, shape: Shape, methods: list[str], args) -> list[
     return rows
 
 
+def paired_ratio(row: dict, other: dict) -> float | None:
+    """Step time of `row` over `other`'s: the median over the timing rounds of the two rows'
+    ratio within each round (the rows ran minutes apart at most, so a shared machine's load
+    changes between rounds cancel); the ratio of their medians where rounds are missing."""
+    mine, theirs = row.get("round_ms") or [], other.get("round_ms") or []
+    if not mine or len(mine) != len(theirs):
+        return ratio(row.get("step_ms"), other.get("step_ms"))
+    return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """Ratios against QLoRA and PEFT SHiRA of the same configuration and mode."""
+    """Ratios against QLoRA and PEFT SHiRA of the same configuration and mode (step times
+    paired round by round: `paired_ratio`)."""
     for row in rows:
         same = {x["method"]: x for x in rows if x["mode"] == row["mode"]}
         lora, pshira = same.get(QLORA, {}), same.get(PSHIRA, {})
-        for key in ("held_for_backward_MiB", "step_peak_MiB", "step_ms"):
+        for key in ("held_for_backward_MiB", "step_peak_MiB"):
             name = key.removesuffix("_MiB")
             row[f"{name}_vs_qlora"] = ratio(row.get(key), lora.get(key))
             row[f"{name}_vs_peft_shira"] = ratio(row.get(key), pshira.get(key))
+        row["step_ms_vs_qlora"] = paired_ratio(row, lora) if row.get("step_ms") and lora else None
+        row["step_ms_vs_peft_shira"] = paired_ratio(row, pshira) if row.get("step_ms") and pshira else None
 
 
 def check(what: str, value: float | None, limit: float, goal: float | None = None, why: str = "") -> dict:
@@ -517,7 +540,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="bitsandbytes' bnb_4bit_compute_dtype")
     p.add_argument("--steps", type=int, default=8, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=4, help="the timed steps of all rows interleave in rounds")
+    p.add_argument("--rounds", type=int, default=8,
+                   help="the timed steps of all rows interleave in rounds (step ratios pair rounds)")
     p.add_argument("--modes", default="eager,compiled")
     p.add_compiler()
     p.add_argument("--minilm-steps", type=int, default=None,
