@@ -121,19 +121,17 @@ def _dequantizing_layers() -> list[torch.nn.Module]:
 def _dequantized_cases(grad: bool):
     """dequantized_linear's (x, packed, bias, values, indices, kind, meta, structure) with grad;
     dequantized_grad_x's (grad_y, packed, values, indices, kind, meta) without."""
-    layers = _dequantizing_layers()
-    shapes = [(torch.float32, (5,)), (torch.bfloat16, (2, 3))] * len(layers)
-    for layer, (dtype, lead) in zip(layers, shapes, strict=False):
+    for i, layer in enumerate(_dequantizing_layers()):
+        dtype, lead = [(torch.float32, (5,)), (torch.bfloat16, (2, 3))][i % 2]
         plan = quantized.dequantizing(layer, torch.zeros(1, 16))
         assert plan is not None, type(layer)
         idx = _indices(128, 11)
-        if grad:
-            structure = mask_structure(idx, 8, 16, min_nnz=0) or no_structure(idx)
-            x = _rand(*lead, 16, dtype=dtype, grad=True)
-            yield x, plan.packed, _rand(8, grad=True), _rand(11, grad=True), idx, plan.kind, plan.meta, \
-                structure
-        else:
+        if not grad:
             yield _rand(6, 8, dtype=dtype), plan.packed, _rand(11), idx, plan.kind, plan.meta
+            continue
+        x, bias, values = _rand(*lead, 16, dtype=dtype, grad=True), _rand(8, grad=True), _rand(11, grad=True)
+        structure = mask_structure(idx, 8, 16, min_nnz=0) or no_structure(idx)
+        yield x, plan.packed, bias, values, idx, plan.kind, plan.meta, structure
 
 
 CASES = {
