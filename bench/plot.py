@@ -8,7 +8,7 @@
     mixed.json    mixed-batch inference: throughput vs the base model and tokens/s per method
                   and number of distinct adapters in the batch
     quantized.json  held for backward, step peak and step time vs QLoRA per method on 4-bit
-                  bases (architecture x mode; failed rows left blank), and the MiniLM-4bit
+                  bases (architecture, width and rank x mode; failed rows left blank), and the MiniLM-4bit
                   accuracy mean ± std per method
 
 Each chart is titled with the machine the JSON describes. A missing file is skipped with a
@@ -212,9 +212,13 @@ def plot_quantized(data: dict) -> Figure:
     rows = [r for a in data["archs"] for r in a["rows"]]
     if not rows:
         raise ValueError("no rows")
-    groups = list(dict.fromkeys(f"{r['arch']} {r['mode']}" for r in rows))
+    def group(r: dict) -> str:  # (rows of older runs name no hidden size or rank)
+        shape = f" {r['hidden']} r={r['r']}" if "hidden" in r else ""
+        return f"{r['arch']}{shape} {r['mode']}"
+
+    groups = list(dict.fromkeys(group(r) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    by = {(f"{r['arch']} {r['mode']}", r["method"]): r for r in rows}
+    by = {(group(r), r["method"]): r for r in rows}
     minilm = data.get("minilm")
     metrics = (("held_for_backward_MiB", "held for backward (MiB)"), ("step_peak_MiB", "step peak (MiB)"),
                ("step_ms_vs_qlora", "step time / QLoRA's"))
@@ -253,8 +257,9 @@ def plot_quantized(data: dict) -> Figure:
         ax.set_title(f"MiniLM-L6 4-bit, {minilm['task']}")
         ax.grid(True, axis="y", alpha=0.3)
     args = data.get("args", {})
-    title(fig, f"4-bit NF4 bases (bitsandbytes): hidden {args.get('hidden')}, {args.get('layers')} layers, "
-               f"r={args.get('r')}, compiled = {args.get('compiler')}", data)
+    shape = "" if "hidden" in rows[0] else f"hidden {args.get('hidden')}, r={args.get('r')}, "
+    title(fig, f"4-bit NF4 bases (bitsandbytes): {shape}{args.get('layers')} layers, batch "
+               f"{args.get('batch')}x{args.get('seq')}, compiled = {args.get('compiler')}", data)
     return fig
 
 

@@ -1,13 +1,18 @@
 """SHiRA on 4-bit bases, side by side in one run: shira_fx vs PEFT LoRA (QLoRA) vs PEFT SHiRA on
 the same bitsandbytes NF4 base as transformers loads it (`load_in_4bit`), at equal trainable
-counts (r*(out+in) per weight, LoRA's count at rank r).
+counts (r*(out+in) per weight, LoRA's count at rank r). shira_fx runs one GEMM per linear each
+way on the weight bitsandbytes dequantizes, with the delta written in; QLoRA runs the same GEMM
+plus its two factors.
 
-1. Llama and Qwen2 built from configs (random weights, saved and reloaded in 4 bits), all 7
-   decoder linears targeted. Per row, after warm-up: the bytes autograd holds for backward
-   (unique saved storages, parameters and buffers excluded), the whole step's peak of
+1. Qwen2 (or Llama) built from configs (random weights, saved and reloaded in 4 bits), all 7
+   decoder linears targeted, at --hidden/--r and then at each (hidden, r) of --also (a realistic
+   width; QLoRA and shira_fx only, --also-methods). Per row, after warm-up: the bytes autograd
+   holds for backward (unique saved storages, parameters, buffers and quantization state
+   excluded: `shira_fx.memory.resident_state`), the whole step's peak of
    allocated bytes above what stays resident (CPU allocator accounting via torch.profiler, as
    in bench.train; `torch.cuda.max_memory_allocated` on CUDA), what stays resident and the
-   median step time (the timed steps of all rows of a model interleaved in rounds). Eager and
+   median step time (the timed steps of all rows of a configuration interleaved in rounds, one
+   step per row per round by default; step ratios are the median of the rounds' ratios). Eager and
    compiled: `torch.compile(model, backend=shira_fx.backend(inner=...))` for shira_fx,
    `torch.compile(model, backend=inner)` for the PEFT rows. How each compiled row compiled is
    recorded (frames, graph breaks, backend failures with their first error); a row whose step
@@ -20,8 +25,8 @@ counts (r*(out+in) per weight, LoRA's count at rank r).
 
 The targets are printed as pass/MISS lines. Prints markdown tables and writes JSON.
 
-    python -m bench.quantized                        # Llama and Qwen2, hidden 256, 4 layers
-    python -m bench.quantized --hidden 512 --layers 8 --minilm-steps 300
+    python -m bench.quantized                        # Qwen2, hidden 512 r=8, then 2048 at r=8 and r=32
+    python -m bench.quantized --archs llama,qwen2 --also "" --minilm-steps 300
     python -m bench.quantized --smoke                # tiny shapes, aot_eager, for the test suite
 """
 
@@ -36,7 +41,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -63,19 +68,22 @@ QLORA, PSHIRA, OURS = "QLoRA (PEFT LoRA)", "PEFT SHiRA", "shira_fx"
 # PEFT SHiRA first among the compiled rows: if its compilation fails, Dynamo is reset before
 # any other row of the model has compiled
 METHODS = (PSHIRA, QLORA, OURS)
+METHOD_KEYS = {"peft_shira": PSHIRA, "qlora": QLORA, "shira_fx": OURS}
 MiB = 2**20
+# the issue's targets, shira_fx / QLoRA on the same base and mode
+STEP_TARGET, HELD_TARGET = 0.95, 0.9
 
 
 # -- models ------------------------------------------------------------------------------------
 
 
-def config(arch: str, args):
+def config(arch: str, hidden: int, args):
     """A Llama or Qwen2 config: intermediate 11/4 x hidden, one head per 64 channels (Qwen2:
     grouped-query attention with half as many key/value heads, and q/k/v biases)."""
     import transformers
 
-    heads = max(1, args.hidden // 64)
-    common = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+    heads = max(1, hidden // 64)
+    common = dict(vocab_size=args.vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                   num_hidden_layers=args.layers, num_attention_heads=heads,
                   max_position_embeddings=max(64, args.seq))
     if arch == "llama":
@@ -95,19 +103,20 @@ def quantization(args):
 
 
 class Bases:
-    """Each architecture's fp32 model (seeded random weights) saved once; every row loads its
-    own 4-bit copy of the same weights, as transformers loads a quantized checkpoint."""
+    """Each architecture's fp32 model at each width (seeded random weights) saved once; every
+    row loads its own 4-bit copy of the same weights, as transformers loads a quantized
+    checkpoint."""
 
     def __init__(self, args):
         self.args = args
         self.tmp = tempfile.TemporaryDirectory(prefix="shira-quantized-")
-        self.saved: dict[str, str] = {}
+        self.saved: dict[tuple[str, int], str] = {}
 
-    def load(self, arch: str) -> nn.Module:
-        cfg, cls = config(arch, self.args)
-        folder = self.saved.get(arch)
+    def load(self, arch: str, hidden: int) -> nn.Module:
+        cfg, cls = config(arch, hidden, self.args)
+        folder = self.saved.get((arch, hidden))
         if folder is None:
-            folder = self.saved[arch] = os.path.join(self.tmp.name, arch)
+            folder = self.saved[arch, hidden] = os.path.join(self.tmp.name, f"{arch}-{hidden}")
             torch.manual_seed(0)
             cls(cfg).save_pretrained(folder)
         return cls.from_pretrained(folder, quantization_config=quantization(self.args), device_map="cpu")
@@ -173,10 +182,15 @@ class Runner:
     """One row: its model, optimizer and (compiled) step, kept alive so the timed steps of all
     rows can be interleaved."""
 
-    def __init__(self, bases: Bases, arch: str, method: str, mode: str, args):
-        self.arch, self.method, self.mode, self.args = arch, method, mode, args
+    def __init__(self, bases: Bases, shape: Shape, method: str, mode: str, args):
+        self.shape, self.method, self.mode, self.args = shape, method, mode, args
         self.device = torch.device("cpu")
-        self.model, self.params, self.extra = adapt(bases.load(arch), method, args.r)
+        self.model, self.params, self.extra = adapt(bases.load(shape.arch, shape.hidden), method, shape.r)
+        # training mode, as a training loop sets it: from_pretrained gives eval mode, where
+        # bitsandbytes repacks a 4-bit weight for AVX512-BF16 CPUs at the first forward whose
+        # input needs no grad (the first layer's q/k/v), computing it in bf16, and a compiled
+        # graph traced before the repack fails on the new layout (prepare settles shira_fx's)
+        self.model.train()
         self.opt = torch.optim.AdamW(self.params, lr=1e-5)
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
@@ -189,6 +203,7 @@ class Runner:
             self.recorder = Recording(shira_fx.backend(inner=inner) if method == OURS else inner)
             self.run = torch.compile(self.model, backend=self.recorder)
         self.times: list[float] = []
+        self.rounds: list[float] = []  # seconds of each round's steps
         self.error: str | None = None
         self.loss = float("nan")
 
@@ -203,15 +218,18 @@ class Runner:
         self.loss = loss.item()
 
     def timed_steps(self, n: int) -> None:
+        """n timed steps: one round of the interleaved timing."""
         for _ in range(n):
             t0 = time.perf_counter()
             self.step()
             self.times.append(time.perf_counter() - t0)
+        self.rounds.append(sum(self.times[-n:]))
 
     def measure_memory(self) -> dict:
         """Warm up (compile), then one step each for the held-for-backward bytes and the
         allocator's step peak. A failing step is recorded as the row's error."""
-        row: dict[str, Any] = {"arch": self.arch, "method": self.method, "mode": self.mode,
+        row: dict[str, Any] = {"arch": self.shape.arch, "hidden": self.shape.hidden, "r": self.shape.r,
+                               "method": self.method, "mode": self.mode,
                                "trainable": sum(p.numel() for p in self.params)}
         before = dynamo_counts()
         t0 = time.perf_counter()
@@ -247,24 +265,36 @@ class Runner:
         if not self.times:
             return {"step_ms": None}
         return {"step_ms": statistics.median(self.times) * 1e3, "step_ms_min": min(self.times) * 1e3,
-                "step_ms_all": [t * 1e3 for t in self.times], "loss": self.loss}
+                "step_ms_all": [t * 1e3 for t in self.times], "round_ms": [t * 1e3 for t in self.rounds],
+                "loss": self.loss}
 
 
-def measure_arch(bases: Bases, arch: str, args) -> list[dict]:
-    """Every row of one architecture: memory row by row, then step times in interleaved rounds."""
+class Shape(NamedTuple):
+    """One measured configuration: architecture, hidden size and rank (the rest from args)."""
+
+    arch: str
+    hidden: int
+    r: int
+
+    def __str__(self) -> str:
+        return f"{self.arch} hidden {self.hidden} r={self.r}"
+
+
+def measure_shape(bases: Bases, shape: Shape, methods: list[str], args) -> list[dict]:
+    """Every row of one configuration: memory row by row, then step times in interleaved rounds."""
     runners, rows = [], []
     for mode in args.modes.split(","):
-        for method in METHODS:
-            r = Runner(bases, arch, method, mode, args)
+        for method in [m for m in METHODS if m in methods]:
+            r = Runner(bases, shape, method, mode, args)
             row = r.measure_memory()
             rows.append(row)
             if r.error is None:
                 runners.append(r)
-                print(f"  {arch} {method} ({mode}): warm-up {row['warmup_s']:.0f} s, held "
+                print(f"  {shape} {method} ({mode}): warm-up {row['warmup_s']:.0f} s, held "
                       f"{row['held_for_backward_MiB']:.1f} MiB, peak {row['step_peak_MiB']:.1f} MiB",
                       file=sys.stderr)
             else:
-                print(f"  {arch} {method} ({mode}): FAILED after {row['warmup_s']:.0f} s: {r.error}",
+                print(f"  {shape} {method} ({mode}): FAILED after {row['warmup_s']:.0f} s: {r.error}",
                       file=sys.stderr)
                 del r
                 if mode != "eager":
@@ -278,8 +308,8 @@ def measure_arch(bases: Bases, arch: str, args) -> list[dict]:
             break
     compiles = dynamo_counts()["frames"]
     rounds = max(1, min(args.rounds, args.steps))
-    for i in range(rounds):
-        for r in runners:
+    for i in range(rounds):  # every other round in reverse order: no row always runs first
+        for r in runners if i % 2 == 0 else runners[::-1]:
             r.timed_steps(args.steps // rounds + (i < args.steps % rounds))
     recompiled = dynamo_counts()["frames"] - compiles
     if recompiled:
@@ -294,15 +324,28 @@ def measure_arch(bases: Bases, arch: str, args) -> list[dict]:
     return rows
 
 
+def paired_ratio(row: dict, other: dict) -> float | None:
+    """Step time of `row` over `other`'s: the median over the timing rounds of the two rows'
+    ratio within each round (the rows ran minutes apart at most, so a shared machine's load
+    changes between rounds cancel); the ratio of their medians where rounds are missing."""
+    mine, theirs = row.get("round_ms") or [], other.get("round_ms") or []
+    if not mine or len(mine) != len(theirs):
+        return ratio(row.get("step_ms"), other.get("step_ms"))
+    return statistics.median(a / b for a, b in zip(mine, theirs, strict=True))
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """Ratios against QLoRA and PEFT SHiRA of the same architecture and mode."""
+    """Ratios against QLoRA and PEFT SHiRA of the same configuration and mode (step times
+    paired round by round: `paired_ratio`)."""
     for row in rows:
-        same = {x["method"]: x for x in rows if x["arch"] == row["arch"] and x["mode"] == row["mode"]}
+        same = {x["method"]: x for x in rows if x["mode"] == row["mode"]}
         lora, pshira = same.get(QLORA, {}), same.get(PSHIRA, {})
-        for key in ("held_for_backward_MiB", "step_peak_MiB", "step_ms"):
+        for key in ("held_for_backward_MiB", "step_peak_MiB"):
             name = key.removesuffix("_MiB")
             row[f"{name}_vs_qlora"] = ratio(row.get(key), lora.get(key))
             row[f"{name}_vs_peft_shira"] = ratio(row.get(key), pshira.get(key))
+        row["step_ms_vs_qlora"] = paired_ratio(row, lora) if row.get("step_ms") and lora else None
+        row["step_ms_vs_peft_shira"] = paired_ratio(row, pshira) if row.get("step_ms") and pshira else None
 
 
 def check(what: str, value: float | None, limit: float, goal: float | None = None, why: str = "") -> dict:
@@ -311,8 +354,9 @@ def check(what: str, value: float | None, limit: float, goal: float | None = Non
             "goal_met": None if value is None or goal is None else value <= goal, "note": why}
 
 
-def arch_targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets per mode: shira_fx vs QLoRA and vs PEFT SHiRA on the same base."""
+def shape_targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets per mode: shira_fx vs QLoRA (step time <= 0.95x, held for backward
+    <= 0.9x, step peak <= 1.0x) and vs PEFT SHiRA where it was measured, on the same base."""
     out = []
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     for mode in modes:
@@ -321,10 +365,14 @@ def arch_targets(rows: list[dict]) -> list[dict]:
         if ours is None:
             continue
         why = f"shira_fx {mode}: {ours['error']}" if "error" in ours else ""
-        for key, label in (("held_for_backward", "held for backward"), ("step_peak", "step peak")):
-            out.append(check(f"{mode}: {label} / QLoRA's", ours.get(f"{key}_vs_qlora"), 1.0, 0.9, why))
-        out.append(check(f"{mode}: step time / QLoRA's", ours.get("step_ms_vs_qlora"), 1.0, None, why))
-        pshira = same.get(PSHIRA, {})
+        out.append(check(f"{mode}: step time / QLoRA's", ours.get("step_ms_vs_qlora"), STEP_TARGET, None,
+                         why))
+        out.append(check(f"{mode}: held for backward / QLoRA's", ours.get("held_for_backward_vs_qlora"),
+                         HELD_TARGET, None, why))
+        out.append(check(f"{mode}: step peak / QLoRA's", ours.get("step_peak_vs_qlora"), 1.0, 0.9, why))
+        if PSHIRA not in same:
+            continue
+        pshira = same[PSHIRA]
         note = why or (f"PEFT SHiRA {mode}: {pshira['error']}" if "error" in pshira else "")
         out.append(check(f"{mode}: step time / PEFT SHiRA's", ours.get("step_ms_vs_peft_shira"), 0.5, None,
                          note))
@@ -399,11 +447,11 @@ def minilm_quality(args) -> dict:
 # -- report -----------------------------------------------------------------------------------
 
 
-def print_arch(res: dict, info: dict, args) -> None:
-    caption = (f"{res['arch']} hidden {args.hidden}, intermediate {args.hidden * 11 // 4}, "
+def print_shape(res: dict, info: dict, args) -> None:
+    caption = (f"{res['arch']} hidden {res['hidden']}, intermediate {res['intermediate']}, "
                f"{args.layers} layers, "
                f"vocab {args.vocab}, NF4 base (bitsandbytes, compute {args.compute_dtype}), batch "
-               f"{args.batch}x{args.seq}, all 7 linears, r={args.r}, AdamW; compiled = {args.compiler}; "
+               f"{args.batch}x{args.seq}, all 7 linears, r={res['r']}, AdamW; compiled = {args.compiler}; "
                f"{describe(info)}")
     headers = ["method", "mode", "trainable", "resident MiB", "held for bwd MiB", "held / QLoRA",
                "step peak MiB", "peak / QLoRA", "step ms", "step / QLoRA", "step / PEFT SHiRA",
@@ -435,7 +483,8 @@ def print_arch(res: dict, info: dict, args) -> None:
         if t["goal"] is not None and t["goal_met"] is None:
             goal = f", goal <= {t['goal']}"
         note = f" [{t['note']}]" if t["note"] and t["value"] is None else ""
-        print(f"{verdict(t['pass'])}: {res['arch']} shira_fx {t['target']}: {fmt(t['value'], '.3f')} "
+        print(f"{verdict(t['pass'])}: {res['arch']} {res['hidden']} r={res['r']} shira_fx {t['target']}: "
+              f"{fmt(t['value'], '.3f')} "
               f"(target <= {t['limit']}{goal}){note}")
 
 
@@ -459,15 +508,40 @@ def print_minilm(q: dict, args, info: dict) -> None:
     print(f"\n{verdict(t['pass'])}: {t['target']}: {t['value'] * 100:.1f} vs {t['limit'] * 100:.1f}")
 
 
+def shapes(args) -> list[tuple[Shape, list[str]]]:
+    """(configuration, its methods) in the order measured: each architecture at --hidden/--r with
+    every method, then at each --also hidden:r with --also-methods."""
+    also = []
+    for item in filter(None, args.also.split(",")):
+        hidden, _, r = item.partition(":")
+        if not (hidden.isdigit() and r.isdigit()):
+            raise SystemExit(f"--also: expected hidden:r pairs such as 2048:8, found {item!r}")
+        also.append((int(hidden), int(r)))
+    unknown = [m for m in args.also_methods.split(",") if m not in METHOD_KEYS]
+    if unknown:
+        raise SystemExit(f"--also-methods: expected some of {', '.join(METHOD_KEYS)}, found {unknown}")
+    also_methods = [METHOD_KEYS[m] for m in args.also_methods.split(",")]
+    out = []
+    for arch in args.archs.split(","):
+        out.append((Shape(arch, args.hidden, args.r), list(METHODS)))
+        out += [(Shape(arch, hidden, r), also_methods) for hidden, r in also]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = BenchParser("quantized", __doc__, smoke="tiny shapes, aot_eager, one step, one seed")
-    p.add_argument("--archs", default="llama,qwen2")
-    p.add_shape(hidden=256, layers=4, vocab=8000, batch=2, seq=128, r=8)
+    p.add_argument("--archs", default="qwen2", help="comma-separated: qwen2, llama")
+    p.add_shape(hidden=512, layers=2, vocab=8000, batch=4, seq=128, r=8)
+    p.add_argument("--also", default="2048:8,2048:32",
+                   help="more hidden:r configurations, after --hidden/--r ('' for none)")
+    p.add_argument("--also-methods", default="qlora,shira_fx",
+                   help=f"the methods of the --also configurations, of {', '.join(METHOD_KEYS)}")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bitsandbytes' bnb_4bit_compute_dtype")
     p.add_argument("--steps", type=int, default=8, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=4, help="the timed steps of all rows interleave in rounds")
+    p.add_argument("--rounds", type=int, default=8,
+                   help="the timed steps of all rows interleave in rounds (step ratios pair rounds)")
     p.add_argument("--modes", default="eager,compiled")
     p.add_compiler()
     p.add_argument("--minilm-steps", type=int, default=None,
@@ -480,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr-shira", type=float, default=2e-3)
     p.add_argument("--lr-lora", type=float, default=1e-3)
     args = p.parse(argv, smoke=dict(archs="llama", hidden=64, layers=1, vocab=64, batch=2, seq=16, r=2,
-                                    steps=1, warmup=1, rounds=1, minilm_batch=4, minilm_seq=16,
+                                    also="", steps=1, warmup=1, rounds=1, minilm_batch=4, minilm_seq=16,
                                     minilm_test=20, minilm_layers=1, seeds=1))
     if args.minilm_steps is None:  # given, it holds under --smoke too (0: the tests without the wheels)
         args.minilm_steps = 2 if args.smoke else 200
@@ -502,13 +576,13 @@ def main(argv: list[str] | None = None) -> dict:
     bases = Bases(args)
     results: dict[str, Any] = bench_result("quantized", info, args, archs=[])
     try:
-        for arch in args.archs.split(","):
-            rows = measure_arch(bases, arch, args)
+        for shape, methods in shapes(args):
+            rows = measure_shape(bases, shape, methods, args)
             add_ratios(rows)
-            res = {"arch": arch, "hidden": args.hidden, "layers": args.layers,
-                   "intermediate": args.hidden * 11 // 4, "rows": rows, "targets": arch_targets(rows)}
+            res = {"arch": shape.arch, "hidden": shape.hidden, "r": shape.r, "layers": args.layers,
+                   "intermediate": shape.hidden * 11 // 4, "rows": rows, "targets": shape_targets(rows)}
             results["archs"].append(res)
-            print_arch(res, info, args)
+            print_shape(res, info, args)
         if args.minilm_steps > 0:
             results["minilm"] = minilm_quality(args)
             print_minilm(results["minilm"], args, info)

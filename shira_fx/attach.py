@@ -281,10 +281,10 @@ def attach(t: TargetLayer, mask: Tensor, cfg: ShiraConfig) -> ShiraLayer:
     module.register_buffer(layer.attr(INDICES), idx.to(device), persistent=False)
     module.register_buffer(layer.attr(BASE), base, persistent=False)
     module.__dict__.setdefault(LAYERS, {})[t.param] = layer
-    if t.param == "weight" and not t.quantized and not t.conv:
+    if t.param == "weight" and not t.conv:  # a quantized weight's by its logical shape
         module.__dict__[TRANSPOSED] = t.transposed
         set_structure(module, _structure(idx.to(device) if layer.pending is None else layer.pending,
-                                         tuple(w.shape)))
+                                         tuple(t.shape)))
     _set_class(module, _exposed(module), _role(module))
     registry.register(values, layer)
     if not w.is_meta:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, registry
+from . import ops, quantized, registry
 from .adapter_files import LayerSpec, fingerprint
 from .errors import ShiraAdapterError, ShiraConfigError
 
@@ -316,20 +316,42 @@ def conv_forward(self: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
                            list(self.dilation), self.groups)
 
 
+def _dequantized_forward(module: nn.Module, x: Tensor, plan: quantized.Dequantizing, values: Tensor,
+                         indices: Tensor, structure: list[Tensor]) -> Tensor:
+    """One GEMM on a quantized layer's dequantized weight with the delta written in, the input
+    cast as the layer itself casts it (bitsandbytes 4-bit: to its compute dtype, and the output
+    back)."""
+    if plan.compute_dtype is None:
+        return ops.dequantized_linear(x, plan.packed, module.bias, values, indices, plan.kind, plan.meta,
+                                      structure)
+    y = ops.dequantized_linear(x.to(plan.compute_dtype), plan.packed, module.bias, values, indices, plan.kind,
+                               plan.meta, structure)
+    return y.to(x.dtype)
+
+
 def side_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """Forward of a prepared quantized module: the quantization library's own layer, plus the
-    adapter beside it, `x @ S.T` (the packed weight cannot hold base + delta)."""
+    """Forward of a prepared quantized module. Where the layer computes by dequantizing its
+    weight into a dense transient (`quantized.dequantizing`), one GEMM each way on that
+    transient with the delta written in (`ops.dequantized_linear`: the frozen base's cost);
+    otherwise the quantization library's own layer plus the adapter beside it, `x @ S.T` (the
+    packed weight cannot hold base + delta)."""
+    values, indices = self._parameters[VALUES], self._buffers[INDICES]
+    plan = quantized.dequantizing(self, x)
+    if plan is not None:
+        return _dequantized_forward(self, x, plan, values, indices, self.__dict__[STRUCTURE])
     y = own_forward(self, x)
-    side = ops.side_linear(x, self._parameters[VALUES], self._buffers[INDICES], y.shape[-1], x.shape[-1])
+    side = ops.side_linear(x, values, indices, y.shape[-1], x.shape[-1])
     return y + side.to(y.dtype)
 
 
 def served_forward(self: nn.Module, x: Tensor) -> Tensor:
     """Forward of a module a bank serves beside its weight: the layer's own forward (for a
     quantized base, the library's op), plus the active adapter beside it when the weight cannot
-    hold it, plus each row's own correction when this thread serves a mixed batch (on the CPU,
-    a plain weight's whole linear per adapter: `ops.request_linear`); with neither, exactly the
-    base layer's output."""
+    hold it (on the CPU, a layer that computes by dequantizing runs one GEMM with the active
+    adapter written into its transient instead; on CUDA bitsandbytes' inference kernels never
+    form one), plus each row's own correction when this thread serves a mixed batch (on the
+    CPU, a plain weight's whole linear per adapter: `ops.request_linear`); with neither, exactly
+    the base layer's output."""
     rows = getattr(self.__dict__[ROWS], "rows", None)
     if rows is not None:
         if x.shape[0] != rows.numel():
@@ -341,10 +363,15 @@ def served_forward(self: nn.Module, x: Tensor) -> Tensor:
     transposed = self.__dict__[SERVED_TRANSPOSED]
     if rows is not None and weight is not None and x.device.type == "cpu":  # the whole linear per adapter
         return ops.request_linear(x, self._parameters[weight], self.bias, rows, *table, transposed)
-    y = own_forward(self, x)
     indices = self._buffers[SIDE_INDICES]
-    if indices.numel():
-        y = y + ops.side_linear(x, self._buffers[SIDE_VALUES], indices, y.shape[-1], x.shape[-1]).to(y.dtype)
+    plan = quantized.dequantizing(self, x) if indices.numel() and x.device.type == "cpu" else None
+    if plan is not None:
+        y = _dequantized_forward(self, x, plan, self._buffers[SIDE_VALUES], indices, [])
+    else:
+        y = own_forward(self, x)
+        if indices.numel():
+            side = ops.side_linear(x, self._buffers[SIDE_VALUES], indices, y.shape[-1], x.shape[-1])
+            y = y + side.to(y.dtype)
     if rows is not None:
         x2 = x.reshape(-1, x.shape[-1])
         seg_starts = torch.arange(rows.numel() + 1, device=x.device) * (x2.shape[0] // rows.numel())

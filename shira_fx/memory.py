@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .layer import structure_of
+from .quantized import packed_tensors
 
 
 def _dense_parts(t: torch.Tensor) -> list[torch.Tensor]:
@@ -87,10 +88,11 @@ class LiveTensorTracker(TorchDispatchMode):
 
 
 def resident_state(model: torch.nn.Module) -> list[torch.Tensor]:
-    """What a model keeps whatever backward does: its parameters and buffers, and each prepared
-    layer's mask structure (a plain attribute, not a buffer). Pass it as `exclude`."""
-    structures = [t for m in model.modules() for t in structure_of(m)]
-    return list(model.parameters()) + list(model.buffers()) + structures
+    """What a model keeps whatever backward does: its parameters and buffers, each prepared
+    layer's mask structure (a plain attribute, not a buffer) and each quantized layer's
+    quantization state (bitsandbytes keeps its scales there). Pass it as `exclude`."""
+    kept = [t for m in model.modules() for t in (*structure_of(m), *packed_tensors(m))]
+    return list(model.parameters()) + list(model.buffers()) + kept
 
 
 def saved_tensor_bytes(run, exclude=()) -> tuple[int, object]:

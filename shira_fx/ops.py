@@ -2,8 +2,10 @@
 
 Two kinds (autograd cannot be registered on a mutating op): functional ops that train or
 serve (`sparse_linear`: the dense linear on the fused weight, whose backward sends the masked
-gradient `masked_grad` to the values; `side_linear` / `side_grad_x`: the adapter beside a
-quantized weight; `request_linear`, `side_segmented`: mixed batches), and the mutating
+gradient `masked_grad` to the values; `dequantized_linear` / `dequantized_grad_x`: one GEMM on a
+quantized layer's dequantized weight with the delta written in; `side_linear` / `side_grad_x`:
+the adapter beside a quantized weight that is never dequantized; `request_linear`,
+`side_segmented`: mixed batches), and the mutating
 `scatter_` for sync and switching, always outside autograd. Each op's real kernel is one
 dispatcher of `shira_fx.kernels` (Triton on CUDA, torch on the CPU). Every fake kernel checks
 its operands' shapes, dtypes and devices with `torch._check`, naming the operand, so a wrong
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .quantized import DEQUANTIZING_KINDS
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INTS = (torch.int32, torch.int64)
@@ -367,6 +370,101 @@ def _side_backward(ctx, grad_y: Tensor):
 
 
 side_linear.register_autograd(_side_backward, setup_context=_side_setup)
+
+
+# -- one GEMM on a quantized layer's dequantized weight ---------------------------------------------
+
+
+def _check_packed(op: str, src: Tensor, packed: list[Tensor], kind: str, meta: list[int]) -> tuple[int, int]:
+    """A dequantizing kind's packed tensors and meta (`quantized.dequantizing`); (out, in)."""
+    _check(kind in DEQUANTIZING_KINDS, op,
+           f"kind must be one of {sorted(DEQUANTIZING_KINDS)}, found {kind!r}")
+    tensors, ints = DEQUANTIZING_KINDS[kind]
+    _check(len(packed) in tensors and len(meta) - 2 in ints, op,
+           f"a {kind} weight takes {tensors} packed tensors and [out, in] plus {ints} meta integers, "
+           f"found {len(packed)} tensors and meta {list(meta)}")
+    _check(meta[0] >= 1 and meta[1] >= 1, op, f"meta must start with out, in >= 1, found {list(meta[:2])}")
+    for i, t in enumerate(packed):
+        _check(t.device == src.device, op, f"packed[{i}] must be on {src.device}, found {t.device}")
+    return meta[0], meta[1]
+
+
+@torch.library.custom_op("shira_fx::dequantized_linear", mutates_args=())
+def dequantized_linear(x: Tensor, packed: list[Tensor], bias: Tensor | None, values: Tensor, indices: Tensor,
+                       kind: str, meta: list[int], structure: list[Tensor]) -> Tensor:
+    """The training linear of a quantized layer that computes by dequantizing its weight
+    (`quantized.dequantizing` gives `packed`, `kind`, `meta`): one GEMM on the dense transient
+    with the delta written in, `x @ (dequantize(packed) + S).T + bias` (`kernels.delta_linear`);
+    the packed weight is only read. Backward rebuilds the transient for grad_x (as the library's
+    own backward does; nothing weight-sized is saved) and sends the masked gradient to the
+    values; `structure` is the mask's, for it. Operands in `sparse_linear`'s order (x, weight,
+    bias, values, indices), so the backend's pass finds both alike."""
+    return kernels.delta_linear(x, packed, bias, values, indices, kind, meta)
+
+
+@dequantized_linear.register_fake
+def _(x, packed, bias, values, indices, kind, meta, structure):
+    op = "dequantized_linear"
+    out_features, in_features = _check_packed(op, x, packed, kind, meta)
+    _check(x.dim() >= 1 and x.shape[-1] == in_features, op,
+           f"x must end in the weight's {in_features} input features, found shape {tuple(x.shape)}")
+    _check_float(op, "x", x)
+    if bias is not None:
+        _check(bias.dim() == 1 and bias.shape[0] == out_features, op,
+               f"bias must have shape ({out_features},), found {tuple(bias.shape)}")
+    _check_sparse(op, indices, values, x)
+    _check(len(structure) in (0, 7), op, f"a structure holds 7 tensors, found {len(structure)}")
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("shira_fx::dequantized_grad_x", mutates_args=())
+def dequantized_grad_x(grad_y: Tensor, packed: list[Tensor], values: Tensor, indices: Tensor, kind: str,
+                       meta: list[int]) -> Tensor:
+    """`grad_y @ (dequantize(packed) + S)`, `dequantized_linear`'s input gradient on the transient
+    rebuilt (`kernels.delta_grad_x`), an op of its own so a compiled backward keeps the library's
+    dequantize opaque."""
+    return kernels.delta_grad_x(grad_y, packed, values, indices, kind, meta)
+
+
+@dequantized_grad_x.register_fake
+def _(grad_y, packed, values, indices, kind, meta):
+    op = "dequantized_grad_x"
+    out_features, in_features = _check_packed(op, grad_y, packed, kind, meta)
+    _check(grad_y.dim() == 2 and grad_y.shape[1] == out_features, op,
+           f"grad_y must be (T, out_features = {out_features}), found shape {tuple(grad_y.shape)}")
+    _check_float(op, "grad_y", grad_y)
+    _check_sparse(op, indices, values, grad_y)
+    return grad_y.new_empty(grad_y.shape[0], in_features)
+
+
+def _dequantized_setup(ctx, inputs, output) -> None:
+    x, packed, bias, values, indices, kind, meta, structure = inputs
+    ctx.save_for_backward(x, values, indices, *packed, *structure)
+    ctx.layer = (kind, list(meta), len(packed), len(structure))
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _dequantized_backward(ctx, grad_y: Tensor):
+    x, values, indices, *rest = ctx.saved_tensors
+    kind, meta, n_packed, n_structure = ctx.layer
+    packed, structure = rest[:n_packed], rest[n_packed:]
+    needs = ctx.needs_input_grad
+    needs_x, needs_bias, needs_values = needs[0], needs[2], needs[3]
+    out_features, in_features = meta[0], meta[1]
+    gy = grad_y.reshape(-1, out_features)
+    grad_x = grad_bias = grad_values = None
+    if needs_x:
+        grad_x = dequantized_grad_x(gy, packed, values, indices, kind, meta).reshape(x.shape).to(x.dtype)
+    if needs_values:
+        grad_values = masked_grad(gy, x.reshape(-1, in_features), indices, in_features, structure)
+        grad_values = grad_values.to(values.dtype)
+    if needs_bias and ctx.bias_dtype is not None:
+        grad_bias = gy.sum(0).to(ctx.bias_dtype)
+    return grad_x, [None] * n_packed, grad_bias, grad_values, None, None, None, [None] * n_structure
+
+
+dequantized_linear.register_autograd(_dequantized_backward, setup_context=_dequantized_setup)
+_register_autocast("dequantized_linear")
 
 
 # -- mixed batches (inference) -------------------------------------------------------------------

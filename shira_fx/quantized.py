@@ -13,6 +13,23 @@ on CPUs with AVX512-BF16 a CPU-packed one that `Linear4bit.forward` converts to 
 it runs in inference mode (its absmax rounded to bf16; its forward then has no backward).
 `dequantized_weight` reads both; `settle_layout` puts a layer in the standard layout and keeps
 it there, so a weight never changes shape under a compiled graph or a training step.
+
+Which kinds compute by dequantizing (`dequantizing`: their adapter's delta is then written into
+that dense transient and the layer runs one GEMM each way, `ops.dequantized_linear`), on this
+CPU and in bitsandbytes 0.50 / torchao 0.18:
+
+- `bnb_nf4`, `bnb_fp4` in the standard layout: `MatMul4Bit` runs `gemm_4bit`, on the CPU
+  `dequantize_4bit` + `F.linear`, and its backward dequantizes again for grad_x (on CUDA the
+  forward may take a fused kernel for small batches; dequantize + GEMM differs from it by
+  rounding only). The CPU-packed layout computes in bf16 without dequantizing: side product.
+- `bnb_int8` in training mode on the CPU/XPU: `MatMul8bitFp` dequantizes the int8 rows and runs
+  `F.linear`. In eval mode (and on CUDA) `MatMul8bitLt` quantizes the input to int8 and multiplies
+  integers, so dequantize + GEMM would change the base's own forward: side product.
+- `torchao_nf4`: `linear_nf4` is `F.linear(x, W.to(x.dtype))` both ways.
+- `torchao_int8` weight-only: `x @ int8(W).T` in x's dtype, then the row scales (rounding apart,
+  the dequantized GEMM). With activation quantization (dynamic or static int8 activations, or an
+  activation pre-scale) it multiplies integers: side product.
+- `torchao_int4`: packed int4 kernels (tinygemm and friends), never a dense weight: side product.
 """
 
 from __future__ import annotations
@@ -20,7 +37,7 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -198,7 +215,8 @@ def dequantized_weight(module: nn.Module) -> Tensor:
         data, state = weight.data, weight.quant_state
         if is_cpu_packed(module):  # unpacked on copies: the layer stays as it is
             data, state = _unpacked(data, state)
-        return bnb_f.dequantize_4bit(data, state)
+        # a weight of one byte (N * K <= 2) comes back transposed (a shim for a transposed layout)
+        return bnb_f.dequantize_4bit(data, state).reshape(tuple(state.shape))
     if kind == "torchao_nf4":
         return weight.get_original_weight()
     if kind == "torchao_int4":  # its packing variants have no dequantize on every device
@@ -258,3 +276,145 @@ def settle_layout(module: nn.Module) -> Callable[[], None] | None:
         return lambda: None
     setattr(module, _REPACKS, False)
     return lambda: setattr(module, _REPACKS, repacks)
+
+
+# -- one GEMM on the dequantized weight ---------------------------------------------------------
+
+# the kinds `dequantize_packed` rebuilds, with the number of packed tensors each takes (bnb 4-bit:
+# 2 plain, 5 with nested absmax; torchao int8: 2, or 3 with zero points) and of the integers of
+# its meta after (out, in)
+DEQUANTIZING_KINDS = {
+    "bnb_nf4": ((2, 5), (1, 2)),
+    "bnb_fp4": ((2, 5), (1, 2)),
+    "bnb_int8": ((2,), (0,)),
+    "torchao_nf4": ((5,), (3,)),
+    "torchao_int8": ((2, 3), (2,)),
+}
+
+
+class Dequantizing(NamedTuple):
+    """What a layer that computes by dequantizing its weight hands `ops.dequantized_linear`: its
+    kind, its packed tensors (never copied), `meta` = `[out, in, ...]` (the kind's integers after)
+    and the dtype the layer casts its input to before its matmul (None: the input's own)."""
+
+    kind: str
+    packed: list[Tensor]
+    meta: list[int]
+    compute_dtype: torch.dtype | None
+
+
+def _bnb_compute_dtype(module: nn.Module, x: Tensor) -> torch.dtype | None:
+    """The dtype `Linear4bit.forward` computes in for input x (its `set_compute_type` on the
+    first call: an fp32 or bf16 input sets it, fp16 keeps the configured one), read without
+    setting anything."""
+    if getattr(module, "compute_type_is_set", True) or x.dtype not in (torch.float32, torch.bfloat16):
+        return getattr(module, "compute_dtype", None)
+    return x.dtype
+
+
+def dequantizing(module: nn.Module, x: Tensor) -> Dequantizing | None:
+    """The operands for one GEMM on the dequantized weight, where this layer (a known kind) itself
+    computes input x by dequantizing its whole weight into a dense transient; None where it
+    computes otherwise (the module's docstring says which and why), so the adapter rides beside it."""
+    found = _bnb_module(module)
+    weight = module.weight
+    if found is not None:
+        kind = found[1]
+        if weight.dtype in _FLOATS:  # not quantized yet (bitsandbytes quantizes on .to(device))
+            return None
+        out_features, in_features = logical_shape(module)
+        if kind == "bnb_int8":
+            state = module.state
+            if not module.training or x.device.type not in ("cpu", "xpu") or state.has_fp16_weights:
+                return None
+            scb = getattr(weight, "SCB", None)
+            return Dequantizing(kind, [weight, state.SCB if scb is None else scb],
+                                [out_features, in_features], None)
+        state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+        if state is None or is_cpu_packed(module):
+            return None
+        meta = [out_features, in_features, int(state.blocksize)]
+        if state.nested:
+            packed = [weight, state.absmax, state.state2.absmax, state.state2.code, state.offset]
+            meta.append(int(state.state2.blocksize))
+        else:
+            packed = [weight, state.absmax]
+        return Dequantizing(kind, packed, meta, _bnb_compute_dtype(module, x))
+    kind = quantized_kind(module)
+    if kind == "torchao_nf4":
+        packed = [weight.quantized_data, weight.quantized_scalers, weight.quantization_factor,
+                  weight.scaler_mean, weight.nf4]
+        meta = [*logical_shape(module), weight.block_size, weight.n_blocks, weight.scaler_block_size]
+        return Dequantizing(kind, packed, meta, None)
+    if kind == "torchao_int8" and weight.act_quant_kwargs is None and weight.act_pre_scale is None:
+        packed = [weight.qdata, weight.scale] + ([] if weight.zero_point is None else [weight.zero_point])
+        return Dequantizing(kind, packed, [*logical_shape(module), *weight.block_size], None)
+    return None
+
+
+def dequantize_packed(kind: str, packed: list[Tensor], meta: list[int], dtype: torch.dtype) -> Tensor:
+    """A fresh dense (out, in) weight in `dtype`, by the library's own dequantize, from what
+    `dequantizing` gave: exactly the transient the layer's own matmul forms."""
+    out_features, in_features, *ints = meta
+    if kind in ("bnb_nf4", "bnb_fp4"):
+        data, absmax, *nested = packed
+        if nested:  # the absmax is itself quantized: as bitsandbytes' gemm_4bit dequantizes it
+            absmax2, code2, offset = nested
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                absmax, absmax2, code2, ints[1], torch.float32) + offset
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            data, absmax, ints[0], kind.removeprefix("bnb_"), [out_features, in_features], dtype)
+    if kind == "bnb_int8":  # as MatMul8bitFp: int8 rows times their scales over 127
+        rows, scb = packed
+        return rows.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+    if kind == "torchao_nf4":
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, SubclassTensorArgs
+
+        data, scalers, factor, mean, lut = packed
+        block_size, n_blocks, scaler_block_size = ints
+        meta_args = SubclassTensorArgs((out_features, in_features), (in_features, 1), 0, mean.dtype,
+                                       data.device, False)
+        nf4 = NF4Tensor(meta_args, block_size, n_blocks, scaler_block_size, scalers, factor, mean, data, lut)
+        return nf4.get_original_weight().to(dtype)
+    if kind == "torchao_int8":
+        from torchao.quantization.quant_primitives import dequantize_affine
+
+        qdata, scale, *zero_point = packed
+        return dequantize_affine(qdata, list(ints), scale, zero_point[0] if zero_point else None,
+                                 torch.int8, output_dtype=dtype)
+    raise ValueError(f"dequantize_packed: expected one of {sorted(DEQUANTIZING_KINDS)}, found {kind!r}")
+
+
+def weight_with_delta(kind: str, packed: list[Tensor], meta: list[int], values: Tensor, indices: Tensor,
+                      dtype: torch.dtype) -> Tensor:
+    """The dequantized weight with the adapter's delta written in at its flat `indices`
+    (`round(W + values)` in `dtype`, as a fused weight of that dtype holds it): a transient, O(nnz)
+    beyond the dequantize; the packed weights are only read."""
+    weight = dequantize_packed(kind, packed, meta, dtype)
+    flat, idx = weight.view(-1), indices.long()
+    flat.index_copy_(0, idx, (flat.index_select(0, idx) + values.detach()).to(dtype))
+    return weight
+
+
+def packed_tensors(module: nn.Module) -> list[Tensor]:
+    """The tensors a known quantized layer holds that are not its parameters' own storage
+    (bitsandbytes' quant state: absmax, nested absmax, code, offset, its int8 row scales; the
+    inner tensors of a torchao weight): resident like the weight, for memory accounting
+    (`shira_fx.memory.resident_state`)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear) and _torchao_kind(weight) is not None:
+        names, _ = weight.__tensor_flatten__()
+        return [t for t in (getattr(weight, name) for name in names) if isinstance(t, Tensor)]
+    found = _bnb_module(module)
+    if found is None:
+        return []
+    if found[1] == "bnb_int8":
+        scbs = (getattr(weight, "SCB", None), getattr(getattr(module, "state", None), "SCB", None))
+        return [t for t in scbs if isinstance(t, Tensor)]
+    state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+    if state is None:
+        return []
+    parts = [state.absmax, getattr(state, "code", None), getattr(state, "offset", None)]
+    if getattr(state, "state2", None) is not None:
+        parts += [state.state2.absmax, state.state2.code]
+    return [t for t in parts if isinstance(t, Tensor)]

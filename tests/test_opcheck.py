@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shira_fx import ops  # noqa: F401  (registers torch.ops.shira_fx)
+from shira_fx import ops, quantized  # noqa: F401  (ops registers torch.ops.shira_fx)
 from shira_fx.kernels.structure import mask_structure, no_structure
 
 OPS = torch.ops.shira_fx
@@ -94,7 +94,49 @@ def _masked_conv_grad_cases():
         yield x, _rand(*y.shape), idx, shape, [1] * d, [1] * d, [dilation] * d, groups
 
 
+def _dequantizing_layers() -> list[torch.nn.Module]:
+    """A small (8, 16) layer of every kind that computes by dequantizing: bitsandbytes NF4 with
+    nested absmax, FP4 without, int8 (in training mode), torchao NF4 and int8 weight-only."""
+    bnb = pytest.importorskip("bitsandbytes")
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    layers = []
+    for quant_type, nested in (("nf4", True), ("fp4", False)):
+        layer = bnb.nn.Linear4bit(16, 8, quant_type=quant_type, compress_statistics=nested)
+        layer.weight = bnb.nn.Params4bit(_rand(8, 16), requires_grad=False, quant_type=quant_type,
+                                         compress_statistics=nested)
+        layers.append(layer.to("cpu"))
+    int8 = bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False)
+    int8.weight = bnb.nn.Int8Params(_rand(8, 16), requires_grad=False, has_fp16_weights=False)
+    layers.append(int8.to("cpu").train())
+    nf4 = torch.nn.Linear(16, 8)
+    nf4.weight = torch.nn.Parameter(to_nf4(nf4.weight.detach(), 16, 4), requires_grad=False)
+    int8_only = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    quantize_(int8_only, Int8WeightOnlyConfig())
+    return [*layers, nf4, int8_only[0]]
+
+
+def _dequantized_cases(grad: bool):
+    """dequantized_linear's (x, packed, bias, values, indices, kind, meta, structure) with grad;
+    dequantized_grad_x's (grad_y, packed, values, indices, kind, meta) without."""
+    for i, layer in enumerate(_dequantizing_layers()):
+        dtype, lead = [(torch.float32, (5,)), (torch.bfloat16, (2, 3))][i % 2]
+        plan = quantized.dequantizing(layer, torch.zeros(1, 16))
+        assert plan is not None, type(layer)
+        idx = _indices(128, 11)
+        if not grad:
+            yield _rand(6, 8, dtype=dtype), plan.packed, _rand(11), idx, plan.kind, plan.meta
+            continue
+        x, bias, values = _rand(*lead, 16, dtype=dtype, grad=True), _rand(8, grad=True), _rand(11, grad=True)
+        structure = mask_structure(idx, 8, 16, min_nnz=0) or no_structure(idx)
+        yield x, plan.packed, bias, values, idx, plan.kind, plan.meta, structure
+
+
 CASES = {
+    "dequantized_linear": lambda: _dequantized_cases(grad=True),
+    "dequantized_grad_x": lambda: _dequantized_cases(grad=False),
     "sparse_conv": _conv_cases,
     "masked_conv_grad": _masked_conv_grad_cases,
     "sparse_linear": _sparse_linear_cases,
@@ -155,6 +197,15 @@ def test_fake_kernels_name_the_operand_that_does_not_fit():
     with pytest.raises(RuntimeError, match=r"masked_conv_grad: grad_y has 5 channels, the weight 6 outputs"):
         _fake(OPS.masked_conv_grad, torch.randn(2, 4, 7, 7), torch.randn(2, 5, 7, 7), idx, [6, 4, 3, 3],
               [1, 1], [1, 1], [1, 1], 1)
+    packed = [torch.zeros(64, 1, dtype=torch.uint8), torch.ones(2)]
+    with pytest.raises(RuntimeError, match=r"dequantized_linear: kind must be one of .*found 'bnb_nf8'"):
+        _fake(OPS.dequantized_linear, x, packed, None, vals, idx, "bnb_nf8", [6, 8, 64], [])
+    with pytest.raises(RuntimeError, match=r"dequantized_linear: a bnb_nf4 weight takes \(2, 5\) packed"):
+        _fake(OPS.dequantized_linear, x, packed[:1], None, vals, idx, "bnb_nf4", [6, 8, 64], [])
+    with pytest.raises(RuntimeError, match=r"dequantized_linear: x must end in the weight's 16 input"):
+        _fake(OPS.dequantized_linear, x, packed, None, vals, idx, "bnb_nf4", [6, 16, 64], [])
+    with pytest.raises(RuntimeError, match=r"dequantized_grad_x: grad_y must be \(T, out_features = 6\)"):
+        _fake(OPS.dequantized_grad_x, torch.randn(3, 8), packed, vals, idx, "bnb_nf4", [6, 8, 64])
     with pytest.raises(RuntimeError, match=r"side_segmented: seg_starts must have one more entry"):
         _fake(OPS.side_segmented, torch.randn(4, 8), torch.tensor([0, 4]), torch.tensor([0, 0]), idx, vals,
               torch.tensor([0, 5]), 6, 8, False)

@@ -67,6 +67,7 @@ def tag_sparse_linear_inputs(graph: fx.Graph) -> int:
     tagged: set[fx.Node] = set()
     ops_with_x = [*graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_linear.default),
                   *graph.find_nodes(op="call_function", target=torch.ops.shira_fx.sparse_conv.default),
+                  *graph.find_nodes(op="call_function", target=torch.ops.shira_fx.dequantized_linear.default),
                   *graph.find_nodes(op="call_function", target=torch.ops.shira_fx.side_linear.default)]
     for node in ops_with_x:
         stack = [node.args[0]]

@@ -33,6 +33,7 @@ class RewriteReport:
     direct: list[str] = field(default_factory=list)  # weight uses outside the module rewritten
     dense: list[str] = field(default_factory=list)  # stacked parameters: a dense gradient, gathered
     side: list[str] = field(default_factory=list)  # quantized bases: the sparse side path beside them
+    dequantized: list[str] = field(default_factory=list)  # quantized bases: one GEMM, delta written in
     # read off the partitioned graph (None/empty when the partitioner was not shira_fx's):
     # layer -> what backward does with its input x
     inputs: dict[str, str] = field(default_factory=dict)
@@ -70,7 +71,9 @@ class RewriteReport:
                          + (" (its weight read by the model's own code: a dense gradient there, "
                             "gathered at the mask)" if name in self.dense else "")
                          + (" (quantized base: the adapter rides beside it, x @ S.T)"
-                            if name in self.side else ""))
+                            if name in self.side else "")
+                         + (" (quantized base: one GEMM on its dequantized weight, delta written in)"
+                            if name in self.dequantized else ""))
         lines += [f"  - {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 

@@ -22,6 +22,9 @@ from ..errors import ShiraTrainingError
 from ..layer import ShiraLayer
 from .report import SPARSE_LINEAR, TRAINING_OPS, RewriteReport
 
+# a quantized layer's one GEMM on its dequantized weight (values at the same operand as sparse_linear's)
+DEQUANTIZED_LINEAR = torch.ops.shira_fx.dequantized_linear.default
+
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
 MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.mm, torch.ops.aten.mm.default, "matmul", "mm")
 ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
@@ -93,11 +96,12 @@ def _outer(node: fx.Node, path: tuple[fx.Node, ...], owners: tuple[fx.GraphModul
 
 
 def _sparse_calls(gm: fx.GraphModule, path=(), owners=None):
-    """(sparse_linear node, its values node in the outer graph, inside a checkpoint?) for every
-    call in `gm` and in the bodies of the higher-order ops it calls."""
+    """(training op node, its values node in the outer graph, inside a checkpoint?) for every
+    call of `sparse_linear`, `sparse_conv` or `dequantized_linear` in `gm` and in the bodies of
+    the higher-order ops it calls."""
     owners = owners or (gm,)
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in TRAINING_OPS:
+        if node.op == "call_function" and node.target in (*TRAINING_OPS, DEQUANTIZED_LINEAR):
             yield node, _outer(node.args[3], path, owners), bool(path)
         elif node.op == "call_function" and node.target in ENTERED_HOPS:
             body = _body(gm, node)
@@ -223,6 +227,8 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
         node.meta["custom"] = {**node.meta.get("custom", {}), "shira_layer": layer.name}
         if layer.name not in report.rewritten:
             report.rewritten.append(layer.name)
+        if node.target is DEQUANTIZED_LINEAR and layer.name not in report.dequantized:
+            report.dequantized.append(layer.name)
         if checkpointed and layer.name not in report.checkpointed:
             report.checkpointed.append(layer.name)
     refused = {}
@@ -234,10 +240,13 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
             report.rewritten.append(layer.name)
             report.dense.append(layer.name)
             continue
-        if layer.quantized:  # the library's own layer, and the sparse side path beside it
+        if layer.quantized:  # one GEMM on its dequantized weight, or its own layer and the side path
             if slot.values is not None:
-                report.rewritten.append(layer.name)
-                report.side.append(layer.name)
+                if layer.name not in report.rewritten:
+                    report.rewritten.append(layer.name)
+                if layer.name not in report.dequantized:
+                    report.side.append(layer.name)
+                layer.compiled = True
             continue
         for weight in slot.weight:
             for use in list(weight.users):
