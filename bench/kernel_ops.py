@@ -7,7 +7,7 @@ one would write without them, judged against the machine's copy bandwidth.
     Side by side, in one run:
     `shira_fx.kernels.masked_sddmm.masked_sddmm` (the dispatcher of the `masked_grad` op) with
     the mask's structure and the path its cost model picks ("auto"), every path forced in turn
-    (on CPU: the Inductor row-dot, the banded GEMM, plain gathers; on CUDA: the Triton
+    (on CPU: the C++ row-dot, the banded GEMM, plain gathers; on CUDA: the Triton
     gather-dot with and without the structure's tile order, the Triton tile kernel),
     `torch.sparse.sampled_addmm` on the sorted mask (`sddmm_cpu`, the CPU baseline), the dense
     `grad_y.T @ x` + gather, and for struct and rows masks a plain GEMM over just the mask's
@@ -66,7 +66,7 @@ from shira_fx.ops import scatter_weights_
 
 DENSITIES = (0.002, 0.01, 0.03)
 MASKS = ("rand", "struct", "rows")
-CPU_PATHS = ("inductor_rowdot", "dense_bands", "torch_gather")
+CPU_PATHS = ("cpp_rowdot", "dense_bands", "torch_gather")
 CUDA_PATHS = ("triton_gather", "triton_tiles")
 # plain gathers hold T x nnz products: skip them beyond this many elements
 GATHER_LIMIT = 1 << 24

@@ -100,7 +100,7 @@ def plot_kernels(data: dict) -> Figure:
 
 def plot_train(data: dict) -> Figure:
     sizes = data["sizes"]
-    groups = [f"hidden {s['hidden']} x {s['layers']}" for s in sizes]
+    groups = [f"hidden {s['hidden']} x {s['layers']}" + (f", r={s['r']}" if "r" in s else "") for s in sizes]
     compiled = [{r["variant"]: r for r in s["rows"] if r["mode"] == "compiled"} for s in sizes]
     variants = list(dict.fromkeys(v for rows in compiled for v in rows))
     if not variants:

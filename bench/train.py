@@ -16,7 +16,9 @@ PEFT LoRA (dropout 0) and with the frozen floor of the same mode, and the issue'
 printed as pass/miss lines. Prints markdown tables and writes JSON.
 
     python -m bench.train                    # hidden 256 and 512, 4 layers, batch 4x256
-    python -m bench.train --sizes 512x8      # other sizes: hidden[xlayers]
+    python -m bench.train --sizes 512x8      # other sizes: hidden[xlayers][rRANK]
+    python -m bench.train --sizes wide --modes compiled   # hidden 2048, 2 layers, r=8 and r=32:
+                                             # the width users adapt, at 0.8 % / 3 % per weight
     python -m bench.train --smoke            # tiny shapes, aot_eager, for the test suite
 """
 
@@ -71,12 +73,18 @@ class Variant:
     extra: list[torch.Tensor] = field(default_factory=list)  # resident tensors beyond params/buffers
 
 
-def parse_sizes(spec: str, layers: int) -> list[tuple[int, int]]:
-    """'256,512x8' -> [(256, layers), (512, 8)]."""
+# `--sizes wide`: a width users adapt (2048 wide layers, 0.8 % of each weight at r=8, 3 % at r=32)
+WIDE = "2048x2r8,2048x2r32"
+
+
+def parse_sizes(spec: str, layers: int, r: int) -> list[tuple[int, int, int]]:
+    """'256,512x8,2048x2r32' -> [(256, layers, r), (512, 8, r), (2048, 2, 32)]; 'wide' stands for
+    WIDE."""
     out = []
-    for item in spec.split(","):
-        hidden, _, n = item.strip().partition("x")
-        out.append((int(hidden), int(n) if n else layers))
+    for item in spec.replace("wide", WIDE).split(","):
+        shape, _, rank = item.strip().partition("r")
+        hidden, _, n = shape.partition("x")
+        out.append((int(hidden), int(n) if n else layers, int(rank) if rank else r))
     return out
 
 
@@ -84,7 +92,7 @@ def build(hidden: int, layers: int, args) -> LlamaForCausalLM:
     return llama(hidden, layers, args.vocab, args.seq, args.device).to(getattr(torch, args.dtype))
 
 
-def variants(hidden: int, layers: int, args) -> Iterator[Variant]:
+def variants(hidden: int, layers: int, r: int, args) -> Iterator[Variant]:
     """Every row for one model size, built lazily so only one model lives at a time."""
     device = torch.device(args.device)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq),
@@ -107,12 +115,12 @@ def variants(hidden: int, layers: int, args) -> Iterator[Variant]:
         full = build(hidden, layers, args)
         yield Variant("full fine-tuning", mode, full, list(full.parameters()), be, ids_inputs)
         for name, dropout in ((LORA, 0.0), (LORA_DROP, 0.05)):
-            cfg = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=dropout,
+            cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
                                   target_modules=TARGETS)
             lora = peft.get_peft_model(build(hidden, layers, args), cfg)
             yield Variant(name, mode, lora, trainable(lora), be, ids_inputs)
         pshira = peft.get_peft_model(build(hidden, layers, args),
-                                     peft.ShiraConfig(r=args.r, target_modules=TARGETS))
+                                     peft.ShiraConfig(r=r, target_modules=TARGETS))
         indices = [t for m in pshira.modules() for t in getattr(m, "shira_indices", {}).values()]
         yield Variant(PSHIRA, mode, pshira, trainable(pshira), be, ids_inputs, extra=indices)
         for name, recompute, mask in ((OURS, "auto", "rand"), (OURS_OFF, "off", "rand"),
@@ -120,7 +128,7 @@ def variants(hidden: int, layers: int, args) -> Iterator[Variant]:
             if mode == "eager" and recompute == "off":
                 continue  # the recompute pass only exists under compilation
             model = build(hidden, layers, args)
-            cfg = shira_fx.ShiraConfig(target_modules=TARGETS, r=args.r, mask=mask)
+            cfg = shira_fx.ShiraConfig(target_modules=TARGETS, r=r, mask=mask)
             adapter = shira_fx.prepare(model, cfg, progress=False)
             be_ours = (None if mode == "eager"
                        else shira_fx.backend(inner=args.compiler, recompute=recompute))
@@ -222,15 +230,15 @@ class Runner:
                 "step_ms_all": [t * 1e3 for t in self.times], "loss": self.loss.item()}
 
 
-def measure_size(hidden: int, layers: int, args) -> list[dict]:
+def measure_size(hidden: int, layers: int, r: int, args) -> list[dict]:
     """Every row of one model size: memory row by row, then step times in interleaved rounds."""
     runners, rows = [], []
-    for v in variants(hidden, layers, args):
+    for v in variants(hidden, layers, r, args):
         if args.variants and v.name not in args.variants.split(",") and v.name != FLOOR:
             continue
         runners.append(Runner(v, args))
         rows.append(runners[-1].measure_memory(args.warmup))
-        print(f"  {hidden}x{layers} {v.name} ({v.mode}): warm-up {rows[-1]['warmup_s']:.0f} s, "
+        print(f"  {hidden}x{layers}r{r} {v.name} ({v.mode}): warm-up {rows[-1]['warmup_s']:.0f} s, "
               f"held {rows[-1]['held_for_backward_MiB']:.1f} MiB", file=sys.stderr)
     # a later row's compile can invalidate an earlier row's cache entries (PEFT SHiRA's graph
     # breaks turn shared transformers functions into frames of their own): settle every row
@@ -251,7 +259,7 @@ def measure_size(hidden: int, layers: int, args) -> list[dict]:
         print(f"  warning: {recompiled} frames compiled during the timed steps", file=sys.stderr)
     for row, r in zip(rows, runners, strict=True):
         row.update(r.timing(), frames_compiled_while_timing=recompiled)
-        print(f"  {hidden}x{layers} {row['variant']} ({row['mode']}): {row['step_ms']:.0f} ms/step",
+        print(f"  {hidden}x{layers}r{r} {row['variant']} ({row['mode']}): {row['step_ms']:.0f} ms/step",
               file=sys.stderr)
     del runners
     torch._dynamo.reset()
@@ -309,7 +317,7 @@ def targets(rows: list[dict]) -> list[dict]:
 def print_size(res: dict, info: dict, args) -> None:
     cuda = args.device.startswith("cuda")
     caption = (f"Llama hidden {res['hidden']}, intermediate {res['intermediate']}, {res['layers']} layers, "
-               f"vocab {args.vocab}, batch {args.batch}x{args.seq}, all 7 linears, r={args.r}, AdamW; "
+               f"vocab {args.vocab}, batch {args.batch}x{args.seq}, all 7 linears, r={res['r']}, AdamW; "
                f"compiled = {args.compiler}; {describe(info)}")
     headers = ["variant", "mode", "trainable", "resident MiB", "held for bwd MiB", "held over floor",
                "held extra / LoRA's", "step peak MiB", "peak over floor", "peak / LoRA",
@@ -335,7 +343,8 @@ def print_size(res: dict, info: dict, args) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = BenchParser("train", __doc__, smoke="one tiny model, aot_eager, 1 step")
-    p.add_argument("--sizes", default="256,512", help="hidden[xlayers],... (layers default --layers)")
+    p.add_argument("--sizes", default="256,512",
+                   help=f"hidden[xlayers][rRANK],... (layers default --layers, RANK --r); wide = {WIDE}")
     p.add_shape(layers=(4, "decoder layers where --sizes gives none"), vocab=8000, batch=4, seq=256, r=8)
     p.add_argument("--steps", type=int, default=12, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=2)
@@ -356,10 +365,10 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message="Sparse invariant checks")  # PEFT SHiRA's sparse_coo
     t_start = time.perf_counter()
     results = []
-    for hidden, layers in parse_sizes(args.sizes, args.layers):
-        rows = measure_size(hidden, layers, args)
+    for hidden, layers, r in parse_sizes(args.sizes, args.layers, args.r):
+        rows = measure_size(hidden, layers, r, args)
         add_ratios(rows)
-        res = {"hidden": hidden, "layers": layers, "intermediate": hidden * 11 // 4,
+        res = {"hidden": hidden, "layers": layers, "r": r, "intermediate": hidden * 11 // 4,
                "rows": rows, "targets": targets(rows)}
         results.append(res)
         print_size(res, info, args)

@@ -395,3 +395,29 @@ def test_compiled_and_eager_models_that_train_their_layers_are_not_reported():
         with warnings.catch_warnings():
             warnings.simplefilter("error", shira_fx.ShiraWarning)
             opt.step()
+
+
+@pytest.mark.parametrize("family, mask", [("llama", "rand"), ("gpt2", "struct")])
+def test_explain_names_the_path_of_each_layers_masked_gradient(family, mask):
+    """Per layer, explain says how backward computes the values' gradient: the structure's dense
+    lines, and for the rest the path the dispatcher's cost model picks at that shape, and why."""
+    from shira_fx.kernels.masked_sddmm import PATHS, choose_path
+
+    model = tiny_models.build(family)
+    adapter = shira_fx.prepare(model, shira_fx.ShiraConfig(density=0.1, mask=mask), progress=False)
+    backend = shira_fx.backend(inner="aot_eager")
+    b = tiny_models.batch(family, size=4, seq=24)
+    tiny_models.loss(torch.compile(model, backend=backend), b).backward()
+    report = backend.reports[0]
+    assert set(report.gradients) == set(adapter.layers)
+    text = shira_fx.explain(backend)
+    for name, how in report.gradients.items():
+        assert f"masked gradient at T={4 * 24} of " in how and how in text
+        layer = adapter.layers[name]
+        rows, cols = model.get_submodule(name).weight.shape
+        if mask == "struct":  # GPT-2 stores (in, out): struct's rows are whole stored columns
+            assert "dense column(s) as one GEMM" in how and "diagonal element(s) streamed" in how, how
+        else:
+            path = choose_path("cpu", torch.float32, torch.float32, 4 * 24, rows, cols,
+                               layer.indices.numel(), None)
+            assert path in PATHS and f"other element(s) by {path}, the cheapest estimate" in how, how

@@ -84,6 +84,24 @@ def test_kernels_smoke(kernels_result):
 
 
 @pytest.mark.slow
+def test_sddmm_paths_smoke(results_dir):
+    result = run_smoke("sddmm_paths", results_dir)
+    rows = result["rows"]
+    assert {r["mask"] for r in rows} == {"rand", "struct"} and len(rows) == 6  # 3 layer shapes each
+    for r in rows:
+        assert max(r["max_rel_err"].values()) < 1e-5, r
+        assert r["pick"] in r["ms"] or (r["pick"] == "dense parts only" and r["rest"] == 0), r
+        assert r["fastest_path"] in r["ms"] and r["auto_vs_lora"] > 0
+    assert result["misses"]  # the picks that were not the fastest, or one line saying there were none
+
+
+def test_train_parses_sizes_with_ranks():
+    train = bench_module("train")
+    assert train.parse_sizes("256,512x8,2048x2r32", 4, 8) == [(256, 4, 8), (512, 8, 8), (2048, 2, 32)]
+    assert train.parse_sizes("wide", 4, 8) == [(2048, 2, 8), (2048, 2, 32)]
+
+
+@pytest.mark.slow
 def test_train_smoke(train_result):
     train = bench_module("train")
     (size,) = train_result["sizes"]

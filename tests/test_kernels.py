@@ -21,11 +21,11 @@ from shira_fx.kernels.masked_sddmm import PATHS, choose_path
 from shira_fx.kernels.masked_sddmm import masked_sddmm as masked_grad
 from shira_fx.kernels.scatter import scatter_fused_, scatter_fused_reference_
 from shira_fx.kernels.sddmm import dense_block, sddmm, sddmm_cpu, sddmm_reference, sddmm_tiles
-from shira_fx.kernels.sddmm_inductor import sddmm_rowdot
+from shira_fx.kernels.sddmm_cpp import sddmm_diagonals, sddmm_rowdot
 from shira_fx.kernels.structure import STRUCTURE_FIELDS, mask_structure
 from tests.conftest import budget
 
-sddmm_inductor = importlib.import_module("shira_fx.kernels.sddmm_inductor")
+sddmm_cpp = importlib.import_module("shira_fx.kernels.sddmm_cpp")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -34,7 +34,7 @@ INDEX_DTYPES = st.sampled_from([torch.int32, torch.int64])
 RTOL = 1e-5
 MASK_KINDS = ["rand", "rows", "cols", "partial", "diagonal", "empty", "one", "all"]
 # the CPU-only paths run on CPU tensors whatever the test device
-CPU_ONLY = {"inductor_rowdot", "sampled_addmm"}
+CPU_ONLY = {"cpp_rowdot", "sampled_addmm"}
 
 
 def _random_indices(n: int, density: float, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
@@ -135,7 +135,7 @@ def test_rowdot_and_plan_over_several_chunks_and_cpu_tiles(dtype):
     # T spans two whole chunks and a short one; the weight spans several CPU tiles and TILE
     # blocks, with struct rows, a partial row and scattered elements: every part of a plan
     g = torch.Generator().manual_seed(3)
-    t, rows, cols = 2 * sddmm_inductor.CHUNK + 37, 300, 290
+    t, rows, cols = 2 * sddmm_cpp.CHUNK + 37, 300, 290
     idx = torch.cat([_struct_indices(rows, cols, 40, False, torch.int64),
                      torch.arange(400, dtype=torch.int64) * 211 + 11]).unique()
     a = torch.randn(t, rows, generator=g).to(dtype)
@@ -146,7 +146,7 @@ def test_rowdot_and_plan_over_several_chunks_and_cpu_tiles(dtype):
     assert p["diag"].numel() == min(rows, cols) and p["rest"].numel() > 0
     expected = sddmm_reference(a, b, idx, cols)
     for p in (plan, []):
-        for path in ("inductor_rowdot", "dense_bands", "sampled_addmm"):
+        for path in ("cpp_rowdot", "dense_bands", "sampled_addmm"):
             _assert_close_to_oracle(masked_grad(a, b, idx, cols, p, path=path), expected, a, b, idx, cols)
     _assert_close_to_oracle(sddmm_rowdot(a, b, idx, cols), expected, a, b, idx, cols)
 
@@ -247,9 +247,11 @@ def test_masked_grad_rejects_a_plan_or_path_that_does_not_fit():
 
 def test_cost_model_picks_by_shape_and_device():
     f32, bf16 = torch.float32, torch.bfloat16
-    # CPU: tiny problems gather; sparse ones row-dot; dense ones run banded GEMMs
-    assert choose_path("cpu", f32, f32, 16, 64, 64, 40, None) == "torch_gather"
-    sparse = "inductor_rowdot" if sddmm_inductor.available() else "sampled_addmm"
+    # CPU: sparse problems row-dot (tiny ones too, the C++ call costs microseconds); a few
+    # elements on a big matrix gather; dense ones run banded GEMMs
+    sparse = "cpp_rowdot" if sddmm_cpp.available() else "sampled_addmm"
+    if sddmm_cpp.available():
+        assert choose_path("cpu", f32, f32, 16, 64, 64, 40, None) == "cpp_rowdot"
     assert choose_path("cpu", f32, f32, 1024, 4096, 4096, 4096 * 41, 1024) == sparse
     # a few elements on a big matrix: gathering them beats transposing a and b
     assert choose_path("cpu", f32, f32, 1024, 4096, 4096, 300, 10) == "torch_gather"
@@ -261,13 +263,22 @@ def test_cost_model_picks_by_shape_and_device():
 
 
 def test_rowdot_unavailable_falls_back_to_sampled_addmm(monkeypatch):
-    monkeypatch.setitem(sddmm_inductor._STATE, "kernel", None)
-    monkeypatch.setitem(sddmm_inductor._STATE, "error", "no compiler")
-    assert not sddmm_inductor.available()
+    sddmm_cpp.available()  # built (or not) before the state is patched
+    monkeypatch.setitem(sddmm_cpp._STATE, "rowdot", None)
+    monkeypatch.setitem(sddmm_cpp._STATE, "diagonals", None)
+    monkeypatch.setitem(sddmm_cpp._STATE, "error", "no compiler")
+    assert not sddmm_cpp.available() and sddmm_cpp.unavailable_reason() == "no compiler"
     f32 = torch.float32
     assert choose_path("cpu", f32, f32, 1024, 4096, 4096, 4096 * 41, 1024) == "sampled_addmm"
     with pytest.raises(RuntimeError, match="unavailable: no compiler"):
         sddmm_rowdot(torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 4]), 3)
+    # the dispatcher still computes every part exactly, diagonals by column-slice dots
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(70, 64, generator=g), torch.randn(70, 80, generator=g)
+    scattered = _random_indices(64 * 80, 0.05, torch.int64, g)
+    idx = torch.cat([_struct_indices(64, 80, 20, False, torch.int64), scattered]).unique()
+    plan = mask_structure(idx, 64, 80, min_nnz=0)
+    _assert_close_to_oracle(masked_grad(a, b, idx, 80, plan), sddmm_reference(a, b, idx, 80), a, b, idx, 80)
 
 
 def _largest_allocation(fn) -> int:
@@ -279,13 +290,13 @@ def _largest_allocation(fn) -> int:
 
 
 @pytest.mark.parametrize("path, dtype", [
-    ("inductor_rowdot", torch.float32), ("inductor_rowdot", torch.bfloat16), ("dense_bands", torch.bfloat16),
+    ("cpp_rowdot", torch.float32), ("cpp_rowdot", torch.bfloat16), ("dense_bands", torch.bfloat16),
     ("sampled_addmm", torch.float32), (None, torch.float32)])
 def test_masked_grad_makes_no_activation_sized_copy(path, dtype):
     # a and b hold T * 768 elements each; nothing but sampled_addmm (the baseline, which
     # transposes both in fp32) may allocate half of that in fp32: the banded GEMM holds a
-    # (T, CPU_TILE) slice of a and a (CPU_TILE, 768) block, the row-dot two (768, CHUNK) chunk
-    # buffers, bf16 GEMMs upcast (128, 768) chunks
+    # (T, CPU_TILE) slice of a and a (CPU_TILE, 768) block, the C++ row-dot transposes chunks of
+    # CHUNK steps into buffers of its own, bf16 GEMMs upcast (128, 768) chunks
     g = torch.Generator().manual_seed(6)
     t, rows, cols = 1024, 768, 768
     a, b = torch.randn(t, rows, generator=g).to(dtype), torch.randn(t, cols, generator=g).to(dtype)
@@ -293,7 +304,7 @@ def test_masked_grad_makes_no_activation_sized_copy(path, dtype):
                      _random_indices(rows * cols, 0.01, torch.int64, g)]).unique()
     plan = mask_structure(idx, rows, cols)
     assert plan and _fields(plan)["rows"].numel() == 3
-    sddmm_inductor.available()  # compile before measuring
+    sddmm_cpp.available()  # build before measuring
     out = masked_grad(a, b, idx, cols, plan, path=path)
     largest = _largest_allocation(lambda: masked_grad(a, b, idx, cols, plan, path=path))
     fp32_activation = a.numel() * 4
@@ -304,8 +315,9 @@ def test_masked_grad_makes_no_activation_sized_copy(path, dtype):
     _assert_close_to_oracle(out, sddmm_reference(a, b, idx, cols), a, b, idx, cols)
 
 
-def test_rowdot_under_a_dispatch_mode_runs_eagerly_and_exactly():
-    # memory trackers run training under a dispatch mode, where compiled code cannot run
+def test_cpp_kernels_run_exactly_under_a_dispatch_mode():
+    # memory trackers run training under a dispatch mode; the C++ kernels read the real tensors'
+    # memory, beside the dispatcher, so they run there as anywhere
     class Passthrough(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
@@ -313,17 +325,43 @@ def test_rowdot_under_a_dispatch_mode_runs_eagerly_and_exactly():
     g = torch.Generator().manual_seed(7)
     a, b = torch.randn(300, 40, generator=g), torch.randn(300, 50, generator=g)
     idx = _random_indices(2000, 0.3, torch.int32, g)
-    sddmm_inductor.available()
     with Passthrough():
-        assert not sddmm_inductor.available()
-        assert choose_path("cpu", a.dtype, b.dtype, 300, 40, 50, idx.numel(), None) != "inductor_rowdot"
-        out = masked_grad(a, b, idx, 50, [], path="inductor_rowdot")
+        out = masked_grad(a, b, idx, 50, [], path="cpp_rowdot")
         auto = masked_grad(a, b, idx, 50, [])
     for got in (out, auto):
         _assert_close_to_oracle(got, sddmm_reference(a, b, idx, 50), a, b, idx, 50)
-    assert sddmm_inductor.available()  # and the compiled kernel still runs afterwards
-    _assert_close_to_oracle(masked_grad(a, b, idx, 50, [], path="inductor_rowdot"),
-                            sddmm_reference(a, b, idx, 50), a, b, idx, 50)
+
+
+@pytest.mark.fuzz
+@settings(max_examples=budget(40), deadline=None)
+@given(masked_grad_cases(max_t=150), st.sampled_from([1, 2, 3]))
+def test_cpp_kernels_split_over_threads_match_the_reference(case, threads):
+    # every element range a thread can get (the work threshold lowered so that small cases split),
+    # diagonals with any elements: exact whatever the split
+    a, b, idx, ncols, _ = case
+    expected = sddmm_reference(a, b, idx, ncols)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sddmm_cpp, "_PARALLEL_WORK", 0)
+            got = [sddmm_rowdot(a, b, idx, ncols), sddmm_diagonals(a, b, idx, ncols)]
+    finally:
+        torch.set_num_threads(before)
+    for out in got:
+        _assert_close_to_oracle(out, expected, a, b, idx, ncols)
+
+
+def test_diagonal_kernel_streams_diagonals_of_every_offset():
+    # the structure's diagonals one after another: main, above and below, on a wide matrix
+    g = torch.Generator().manual_seed(8)
+    t, rows, cols = 77, 40, 90
+    r = torch.arange(rows)
+    diag = torch.cat([r * cols + r, r[:30] * cols + r[:30] + 7, (r[5:] * cols + r[5:] - 5)])
+    for dtype in FLOATS:
+        a, b = torch.randn(t, rows, generator=g).to(dtype), torch.randn(t, cols, generator=g).to(dtype)
+        _assert_close_to_oracle(sddmm_diagonals(a, b, diag, cols), sddmm_reference(a, b, diag, cols),
+                                a, b, diag, cols)
 
 
 def test_triton_kernels_sum_split_t_partials_deterministically():

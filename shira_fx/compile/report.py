@@ -37,6 +37,8 @@ class RewriteReport:
     # read off the partitioned graph (None/empty when the partitioner was not shira_fx's):
     # layer -> what backward does with its input x
     inputs: dict[str, str] = field(default_factory=dict)
+    # layer -> how backward computes its values' gradient (kernels.masked_sddmm.describe)
+    gradients: dict[str, str] = field(default_factory=dict)
     held_bytes: int | None = None  # saved for backward, parameters and buffers excluded
     held_tensors: int = 0
     # the check of the values' gradients against the reference (compile/verify.py): what it
@@ -74,6 +76,8 @@ class RewriteReport:
                             if name in self.side else "")
                          + (" (quantized base: one GEMM on its dequantized weight, delta written in)"
                             if name in self.dequantized else ""))
+            if name in self.gradients:
+                lines.append(f"      {self.gradients[name]}")
         lines += [f"  - {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 

@@ -19,8 +19,9 @@ from torch import fx
 
 from .. import registry
 from ..errors import ShiraTrainingError
-from ..layer import ShiraLayer
-from .report import SPARSE_LINEAR, TRAINING_OPS, RewriteReport
+from ..kernels.masked_sddmm import describe
+from ..layer import ShiraLayer, structure_of
+from .report import SPARSE_LINEAR, TRAINING_OPS, RewriteReport, _hint
 
 # a quantized layer's one GEMM on its dequantized weight (values at the same operand as sparse_linear's)
 DEQUANTIZED_LINEAR = torch.ops.shira_fx.dequantized_linear.default
@@ -122,6 +123,27 @@ def _transposed_weight(node: fx.Node, weight: fx.Node) -> bool:
     if node.op == "call_method" and node.target == "permute":
         return tuple(node.args[1:]) in ((1, 0), ((1, 0),))
     return False
+
+
+def _gradient_path(node: fx.Node, layer: ShiraLayer) -> str | None:
+    """How the backward of this `sparse_linear` call computes the values' gradient (the
+    dispatcher's parts and path for the layer's structure, at the graph's example T), or None
+    when x carries no example value."""
+    val, weight = (n.meta.get("example_value", n.meta.get("val")) if isinstance(n, fx.Node) else None
+                   for n in node.args[:2])
+    if not isinstance(val, torch.Tensor) or not isinstance(weight, torch.Tensor) or val.dim() < 1:
+        return None
+    sizes = [_hint(s) for s in (*val.shape, *weight.shape)]
+    if None in sizes or len(sizes) != val.dim() + 2:
+        return None
+    tokens = 1
+    for s in sizes[: val.dim() - 1]:
+        tokens *= s
+    # masked_grad(grad_y, x) on (out, in) storage, masked_grad(x, grad_y) on (in, out): a (T, rows)
+    # and b (T, cols) of the weight as stored either way
+    rows, cols = sizes[-2:]
+    return describe(val.device, val.dtype, val.dtype, tokens, rows, cols, layer.indices.numel(),
+                    structure_of(layer.module))
 
 
 def _rank(node: object) -> int | None:
@@ -229,6 +251,8 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
             report.rewritten.append(layer.name)
         if node.target is DEQUANTIZED_LINEAR and layer.name not in report.dequantized:
             report.dequantized.append(layer.name)
+        if layer.name not in report.gradients and (how := _gradient_path(node, layer)) is not None:
+            report.gradients[layer.name] = how
         if checkpointed and layer.name not in report.checkpointed:
             report.checkpointed.append(layer.name)
     refused = {}

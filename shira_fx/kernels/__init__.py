@@ -1,7 +1,7 @@
 """Triton kernels for SHiRA, each beside its torch reference (the CPU path and test oracle),
 with one dispatcher per op of `shira_fx.ops`; this package exports what those ops call.
 
-`scatter` (sync and switching), `sddmm` / `sddmm_inductor` / `masked_sddmm` (the masked
+`scatter` (sync and switching), `sddmm` / `sddmm_cpp` / `masked_sddmm` (the masked
 gradient, by the mask's `structure`), `masked_conv` (a convolution's masked weight gradient),
 `side` / `side_cpu` / `side_segmented` (the adapter beside a weight, one adapter or a mixed
 batch), `dequantized` (one GEMM on a quantized layer's dequantized weight with the delta written

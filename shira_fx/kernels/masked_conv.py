@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masked_sddmm import _CPU_GEMM_MACS, cpu_path_seconds, masked_sddmm
+from .masked_sddmm import _CPU_GEMM_MACS, masked_sddmm, path_costs
 
 PATHS = ("sparse", "dense")
 # elements per second copied into a shifted input (a strided slice made contiguous); the SDDMMs
@@ -75,9 +75,9 @@ def choose_path(device: torch.device | str, x: Tensor, grad_y: Tensor, nnz: int,
     kernel = math.prod(weight_shape[2:])
     out_c, in_c = weight_shape[0], x.shape[1]
     per_offset = max(1, math.ceil(nnz / kernel))
-    sddmm = min(cpu_path_seconds(T, out_c, in_c, per_offset).values())
+    sddmm = min(path_costs("cpu", x.dtype, grad_y.dtype, T, out_c, in_c, per_offset, None).values())
     sparse = kernel * (sddmm + T * in_c / _COPY)
-    dense = math.prod(weight_shape) * T / _CPU_GEMM_MACS
+    dense = math.prod(weight_shape) * T / _CPU_GEMM_MACS / max(1, torch.get_num_threads())
     return "sparse" if sparse < dense else "dense"
 
 

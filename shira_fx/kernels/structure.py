@@ -2,11 +2,11 @@
 
 `mask_structure` splits a mask into dense rows and dense columns of the stored (nrows, ncols)
 matrix (struct masks' rows, or columns on a transposed layout; computed as GEMMs over just
-those rows or columns), dense diagonals (struct's; column-wise dots of two column slices) and
+those rows or columns), dense diagonals (struct's; streamed, a few rows of T at a time) and
 the remaining elements, put in tile order: CPU_TILE×CPU_TILE blocks, and TILE×TILE blocks
-inside them, so that both the CPU row-dot (which wants the rows one block touches to stay in
-cache) and the GPU tile kernel (which wants each tile's elements together) find what they
-need. `masked_sddmm` reads it.
+inside them, so that the GPU tile kernel (which wants each tile's elements together) and the
+CPU row-dot (which wants each thread's elements to read few columns) find what they need.
+`masked_sddmm` reads it.
 """
 
 import math
