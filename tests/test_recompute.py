@@ -165,9 +165,10 @@ def test_explain_reports_each_layers_input_and_the_bytes_held(inner):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")  # bitsandbytes on the CPU
 def test_a_quantized_base_holds_the_frozen_floor_too(tmp_path_factory):
-    """On a 4-bit base a layer computes `base(x) + side_linear(x)`: that sum is kept whole
-    (as a `sparse_linear` output is) and the side path's input x rebuilt from it, so
-    shira_fx holds what the frozen 4-bit model holds, where QLoRA keeps each x."""
+    """On a 4-bit base a layer computes one GEMM on its dequantized weight with the delta
+    written in (`dequantized_linear`): its input x is rebuilt in backward as a `sparse_linear`
+    input is, and the dequantized weight rebuilt there too, so shira_fx holds what the frozen
+    4-bit model holds, where QLoRA keeps each x."""
     peft = pytest.importorskip("peft")
     from tests.test_quantized import bnb_4bit
 
@@ -186,6 +187,7 @@ def test_a_quantized_base_holds_the_frozen_floor_too(tmp_path_factory):
                                progress=False)
     backend = shira_fx.backend(inner="aot_eager")
     ours = held(model, batch, backend, adapter)
-    assert backend.reports[0].side and backend.reports[0].recomputed > 0, shira_fx.explain(backend)
+    report = backend.reports[0]
+    assert report.dequantized and report.recomputed > 0, shira_fx.explain(backend)
     assert lora > floor, "the QLoRA baseline holds nothing extra: the measure is broken"
     assert ours <= floor + 0.1 * (lora - floor), (floor, lora, ours)
