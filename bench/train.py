@@ -245,20 +245,20 @@ def measure_size(hidden: int, layers: int, r: int, args) -> list[dict]:
     # with untimed steps until nothing compiles any more
     for _ in range(4):
         compiles = sum(torch._dynamo.utils.counters["frames"].values())
-        for r in runners:
-            r.step()
+        for runner in runners:
+            runner.step()
         if sum(torch._dynamo.utils.counters["frames"].values()) == compiles:
             break
     compiles = sum(torch._dynamo.utils.counters["frames"].values())
     rounds = max(1, min(args.rounds, args.steps))
     for i in range(rounds):
-        for r in runners:  # spread args.steps over the rounds
-            r.timed_steps(args.steps // rounds + (i < args.steps % rounds))
+        for runner in runners:  # spread args.steps over the rounds
+            runner.timed_steps(args.steps // rounds + (i < args.steps % rounds))
     recompiled = sum(torch._dynamo.utils.counters["frames"].values()) - compiles
     if recompiled:
         print(f"  warning: {recompiled} frames compiled during the timed steps", file=sys.stderr)
-    for row, r in zip(rows, runners, strict=True):
-        row.update(r.timing(), frames_compiled_while_timing=recompiled)
+    for row, runner in zip(rows, runners, strict=True):
+        row.update(runner.timing(), frames_compiled_while_timing=recompiled)
         print(f"  {hidden}x{layers}r{r} {row['variant']} ({row['mode']}): {row['step_ms']:.0f} ms/step",
               file=sys.stderr)
     del runners
