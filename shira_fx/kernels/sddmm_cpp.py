@@ -398,33 +398,30 @@ def _call(name: str):
     return kernel
 
 
-def sddmm_rowdot(a: Tensor, b: Tensor, flat: Tensor, ncols: int) -> Tensor:
-    """fp32 `(a.T @ b).view(-1)[flat]` on CPU by the chunked row-dot kernel, for flat offsets in
-    any order (int32 or int64; the structure's tile order keeps each thread's columns few).
-    Raises RuntimeError when `available()` is False."""
-    kernel = _call("rowdot")
-    _check("sddmm_rowdot", a, b, flat, ncols)
+def _run(kind: str, a: Tensor, b: Tensor, flat: Tensor, ncols: int, *extra: int) -> Tensor:
+    """Check the operands, then run the C++ kernel `kind` into a fresh fp32 output of one element
+    per offset in `flat` (already contiguous, of the dtype the kernel reads)."""
+    kernel = _call(kind)
+    _check(f"sddmm_{kind}", a, b, flat, ncols)
     m, T = flat.shape[0], a.shape[0]
     out = torch.empty(m, dtype=torch.float32)
     if m == 0 or T == 0:
         return out.zero_()
-    flat = flat.contiguous()
     kernel(a, b, flat, out, T, ncols, a.stride(0), a.stride(1), b.stride(0), b.stride(1), m,
-           _DTYPES[a.dtype], _DTYPES[b.dtype], int(flat.dtype == torch.int64), _threads(m * T))
+           _DTYPES[a.dtype], _DTYPES[b.dtype], *extra, _threads(m * T))
     return out
+
+
+def sddmm_rowdot(a: Tensor, b: Tensor, flat: Tensor, ncols: int) -> Tensor:
+    """fp32 `(a.T @ b).view(-1)[flat]` on CPU by the chunked row-dot kernel, for flat offsets in
+    any order (int32 or int64; the structure's tile order keeps each thread's columns few).
+    Raises RuntimeError when `available()` is False."""
+    flat = flat.contiguous()
+    return _run("rowdot", a, b, flat, ncols, int(flat.dtype == torch.int64))
 
 
 def sddmm_diagonals(a: Tensor, b: Tensor, flat: Tensor, ncols: int) -> Tensor:
     """fp32 `(a.T @ b).view(-1)[flat]` on CPU for elements on diagonals (consecutive elements whose
     row and column both step by one: `mask_structure`'s `diag`), streaming a and b once; any other
     elements are still exact, only slower. Raises RuntimeError when `available()` is False."""
-    kernel = _call("diagonals")
-    _check("sddmm_diagonals", a, b, flat, ncols)
-    m, T = flat.shape[0], a.shape[0]
-    out = torch.empty(m, dtype=torch.float32)
-    if m == 0 or T == 0:
-        return out.zero_()
-    flat = flat.long().contiguous()
-    kernel(a, b, flat, out, T, ncols, a.stride(0), a.stride(1), b.stride(0), b.stride(1), m,
-           _DTYPES[a.dtype], _DTYPES[b.dtype], _threads(m * T))
-    return out
+    return _run("diagonals", a, b, flat.long().contiguous(), ncols)
