@@ -133,9 +133,11 @@ def _valid(kind: str):
     return code, data, idx.numel(), shape
 
 
-def _refused(code, data, nnz, shape, match=None, seed=1, name="a"):
-    with pytest.raises(IndexCodeError, match=match):
+def _refused(code, data, nnz, shape, match=None, seed=1, name="a") -> str:
+    """Assert that decoding is refused (with `match` in the message, if given); the message."""
+    with pytest.raises(IndexCodeError, match=match) as refused:
         decode(code, data, nnz, shape, False, name, seed)
+    return str(refused.value)
 
 
 @pytest.mark.parametrize("kind", CODES)
@@ -162,13 +164,16 @@ def test_a_rand_recipe_of_another_seed_name_or_generator_is_refused():
 @pytest.mark.parametrize("kind", ["gaps", "struct"])
 def test_truncated_padded_or_flipped_bytes_are_refused(kind):
     code, data, nnz, shape = _valid(kind)
+    assert checksum(decode(code, data, nnz, shape, False, "a", 1)) == code.check  # intact: decodes
     _refused(code, data[:-1], nnz, shape, "takes")
     _refused(code, np.concatenate([data, [0]]).astype(np.uint8), nnz, shape, "takes")
+    messages = []
     for pos in range(data.size):
         for bit in range(8):
             bad = data.copy()
             bad[pos] ^= 1 << bit
-            _refused(code, bad, nnz, shape)
+            messages.append(_refused(code, bad, nnz, shape))
+    assert len(messages) == 8 * data.size and all(messages)
 
 
 def test_gap_code_arguments_that_cannot_hold_are_refused_before_decoding():
