@@ -180,8 +180,8 @@ def sync(layers: Iterable[ShiraLayer], round_values: bool = False) -> None:
     if round_values:
         for layer in layers:
             if layer.pending is None and layer.rounds_values():
-                values, base = layer.values, layer.base.to(layer.values.dtype)
-                values.copy_((base + values) - base)
+                base = layer.base.to(layer.values.dtype)
+                layer.values.add_(base).sub_(base)  # (base + values) - base, in place
     targets = [layer.write_target() for layer in layers]
     if targets:
         ops.scatter_weights_(*([t[i] for t in targets] for i in range(4)))
@@ -280,31 +280,31 @@ def sparse_forward(self: nn.Module, x: Tensor) -> Tensor:
     `sparse_linear`, which reads the fused weight and sends the masked gradient to the values;
     otherwise the module's own dense forward. Compiled, Dynamo lifts the values and indices
     as graph inputs like any parameter, so one graph serves every block of the same shape."""
-    values = self._parameters[VALUES]
-    weight = self._parameters["weight"]  # the fused weight itself, not the `weight` property
+    if _trains(self, x):
+        return ops.sparse_linear(x, self._parameters["weight"], self.bias, self._parameters[VALUES],
+                                 self._buffers[INDICES], getattr(self, TRANSPOSED), getattr(self, STRUCTURE))
+    return own_forward(self, x)
+
+
+def _trains(self: nn.Module, x: Tensor) -> bool:
+    """Whether a prepared module's forward trains through shira_fx's op: grad on and the values
+    trainable, the layer ready, and x of the fused weight's dtype or under autocast (else the
+    module's own forward runs, refusing a mismatch as the layer itself would)."""
     if not torch.compiler.is_compiling():
         self.__dict__[LAYERS]["weight"].check_ready()
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if x.dtype != weight.dtype and not autocast:  # as the layer itself would refuse
-            return own_forward(self, x)
-    if torch.is_grad_enabled() and values.requires_grad:
-        return ops.sparse_linear(x, weight, self.bias, values, self._buffers[INDICES],
-                                 getattr(self, TRANSPOSED), getattr(self, STRUCTURE))
-    return own_forward(self, x)
+        if x.dtype != self._parameters["weight"].dtype and not torch.is_autocast_enabled(x.device.type):
+            return False
+    return torch.is_grad_enabled() and self._parameters[VALUES].requires_grad
 
 
 def conv_forward(self: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
     """Forward of a prepared convolution: training goes through `sparse_conv` on the fused
     weight (the input padded first unless the padding is symmetric zeros, so the op sees one
     geometry), otherwise the module's own convolution."""
+    if not _trains(self, x):
+        return own_forward(self, x, *args, **kwargs)
     values = self._parameters[VALUES]
     weight = self._parameters["weight"]
-    if not torch.compiler.is_compiling():
-        self.__dict__[LAYERS]["weight"].check_ready()
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            return own_forward(self, x, *args, **kwargs)
-    if not (torch.is_grad_enabled() and values.requires_grad):
-        return own_forward(self, x, *args, **kwargs)
     dims = weight.dim() - 2
     if self.padding_mode != "zeros" or isinstance(self.padding, str):
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode

@@ -148,7 +148,8 @@ class ShiraBackend:
         """Compile one Dynamo graph; `mode` and `options` are torch.compile's, for Inductor."""
         inductor_options = _inductor_options(mode, options)
         report = rewrite_sparse_linears(gm, example_inputs)
-        if torch.is_grad_enabled():  # a training graph: the first optimizer step checks it took layers
+        training = torch.is_grad_enabled()
+        if training:  # a training graph: the first optimizer step checks it took layers
             registry.note_compiled(t for t in example_inputs if isinstance(t, torch.nn.Parameter))
         if inductor_options.get("triton.cudagraphs") and report.rewritten:
             raise ShiraConfigError(
@@ -157,7 +158,6 @@ class ShiraBackend:
                 "mode='max-autotune-no-cudagraphs' or the default mode"
             )
         self.reports.append(report)
-        training = torch.is_grad_enabled()
         convolutions = holds_convolutions(gm)
         if training and convolutions and self.inner == "inductor":
             # a known Inductor bug: layout optimization gets convolution gradients wrong on the

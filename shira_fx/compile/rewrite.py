@@ -10,6 +10,7 @@ a use the pass cannot rewrite is refused, since its gradient would never reach t
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -136,9 +137,7 @@ def _gradient_path(node: fx.Node, layer: ShiraLayer) -> str | None:
     sizes = [_hint(s) for s in (*val.shape, *weight.shape)]
     if None in sizes or len(sizes) != val.dim() + 2:
         return None
-    tokens = 1
-    for s in sizes[: val.dim() - 1]:
-        tokens *= s
+    tokens = math.prod(sizes[: val.dim() - 1])
     # masked_grad(grad_y, x) on (out, in) storage, masked_grad(x, grad_y) on (in, out): a (T, rows)
     # and b (T, cols) of the weight as stored either way
     rows, cols = sizes[-2:]
@@ -251,7 +250,8 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs: list) -> RewriteR
             report.rewritten.append(layer.name)
         if node.target is DEQUANTIZED_LINEAR and layer.name not in report.dequantized:
             report.dequantized.append(layer.name)
-        if layer.name not in report.gradients and (how := _gradient_path(node, layer)) is not None:
+        if (node.target is SPARSE_LINEAR and layer.name not in report.gradients
+                and (how := _gradient_path(node, layer)) is not None):
             report.gradients[layer.name] = how
         if checkpointed and layer.name not in report.checkpointed:
             report.checkpointed.append(layer.name)
