@@ -204,7 +204,7 @@ def _int(value: Any) -> int:
     return value
 
 
-def _layer_spec(name: str, d: Any, fp_digits: int = 64) -> LayerSpec:
+def _layer_spec(name: str, d: Any, fp_digits: int) -> LayerSpec:
     """One layer's metadata as `_specs_metadata` writes it, type-checked."""
     if not isinstance(d, dict):
         raise TypeError(f"expected an object, found {type(d).__name__}")
@@ -259,7 +259,7 @@ def _load_v1(path: str, cfg: ShiraConfig, raw_layers: Any, shapes: dict[str, tup
     layers = {}
     for name, d in raw_layers.items():
         try:
-            spec = _layer_spec(name, d)
+            spec = _layer_spec(name, d, FINGERPRINT_DIGITS["1"])
         except (KeyError, ValueError, TypeError) as e:
             raise ShiraAdapterError(f"{path}: layer {name!r:.200}: malformed metadata ({e})") from e
         for key, dtypes in ((f"{name}.indices", ("I32", "I64")), (f"{name}.values", ("F32", "F64"))):

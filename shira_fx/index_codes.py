@@ -275,7 +275,7 @@ def _struct_decode(args: list, parts: list[tuple], data: np.ndarray, nnz: int, s
     if args[0]:
         pieces.append(np.arange(min(rows, cols), dtype=np.int64) * (shape[1] + 1))
     x = np.sort(np.concatenate(pieces).astype(np.int32), kind="stable")  # int32: below 2^31, checked
-    x = x[np.concatenate(([True], x[1:] != x[:-1]))] if x.size else x
+    x = sampler.distinct(x)
     if x.size != nnz:
         raise IndexCodeError(f"the structure covers {x.size} positions, the layer holds {nnz}")
     return x
@@ -363,11 +363,9 @@ def encode(indices: torch.Tensor, shape: tuple[int, ...], transposed: bool, name
     recipes = sorted({1, shape[0] if len(shape) == 3 else 1})
     if "rand" not in kinds or rand_seed is None or numel > _MAX_OFFSET:
         recipes = []
-    for matrices in recipes:
-        if x.size % matrices == 0 and np.array_equal(
-                rand_mask(numel, x.size // matrices, rand_seed, name, matrices).numpy(), x):
+    for matrices in recipes:  # taken only if it decodes (regenerates) to these offsets, below
+        if x.size % matrices == 0:
             options.append((0, IndexCode("rand", [sampler.ALGORITHM, matrices], check), lambda: empty))
-            break
     found = _structure(x, shape, transposed) if "struct" in kinds else None
     if found is not None:
         entries, packers = zip(*(_list_code(v) for v in (found[0], found[1], found[3])), strict=True)

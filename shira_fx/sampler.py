@@ -85,7 +85,8 @@ def _sorted(values: np.ndarray, n: int) -> np.ndarray:
     return np.sort(values[np.argsort(top, kind="stable")], kind="stable")
 
 
-def _distinct(sorted_values: np.ndarray) -> np.ndarray:
+def distinct(sorted_values: np.ndarray) -> np.ndarray:
+    """The distinct values of a sorted array, in order."""
     if sorted_values.size < 2:
         return sorted_values
     return sorted_values[np.concatenate(([True], sorted_values[1:] != sorted_values[:-1]))]
@@ -118,7 +119,7 @@ def _sample(n: int, k: int, key: int) -> np.ndarray:
         count = need + repeats + 4 * math.isqrt(repeats) + 16
         draws = _below(stream(key, used, count), n)
         used += count
-        picked = _distinct(_sorted(np.concatenate([picked, draws]) if picked.size else draws, n))
+        picked = distinct(_sorted(np.concatenate([picked, draws]) if picked.size else draws, n))
     surplus = picked.size - k
     if surplus:
         keep = np.ones(picked.size, dtype=bool)
