@@ -303,6 +303,11 @@ class Dequantizing(NamedTuple):
     compute_dtype: torch.dtype | None
 
 
+def _bnb4_state(module: nn.Module, weight: Tensor):
+    """A bitsandbytes 4-bit layer's quant state: on its weight, or on the layer (or None)."""
+    return getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+
+
 def _bnb_compute_dtype(module: nn.Module, x: Tensor) -> torch.dtype | None:
     """The dtype `Linear4bit.forward` computes in for input x (its `set_compute_type` on the
     first call: an fp32 or bf16 input sets it, fp16 keeps the configured one), read without
@@ -330,7 +335,7 @@ def dequantizing(module: nn.Module, x: Tensor) -> Dequantizing | None:
             scb = getattr(weight, "SCB", None)
             return Dequantizing(kind, [weight, state.SCB if scb is None else scb],
                                 [out_features, in_features], None)
-        state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+        state = _bnb4_state(module, weight)
         if state is None or is_cpu_packed(module):
             return None
         meta = [out_features, in_features, int(state.blocksize)]
@@ -411,7 +416,7 @@ def packed_tensors(module: nn.Module) -> list[Tensor]:
     if found[1] == "bnb_int8":
         scbs = (getattr(weight, "SCB", None), getattr(getattr(module, "state", None), "SCB", None))
         return [t for t in scbs if isinstance(t, Tensor)]
-    state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+    state = _bnb4_state(module, weight)
     if state is None:
         return []
     parts = [state.absmax, getattr(state, "code", None), getattr(state, "offset", None)]

@@ -141,7 +141,7 @@ def path_costs(
         return costs
     work = m * T
     nt = max(1, torch.get_num_threads() if threads is None else threads)
-    nt_dot = nt if work >= sddmm_cpp._PARALLEL_WORK else 1
+    nt_dot = sddmm_cpp.threads_for(work, nt)
     costs = {
         "torch_gather": 2 * work / _CPU_GATHER + 4 * _CPU_CALL * math.ceil(work / _STREAM_ELEMS),
         "dense_bands": (min(math.ceil(A / CPU_TILE), m) * CPU_TILE * B * T / _CPU_GEMM_MACS / nt
@@ -167,9 +167,17 @@ def choose_path(
     return min(costs, key=costs.get)
 
 
+_PERM = STRUCTURE_FIELDS.index("perm")
+
+
+def _has_structure(structure: list[Tensor]) -> bool:
+    """False for [] and for no_structure()'s empty tensors (a layer without a structure)."""
+    return bool(structure) and structure[_PERM].numel() > 0
+
+
 def _parts(structure: list[Tensor], nnz: int) -> dict[str, int]:
     """Elements per part of a structure ([] or no_structure's: all of them are the rest)."""
-    if not structure or structure[STRUCTURE_FIELDS.index("perm")].numel() == 0:
+    if not _has_structure(structure):
         return {"rows": 0, "cols": 0, "diag": 0, "rest": nnz, "tiles": -1}
     f = dict(zip(STRUCTURE_FIELDS, structure, strict=True))
     return {"rows": f["rows"].numel(), "cols": f["cols"].numel(), "diag": f["diag"].numel(),
@@ -191,8 +199,8 @@ def describe(device: str | torch.device, dtype_a: torch.dtype, dtype_b: torch.dt
     m = p["rest"]
     if m:
         n_tiles = None if p["tiles"] < 0 else p["tiles"]
-        chosen = choose_path(device, dtype_a, dtype_b, T, A, B, m, n_tiles, threads)
         costs = path_costs(device, dtype_a, dtype_b, T, A, B, m, n_tiles, threads)
+        chosen = min(costs, key=costs.get)  # choose_path's pick
         est = ", ".join(f"{k} {v * 1e3:.2g}" for k, v in sorted(costs.items(), key=lambda kv: kv[1]))
         done.append(f"{m:,} other element(s) by {chosen}, the cheapest estimate (ms: {est})")
     return (f"masked gradient at T={T} of ({A}, {B}): " + "; ".join(done)) if done else \
@@ -243,9 +251,9 @@ def masked_sddmm(
     if structure and len(structure) != len(STRUCTURE_FIELDS):
         raise ValueError(f"masked_sddmm: a structure holds {len(STRUCTURE_FIELDS)} tensors "
                          f"{STRUCTURE_FIELDS} (mask_structure), found {len(structure)}")
-    if structure and structure[4].numel() == 0:  # perm
+    if not _has_structure(structure):
         structure = []  # no_structure(): a layer without one, kept the same arity as its neighbours
-    made_for = structure[4].shape[0] if structure else nnz
+    made_for = structure[_PERM].shape[0] if structure else nnz
     if made_for != nnz:
         raise ValueError(f"masked_sddmm: the structure was made for {made_for} indices, found {nnz}")
     if nnz == 0 or T == 0:

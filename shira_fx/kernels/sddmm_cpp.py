@@ -377,8 +377,10 @@ def unavailable_reason() -> str | None:
     return None if available() else str(_STATE.get("error", "not built"))
 
 
-def _threads(work: int) -> int:
-    return torch.get_num_threads() if work >= _PARALLEL_WORK else 1
+def threads_for(work: int, threads: int | None = None) -> int:
+    """The threads a C++ kernel runs `work` multiply-adds on: one below `_PARALLEL_WORK` (a
+    parallel region costs more than it saves there), else `threads` (torch's by default)."""
+    return max(1, torch.get_num_threads() if threads is None else threads) if work >= _PARALLEL_WORK else 1
 
 
 def _check(name: str, a: Tensor, b: Tensor, flat: Tensor, ncols: int) -> None:
@@ -408,7 +410,7 @@ def _run(kind: str, a: Tensor, b: Tensor, flat: Tensor, ncols: int, *extra: int)
     if m == 0 or T == 0:
         return out.zero_()
     kernel(a, b, flat, out, T, ncols, a.stride(0), a.stride(1), b.stride(0), b.stride(1), m,
-           _DTYPES[a.dtype], _DTYPES[b.dtype], *extra, _threads(m * T))
+           _DTYPES[a.dtype], _DTYPES[b.dtype], *extra, threads_for(m * T))
     return out
 
 
